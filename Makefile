@@ -1,0 +1,65 @@
+# privimage: `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Exact pins for this project's CPU machines; pyproject.toml holds the ranges.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Per-stage targets share one run directory so each picks up the previous stage's files.
+RUN ?= runs/make
+EXPERIMENT ?= demo
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all clean
+
+help: ## list the targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: RUN=$(RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides'"
+
+$(BIN)/privimage: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+	$(BIN)/pip install --quiet -e '.[dev]' $(TORCH_PINS)
+	@touch $@
+
+install: $(BIN)/privimage ## create .venv and install privimage with its dev extra
+
+demo: $(BIN)/privimage ## run the whole pipeline on the embedded default (MNIST digits + font glyphs)
+	$(BIN)/privimage experiment=demo $(ARGS)
+
+test: $(BIN)/privimage ## run the test suite
+	$(BIN)/pytest -q $(ARGS)
+
+test-fast: $(BIN)/privimage ## run the tests without the slow ones
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+lint: $(BIN)/privimage ## ruff lint and format check
+	$(BIN)/ruff check privimage tests bench
+	$(BIN)/ruff format --check privimage tests bench
+
+format: $(BIN)/privimage ## ruff format and autofix
+	$(BIN)/ruff format privimage tests bench
+	$(BIN)/ruff check --fix privimage tests bench
+
+query: $(BIN)/privimage ## stage: DP semantic query: pick public classes per sensitive class (in RUN)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[query] hydra.run.dir=$(RUN) $(ARGS)
+
+pretrain: $(BIN)/privimage ## stage: pretrain the UNet on the selected public images (in RUN)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[pretrain] hydra.run.dir=$(RUN) $(ARGS)
+
+finetune: $(BIN)/privimage ## stage: DP-SGD fine-tune on the sensitive data (in RUN)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[finetune] hydra.run.dir=$(RUN) $(ARGS)
+
+sample: $(BIN)/privimage ## stage: sample the synthetic dataset (in RUN)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[sample] hydra.run.dir=$(RUN) $(ARGS)
+
+evaluate: $(BIN)/privimage ## stage: FID and downstream accuracy of the samples (in RUN)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[evaluate] hydra.run.dir=$(RUN) $(ARGS)
+
+
+all: $(BIN)/privimage ## run every stage in RUN (finished stages are skipped)
+	$(BIN)/privimage experiment=$(EXPERIMENT) hydra.run.dir=$(RUN) $(ARGS)
+
+clean: ## remove runs/ (keeps .venv and the data cache)
+	rm -rf runs

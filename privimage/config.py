@@ -1,0 +1,252 @@
+"""Typed configuration: one dataclass schema per Hydra config group.
+
+Values live in ``conf/*.yaml``; the schemas here give them types and defaults and are
+registered with Hydra's ConfigStore so a misspelt key fails at compose time. The only
+logic here is :func:`validate`, which turns bad values into one-line
+:class:`~privimage.errors.ConfigError` messages before any stage runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from privimage.errors import ConfigError
+
+STAGES = ("query", "pretrain", "finetune", "sample", "evaluate")
+
+
+@dataclass
+class DataConfig:
+    """An image dataset: where it comes from and how it is preprocessed.
+
+    ``source`` is one of the names in :data:`privimage.data.SOURCES`: ``mnist5k``,
+    ``digits`` and ``glyphs`` ship inside installed packages; ``cifar10`` and
+    ``tinyimagenet`` read the archives under ``path`` (default ``../shared/data``);
+    ``folder`` and ``tar`` read ``<class>/<image>`` trees; ``hub`` loads the Hugging
+    Face dataset named by ``path`` (needs network).
+    """
+
+    source: str = "mnist5k"
+    path: str | None = None
+    resolution: int = 28
+    channels: int = 1
+    # Fraction held out as the test split for sources that ship without one.
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # Optional caps (random, seeded subsets) that keep presets small.
+    max_train_images: int | None = None
+    max_test_images: int | None = None
+    # Column names for hub datasets.
+    image_column: str = "image"
+    label_column: str = "label"
+
+
+@dataclass
+class ModelConfig:
+    """Class-conditional diffusers ``UNet2DModel``; GroupNorm only (DP-safe)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    # Attention blocks leave channels_last activations that break Opacus' hooks
+    # (zero per-sample gradients); off until the DP stage handles them.
+    attention: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class PrivacyConfig:
+    """The run's total (epsilon, delta) budget over every mechanism on sensitive data."""
+
+    target_epsilon: float = 10.0
+    # Must be below 1/N for N sensitive training images; 1e-5 suits N up to 1e5.
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+
+@dataclass
+class QueryConfig:
+    """Semantic query: public classifier, DP top-k histogram, class selection."""
+
+    top_k: int = 1
+    # Gaussian noise std is noise_multiplier * sqrt(top_k) (the L2 sensitivity).
+    noise_multiplier: float = 10.0
+    # How many public classes each sensitive class keeps (disjoint); a fraction of
+    # the public classes wins when set.
+    classes_per_sensitive_class: int = 1
+    fraction_of_public_classes: float | None = None
+    classifier_width: int = 32
+    classifier_epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    grid_images_per_class: int = 8
+
+
+@dataclass
+class PretrainConfig:
+    """Non-private pretraining on the selected public subset (Accelerate loop)."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 2e-3
+    ema_decay: float = 0.999
+    num_train_timesteps: int = 1000
+    mixed_precision: str = "no"
+    max_images: int | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """DP-SGD fine-tuning on the sensitive training split (Opacus)."""
+
+    epochs: float = 5.0
+    # Expected logical batch size; the Poisson sampling rate is batch_size / N.
+    batch_size: int = 256
+    physical_batch_size: int = 64
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.99
+
+
+@dataclass
+class SampleConfig:
+    """Class-conditional sampling of the synthetic dataset."""
+
+    images_per_class: int = 50
+    num_inference_steps: int = 50
+    batch_size: int = 250
+    # Image i of class c uses seed first_seed + c * images_per_class + i.
+    first_seed: int = 0
+    grid_images_per_class: int = 10
+
+
+@dataclass
+class EvaluateConfig:
+    """Fidelity (FID) and utility (train on synthetic, test on real)."""
+
+    # Real training images used for the FID reference statistics (None = all).
+    fid_reference_images: int | None = 2000
+    fid_batch_size: int = 50
+    classifier_width: int = 32
+    classifier_epochs: int = 10
+    classifier_batch_size: int = 128
+    classifier_lr: float = 2e-3
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    public: DataConfig = field(default_factory=lambda: DataConfig(source="glyphs"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    name: str = "default"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 0
+    # "auto" picks CUDA when available.
+    device: str = "auto"
+    # Preprocessed datasets, trained query classifiers and FID reference statistics.
+    cache_dir: str = "~/.cache/privimage"
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra type-checks the YAML against them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in [
+        ("data", DataConfig),
+        ("public", DataConfig),
+        ("model", ModelConfig),
+        ("privacy", PrivacyConfig),
+        ("query", QueryConfig),
+        ("pretrain", PretrainConfig),
+        ("finetune", FinetuneConfig),
+        ("sample", SampleConfig),
+        ("evaluate", EvaluateConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Build the typed :class:`Config` from a composed Hydra config (ignores ``hydra``)."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        container = dict(cfg)
+    container.pop("hydra", None)
+    merged = OmegaConf.merge(OmegaConf.structured(Config), container)
+    typed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(typed)
+    return typed
+
+
+def _positive(value: float, name: str, hint: str = "") -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}={value} must be > 0{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad values with one clear line that names the key and the fix."""
+    from privimage.data import SOURCES
+
+    for key, data in (("data", cfg.data), ("public", cfg.public)):
+        if data.source not in SOURCES:
+            raise ConfigError(
+                f"{key}.source={data.source!r} is not a known dataset source; "
+                f"choose one of {', '.join(sorted(SOURCES))}"
+            )
+        _positive(data.resolution, f"{key}.resolution")
+        if data.channels not in (1, 3):
+            raise ConfigError(f"{key}.channels={data.channels} must be 1 or 3")
+        if not 0 < data.test_fraction < 1:
+            raise ConfigError(f"{key}.test_fraction={data.test_fraction} must be in (0, 1)")
+    if cfg.data.channels != cfg.public.channels or cfg.data.resolution != cfg.public.resolution:
+        raise ConfigError(
+            f"public images ({cfg.public.channels}x{cfg.public.resolution}px) must match the "
+            f"sensitive ones ({cfg.data.channels}x{cfg.data.resolution}px); set "
+            f"public.channels={cfg.data.channels} public.resolution={cfg.data.resolution}"
+        )
+    downsamples = len(cfg.model.block_out_channels) - 1
+    if cfg.data.resolution % (2**downsamples):
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} is not divisible by 2^{downsamples} "
+            f"(model.block_out_channels has {downsamples + 1} levels); change either"
+        )
+    for ch in cfg.model.block_out_channels:
+        if ch % cfg.model.norm_num_groups:
+            raise ConfigError(
+                f"model.block_out_channels entry {ch} is not divisible by "
+                f"model.norm_num_groups={cfg.model.norm_num_groups}"
+            )
+    _positive(cfg.privacy.target_epsilon, "privacy.target_epsilon", " (the privacy budget)")
+    if not 0 < cfg.privacy.delta < 1:
+        raise ConfigError(f"privacy.delta={cfg.privacy.delta} must be in (0, 1)")
+    if cfg.privacy.accountant not in ("rdp", "prv"):
+        raise ConfigError(f"privacy.accountant={cfg.privacy.accountant!r}; choose rdp or prv")
+    _positive(cfg.query.top_k, "query.top_k")
+    _positive(cfg.query.noise_multiplier, "query.noise_multiplier")
+    _positive(cfg.query.classes_per_sensitive_class, "query.classes_per_sensitive_class")
+    if cfg.query.fraction_of_public_classes is not None:
+        f = cfg.query.fraction_of_public_classes
+        if not 0 < f <= 1:
+            raise ConfigError(f"query.fraction_of_public_classes={f} must be in (0, 1]")
+    _positive(cfg.finetune.epochs, "finetune.epochs")
+    _positive(cfg.finetune.batch_size, "finetune.batch_size")
+    _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")
+    _positive(cfg.finetune.max_grad_norm, "finetune.max_grad_norm")
+    _positive(cfg.sample.images_per_class, "sample.images_per_class")
+    _positive(cfg.sample.num_inference_steps, "sample.num_inference_steps")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages={cfg.stages} has unknown {unknown}; choose from {list(STAGES)}")

@@ -1,0 +1,112 @@
+"""Model builders: the class-conditional diffusion UNet and the small classifiers.
+
+Everything that is trained with DP (the UNet) uses GroupNorm only: BatchNorm mixes
+examples within a batch, which breaks per-example clipping and so the DP guarantee.
+Classifiers trained on public or synthetic data only may use BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from privimage.config import ModelConfig
+
+
+def build_unet(
+    cfg: ModelConfig, *, resolution: int, channels: int, num_classes: int
+) -> UNet2DModel:
+    """Build the class-conditional UNet.
+
+    One extra class embedding (index ``num_classes``) is reserved as the null class for
+    classifier-free guidance, so checkpoints keep their shape when guidance is added.
+    """
+    levels = len(cfg.block_out_channels)
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if cfg.attention:
+        # Attention at the lowest resolution only, where it is cheap.
+        down[-1] = "AttnDownBlock2D"
+        up[0] = "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=cfg.norm_num_groups,
+        num_class_embeds=num_classes + 1,
+        add_attention=cfg.attention,
+        dropout=cfg.dropout,
+    )
+
+
+class SmallCNN(nn.Module):
+    """A compact VGG-style classifier for 8-64 px images.
+
+    Used as the semantic query function (trained on public data) and as the downstream
+    classifier (trained on synthetic data); neither sees sensitive data in training, so
+    BatchNorm is allowed and speeds up convergence.
+    """
+
+    def __init__(self, *, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(in_channels, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, *, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+
+
+def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+
+
+def make_opacus_safe(model: nn.Module) -> nn.Module:
+    """Make every conv/linear layer see contiguous inputs.
+
+    diffusers' attention blocks hand channels_last tensors to the next convolution, and
+    Opacus' hook-based per-sample gradients for conv layers silently come out as zeros for
+    such inputs. A forward pre-hook runs before Opacus' forward hook captures the
+    activation, so making the input contiguous here fixes what Opacus records without
+    touching installed packages. Idempotent.
+    """
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, "_privimage_contig", False):
+            m.register_forward_pre_hook(_contiguous_inputs)
+            m._privimage_contig = True
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,41 @@
+"""Run the requested stages in order, skipping those whose ``DONE`` marker exists."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from privimage import data
+from privimage.config import STAGES, Config
+from privimage.runtime import atomic_write_text, is_done, stage_dir
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(cfg: Config, run_dir: Path) -> Path:
+    """Run ``cfg.stages`` (in pipeline order) inside ``run_dir``; returns ``run_dir``.
+
+    Checks that every dataset can be found before any stage starts, so a wrong path
+    fails in a second rather than after an hour of pretraining.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data.check_available(cfg.data)
+    data.check_available(cfg.public)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+    from privimage.stages import STAGE_MODULES
+
+    for name in (s for s in STAGES if s in cfg.stages):
+        if is_done(run_dir, name):
+            log.info("stage %s: already done (%s), skipped", name, stage_dir(run_dir, name))
+            continue
+        log.info("stage %s: starting", name)
+        start = time.perf_counter()
+        STAGE_MODULES[name].run(cfg, run_dir)
+        log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
+    return run_dir

@@ -1,0 +1,59 @@
+"""Pictures people look at: image grids with row labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: stages run on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def save_image_grid(
+    rows: Sequence[torch.Tensor],
+    path: Path,
+    *,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> None:
+    """Save a grid with one row per tensor of uint8 images ``(n, C, H, W)``.
+
+    Rows may hold different numbers of images; missing cells stay blank.
+    """
+    ncols = max((len(r) for r in rows), default=1) or 1
+    nrows = max(len(rows), 1)
+    label_w = 2.2 if row_labels else 0.0
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(label_w + 0.8 * ncols, 0.8 * nrows + (0.4 if title else 0)),
+        squeeze=False,
+    )
+    for r in range(nrows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r < len(rows) and c < len(rows[r]):
+                img = rows[r][c].numpy()
+                if img.shape[0] == 1:
+                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.imshow(np.transpose(img, (1, 2, 0)))
+        if row_labels is not None and r < len(row_labels):
+            axes[r][0].set_ylabel(
+                row_labels[r], rotation=0, ha="right", va="center", fontsize=8, labelpad=6
+            )
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""Small pieces every stage shares: stage folders, DONE markers, atomic writes, devices.
+
+The stage contract: a stage writes only ``run_dir/<stage>/``, writes ``DONE`` last, and
+is skipped when ``DONE`` exists. Files are written atomically (temp file + rename) so a
+crash never leaves a file that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from privimage.errors import PrivImageError
+
+DONE = "DONE"
+LEDGER_FILE = "privacy.json"
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """The folder a stage owns inside the run directory."""
+    return Path(run_dir) / stage
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / DONE).exists()
+
+
+def mark_done(out_dir: Path) -> None:
+    """Write the DONE marker; call it last, after every output is in place."""
+    atomic_write_text(out_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def require_upstream(run_dir: Path, stage: str, needed_by: str) -> Path:
+    """Return the finished folder of an upstream stage or explain how to produce it."""
+    folder = stage_dir(run_dir, stage)
+    if not (folder / DONE).exists():
+        raise PrivImageError(
+            f"stage {needed_by!r} needs the finished {stage!r} stage in {folder}; "
+            f"run it first (stages=[{stage},{needed_by}])"
+        )
+    return folder
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Atomic ``np.save``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class StatsWriter:
+    """Append one JSON object per line to ``stats.jsonl`` (flushed, so a crash loses little)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a")  # noqa: SIM115 (closed by close())
+
+    def write(self, **stats: Any) -> None:
+        self._f.write(json.dumps(stats) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cache_root(cache_dir: str) -> Path:
+    return Path(os.path.expanduser(cache_dir))
