@@ -241,6 +241,10 @@ def validate(cfg: Config) -> None:
         f = cfg.query.fraction_of_public_classes
         if not 0 < f <= 1:
             raise ConfigError(f"query.fraction_of_public_classes={f} must be in (0, 1]")
+    _positive(cfg.query.classifier_epochs, "query.classifier_epochs")
+    _positive(cfg.pretrain.epochs, "pretrain.epochs")
+    _positive(cfg.pretrain.batch_size, "pretrain.batch_size")
+    _positive(cfg.evaluate.classifier_epochs, "evaluate.classifier_epochs")
     _positive(cfg.finetune.epochs, "finetune.epochs")
     _positive(cfg.finetune.batch_size, "finetune.batch_size")
     _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")

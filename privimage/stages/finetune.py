@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         cfg.privacy.delta,
     )
 
-    model = UNet2DModel.from_pretrained(pretrain_dir / "unet")
+    model = UNet2DModel.from_pretrained(pretrain_dir / "unet").train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
@@ -147,6 +148,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     stats = StatsWriter(out / "stats.jsonl")
 
+    # Opacus' hooks make torch warn on every backward that the first layer's input needs
+    # no gradient; that is expected (images are data, not parameters).
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     bar = tqdm(total=steps, desc="finetune (DP-SGD)")
     done_steps = 0
     eps_every = max(1, steps // 50)
@@ -160,18 +164,20 @@ def run(cfg: Config, run_dir: Path) -> Path:
         while done_steps < steps:
             for x, y in memory_safe_loader:
                 x, y = x.to(device), y.to(device)
-                loss = per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=gen)
-                loss = loss.mean()
+                per_example = per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=gen)
+                # An empty Poisson batch is a valid, noise-only step; its mean would be NaN.
+                loss = per_example.mean() if len(per_example) else per_example.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                physical_losses.append(float(loss.item()))
+                if len(per_example):
+                    physical_losses.append(float(loss.item()))
                 if optimizer._is_last_step_skipped:
                     continue
                 # A logical step (one Poisson batch, noised once) has completed.
                 ema_update(ema, dp_model._module, decay=ft.ema_decay)
                 done_steps += 1
-                mean_loss = sum(physical_losses) / len(physical_losses)
+                mean_loss = sum(physical_losses) / len(physical_losses) if physical_losses else None
                 physical_losses.clear()
                 if done_steps % eps_every == 0 or done_steps == steps:
                     # Accounting every step would dominate small runs under PRV.
@@ -181,7 +187,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                         accountant=cfg.privacy.accountant,
                     )
                 bar.update(1)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", eps=f"{eps_so_far:.2f}")
+                bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
                 stats.write(step=done_steps, loss=mean_loss, epsilon=eps_so_far)
                 if done_steps >= steps:
                     break
