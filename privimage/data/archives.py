@@ -1,0 +1,252 @@
+"""Finding archives and image trees, and reading tar archives in place.
+
+Tar archives are read as streams (``r|*``): a ``.tar.gz`` cannot be seeked cheaply, so
+every read is one sequential pass, and a pass reads the bytes of only the members it is
+asked for. A capped load therefore costs two passes (list the names, then read the
+chosen members) instead of decoding the whole archive.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from privimage.errors import DataError
+
+ENV_DATA_DIR = "PRIVIMAGE_DATA_DIR"
+# Repository root when running from a checkout: privimage/data/archives.py -> parents[2].
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Image.init()
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+TRAIN_DIRS = ("train",)
+# Folders accepted as the held-out split.
+TEST_DIRS = ("test", "val", "valid", "validation")
+
+
+def path_hint(example: str) -> str:
+    """The override that points a dataset at ``example`` (for either config group)."""
+    return f"set data.path={example} (public.path=... for the public dataset)"
+
+
+def default_data_dirs() -> list[tuple[str, Path | None]]:
+    """Where archives are looked for when ``path`` is unset, as (description, folder)."""
+    env = os.environ.get(ENV_DATA_DIR)
+    return [
+        (f"${ENV_DATA_DIR}", Path(env).expanduser() if env else None),
+        ("./../shared/data", Path.cwd().parent / "shared" / "data"),
+        ("<repo>/../shared/data", _REPO_ROOT.parent / "shared" / "data"),
+    ]
+
+
+def find_archive(path: str | None, filename: str, source: str) -> Path:
+    """Resolve the archive ``filename`` of ``source`` from ``path`` or the default folders.
+
+    ``path`` may be the archive itself or a folder that holds it.
+
+    Raises:
+        DataError: (one line) when no readable archive is found; names where it looked.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        candidate = p / filename if p.is_dir() else p
+        if candidate.is_file():
+            return _readable(candidate, source)
+        raise DataError(
+            f"{source}: {candidate} does not exist; point data.path at {filename} or its "
+            f"folder, e.g. data.path=/path/to/{filename} (public.path for the public dataset)"
+        )
+    looked = []
+    for desc, folder in default_data_dirs():
+        if folder is None:
+            looked.append(f"{desc} (unset)")
+            continue
+        looked.append(f"{desc} ({folder})")
+        if (folder / filename).is_file():
+            return _readable((folder / filename).resolve(), source)
+    raise DataError(
+        f"{source}: {filename} not found in {', '.join(looked)}; "
+        f"{path_hint(f'/path/to/{filename}')} or set ${ENV_DATA_DIR}"
+    )
+
+
+def _readable(path: Path, source: str) -> Path:
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{source}: {path} is not readable (check its permissions)")
+    return path
+
+
+def check_tar(path: Path, source: str) -> None:
+    """Fail fast (reads the first header only) when ``path`` is not a tar archive."""
+    try:
+        ok = tarfile.is_tarfile(path)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{source}: cannot read {path}: {exc}") from exc
+    if not ok:
+        raise DataError(
+            f"{source}: {path} is not a .tar/.tar.gz/.tgz archive; "
+            f"{path_hint('/path/to/images.tar.gz')}"
+        )
+
+
+def file_stamp(path: Path) -> dict:
+    """What identifies a file's content without reading it: path, size, mtime."""
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class _ProgressReader:
+    """A file wrapper that advances a tqdm bar by the compressed bytes read."""
+
+    def __init__(self, raw, bar: tqdm) -> None:
+        self._raw = raw
+        self._bar = bar
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        self._bar.update(len(chunk))
+        return chunk
+
+
+@dataclass
+class TarScan:
+    """One pass over a tar archive: every regular member's name, the bytes of some."""
+
+    names: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def scan_tar(
+    path: Path,
+    want: Callable[[str], bool],
+    *,
+    source: str,
+    progress: bool,
+    desc: str,
+) -> TarScan:
+    """List the regular files of the archive and read those for which ``want(name)``.
+
+    Raises:
+        DataError: (one line) when the archive is truncated or not a tar archive.
+    """
+    scan = TarScan()
+    size = path.stat().st_size
+    try:
+        with (
+            open(path, "rb") as raw,
+            tqdm(
+                total=size, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False
+            ) as bar,
+            tarfile.open(fileobj=_ProgressReader(raw, bar), mode="r|*") as tar,
+        ):
+            for member in tar:
+                if not member.isfile():
+                    continue
+                scan.names.append(member.name)
+                if want(member.name):
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        scan.files[member.name] = handle.read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"{source}: cannot read {path}: {exc or type(exc).__name__}") from exc
+    return scan
+
+
+def is_image_name(name: str) -> bool:
+    """An image file by extension, ignoring hidden files and macOS resource forks."""
+    p = PurePosixPath(name)
+    if any(part.startswith(".") or part == "__MACOSX" for part in p.parts):
+        return False
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class TreeLayout:
+    """Images found in a ``<class>/<image>`` or ``train|test/<class>/<image>`` tree."""
+
+    class_names: list[str]
+    # "train"/"test" when the tree has both, else "all" (to be split deterministically).
+    splits: dict[str, tuple[list[str], np.ndarray]]
+
+
+def tree_layout(names: Iterable[str], where: str, source: str) -> TreeLayout:
+    """Find the class folders (and split folders) among relative POSIX file names.
+
+    Wrapper folders common to every image (``cifar10/`` in ``cifar10.tar.gz``) are
+    skipped. A name's class is its parent folder; with ``train/`` and ``test/`` (or
+    ``val/``) folders at the top, those give the split. Other files are ignored.
+
+    Raises:
+        DataError: (one line) when no image sits in a recognised layout.
+    """
+    # Sorted, so the result does not depend on the order of an archive's members.
+    images = sorted(n for n in names if is_image_name(n))
+    parts = [PurePosixPath(n).parts for n in images]
+    split_names = {*TRAIN_DIRS, *TEST_DIRS}
+    # Drop wrapper folders while every image is at least three levels deep under them.
+    depth = 0
+    while parts and all(len(p) - depth >= 3 for p in parts):
+        first = {p[depth] for p in parts}
+        if len(first) != 1 or next(iter(first)).lower() in split_names:
+            break
+        depth += 1
+    by_split: dict[str, list[tuple[str, str]]] = {"train": [], "test": [], "all": []}
+    for name, p in zip(images, parts, strict=True):
+        rel = p[depth:]
+        if len(rel) == 3 and rel[0].lower() in TRAIN_DIRS:
+            by_split["train"].append((name, rel[1]))
+        elif len(rel) == 3 and rel[0].lower() in TEST_DIRS:
+            by_split["test"].append((name, rel[1]))
+        elif len(rel) == 2:
+            by_split["all"].append((name, rel[0]))
+    if by_split["train"]:
+        # Split folders win; loose class folders beside them are ignored.
+        chosen = {"train": by_split["train"], "test": by_split["test"]}
+        if not chosen["test"]:
+            chosen = {"all": by_split["train"]}
+    elif by_split["all"]:
+        chosen = {"all": by_split["all"]}
+    else:
+        example = f" (found e.g. {images[0]})" if images else ""
+        raise DataError(
+            f"{source}: no images in {where} laid out as <class>/<image> or "
+            f"train/<class>/<image> + test/<class>/<image>{example}"
+        )
+    class_names = sorted({cls for items in chosen.values() for _, cls in items})
+    index = {c: i for i, c in enumerate(class_names)}
+    splits = {
+        split: (
+            [name for name, _ in items],
+            np.array([index[cls] for _, cls in items], dtype=np.int64),
+        )
+        for split, items in chosen.items()
+    }
+    return TreeLayout(class_names, splits)
+
+
+def list_tree(root: Path) -> list[str]:
+    """Relative POSIX names of the files under ``root``, sorted (hidden folders skipped)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        out.extend((rel / f).as_posix() for f in filenames if not f.startswith("."))
+    return sorted(out)
+
+
+def tree_stamp(root: Path, names: list[str]) -> list:
+    """Size and mtime of every image under ``root``: changes when any of them does."""
+    stamp = []
+    for name in names:
+        if is_image_name(name):
+            st = (root / name).stat()
+            stamp.append((name, st.st_size, st.st_mtime_ns))
+    return stamp

