@@ -129,7 +129,7 @@ class EvaluateConfig:
 
     # Real training images used for the FID reference statistics (None = all).
     fid_reference_images: int | None = 2000
-    fid_batch_size: int = 50
+    fid_batch_size: int = 25
     classifier_width: int = 32
     classifier_epochs: int = 10
     classifier_batch_size: int = 128

@@ -80,11 +80,21 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)).
+
+    Short runs (a few hundred steps, as on a CPU) would otherwise save weights that are
+    still mostly the random initialisation: 0.999^184 = 0.83.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, *, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+def ema_update(ema: nn.Module, model: nn.Module, *, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * model with d = :func:`ema_decay_at` (step counts from 0)."""
+    d = ema_decay_at(step, decay)
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        e.lerp_(p.detach().to(e.dtype), 1.0 - d)
 
 
 def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:

@@ -117,3 +117,16 @@ def test_sampler_uses_the_label():
     a = ddim_sample(den, seeds=[5], labels=torch.tensor([0]), **kw)
     b = ddim_sample(den, seeds=[5], labels=torch.tensor([1]), **kw)
     assert not torch.allclose(a, b)
+
+
+def test_ema_warms_up_then_holds_its_decay():
+    from privimage.models import ema_decay_at, ema_update
+
+    assert ema_decay_at(0, 0.999) == 0.1
+    assert ema_decay_at(10**6, 0.999) == 0.999
+    ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        ema.weight.fill_(0.0)
+        model.weight.fill_(1.0)
+    ema_update(ema, model, decay=0.999, step=0)
+    assert abs(ema.weight.item() - 0.9) < 1e-6  # mostly the trained weights, not the init

@@ -175,7 +175,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 if optimizer._is_last_step_skipped:
                     continue
                 # A logical step (one Poisson batch, noised once) has completed.
-                ema_update(ema, dp_model._module, decay=ft.ema_decay)
+                ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done_steps)
                 done_steps += 1
                 mean_loss = sum(physical_losses) / len(physical_losses) if physical_losses else None
                 physical_losses.clear()

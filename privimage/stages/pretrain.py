@@ -99,7 +99,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
-            ema_update(ema, accelerator.unwrap_model(model), decay=cfg.pretrain.ema_decay)
+            ema_update(
+                ema, accelerator.unwrap_model(model), decay=cfg.pretrain.ema_decay, step=step
+            )
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
