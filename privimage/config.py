@@ -206,6 +206,11 @@ def validate(cfg: Config) -> None:
                 f"{key}.source={data.source!r} is not a known dataset source; "
                 f"choose one of {', '.join(sorted(SOURCES))}"
             )
+        if data.source in ("folder", "tar", "hub") and not data.path:
+            raise ConfigError(
+                f"{key}.source={data.source} needs {key}.path (the image folder, archive or "
+                f"hub dataset name); set {key}.path=..."
+            )
         _positive(data.resolution, f"{key}.resolution")
         if data.channels not in (1, 3):
             raise ConfigError(f"{key}.channels={data.channels} must be 1 or 3")
