@@ -6,7 +6,6 @@ shared through module-scoped fixtures (one forward pass per set, one matrix squa
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ from privimage.metrics import (
 
 # Not ``from privimage.metrics import fid``: the package re-exports the function ``fid``, which
 # shadows the submodule of the same name as an attribute.
-fid_module = importlib.import_module("privimage.metrics.fid")
+from privimage.metrics import fid as fid_module
 
 N_SET = 25  # images per set in the FID sanity check (each FID costs one 2048x2048 sqrtm)
 

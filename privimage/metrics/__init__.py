@@ -1,15 +1,11 @@
-"""Evaluation metrics for synthetic image sets (FID with TF-Inception features).
-
-Note that ``privimage.metrics.fid`` is the convenience function :func:`fid`; it shadows the
-submodule of the same name, which ``importlib.import_module("privimage.metrics.fid")`` returns.
-"""
+"""Evaluation metrics for synthetic image sets (FID with TF-Inception features)."""
 
 from privimage.metrics.fid import (
     FEATURE_DIM,
     TFInceptionFeatures,
     cached_statistics,
     feature_statistics,
-    fid,
+    fid_score,
     frechet_distance,
     inception_features,
     inception_path,
@@ -21,7 +17,7 @@ __all__ = [
     "TFInceptionFeatures",
     "cached_statistics",
     "feature_statistics",
-    "fid",
+    "fid_score",
     "frechet_distance",
     "inception_features",
     "inception_path",

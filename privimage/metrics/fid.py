@@ -42,18 +42,6 @@ from tqdm.auto import tqdm
 
 from privimage.errors import DataError
 
-__all__ = [
-    "FEATURE_DIM",
-    "TFInceptionFeatures",
-    "cached_statistics",
-    "feature_statistics",
-    "fid",
-    "frechet_distance",
-    "inception_features",
-    "inception_path",
-    "load_inception",
-]
-
 #: Size of the pool-3 feature vector the network returns.
 FEATURE_DIM = 2048
 #: Spatial size the network was trained on; other sizes are resampled to it.
@@ -366,7 +354,7 @@ def cached_statistics(
     return mu, sigma
 
 
-def fid(images_a: torch.Tensor, images_b: torch.Tensor, **kw) -> float:
+def fid_score(images_a: torch.Tensor, images_b: torch.Tensor, **kw) -> float:
     """FID between two image sets (convenience for small, uncached sets).
 
     Args:

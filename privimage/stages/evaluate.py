@@ -88,7 +88,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
     clf = train_classifier(
-        synth_images.float() / 127.5 - 1.0,
+        data.ImageSplit(synth_images, synth_labels).as_float(),
         synth_labels,
         num_classes=sensitive.num_classes,
         width=ev.classifier_width,

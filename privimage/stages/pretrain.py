@@ -56,7 +56,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if cfg.pretrain.max_images is not None and len(index) > cfg.pretrain.max_images:
         keep = np.random.default_rng(cfg.seed).permutation(len(index))[: cfg.pretrain.max_images]
         index, labels = index[keep], labels[keep]
-    images = public.train.as_float()[torch.from_numpy(index)]
+    # Index before converting: the selection is a small part of a large public set.
+    images = data.ImageSplit(public.train.images[torch.from_numpy(index)], labels).as_float()
     # The class count comes from the query's released output: pretraining never opens
     # the sensitive data.
     num_classes = len(read_json(query_dir / "selection.json")["classes"])
