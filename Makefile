@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # Per-stage targets share one run directory so each picks up the previous stage's files.
 RUN ?= runs/make
+# `make demo` keeps one run folder, so running it again reuses the finished stages.
+DEMO_RUN ?= runs/demo/main
 EXPERIMENT ?= demo
 ARGS ?=
 
@@ -14,7 +16,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: RUN=$(RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides'"
+	@echo "  variables: RUN=$(RUN) DEMO_RUN=$(DEMO_RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides'"
 
 $(BIN)/privimage: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +28,7 @@ $(BIN)/privimage: pyproject.toml
 install: $(BIN)/privimage ## create .venv and install privimage with its dev extra
 
 demo: $(BIN)/privimage ## run the whole pipeline on the embedded default (MNIST digits + font glyphs)
-	$(BIN)/privimage experiment=demo $(ARGS)
+	$(BIN)/privimage experiment=demo hydra.run.dir=$(DEMO_RUN) $(ARGS)
 
 test: $(BIN)/privimage ## run the test suite
 	$(BIN)/pytest -q $(ARGS)

@@ -7,6 +7,7 @@ line and exit with status 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -43,6 +44,13 @@ def _task(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         print(f"error: invalid config: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    metrics = run_dir / "evaluate" / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        print(
+            f"privimage: FID {m['fid']:.2f}, downstream accuracy {m['downstream_accuracy']:.3f}, "
+            f"epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"
+        )
     print(f"privimage: outputs in {run_dir}")
 
 
