@@ -12,8 +12,6 @@ part of the DP release. Writes ``evaluate/metrics.json``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 from privimage import data
 from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.config import Config
+from privimage.data.cache import cache_key
 from privimage.metrics import (
     cached_statistics,
     feature_statistics,
@@ -69,7 +68,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     sensitive = data.load(cfg.data, cache_dir=cache)
 
     key_spec = {"data": asdict(cfg.data), "n": ev.fid_reference_images, "seed": cfg.seed}
-    key = "train-" + hashlib.sha256(json.dumps(key_spec, sort_keys=True).encode()).hexdigest()[:16]
+    key = "train-" + cache_key(key_spec)
     ref_mu, ref_sigma = cached_statistics(
         key,
         lambda: reference_subset(sensitive.train, ev.fid_reference_images, cfg.seed),

@@ -148,9 +148,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     stats = StatsWriter(out / "stats.jsonl")
 
-    # Opacus' hooks make torch warn on every backward that the first layer's input needs
-    # no gradient; that is expected (images are data, not parameters).
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     bar = tqdm(total=steps, desc="finetune (DP-SGD)")
     done_steps = 0
     eps_every = max(1, steps // 50)
@@ -158,9 +155,17 @@ def run(cfg: Config, run_dir: Path) -> Path:
         prior, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant
     )
     physical_losses: list[float] = []
-    with BatchMemoryManager(
-        data_loader=dp_loader, max_physical_batch_size=ft.physical_batch_size, optimizer=optimizer
-    ) as memory_safe_loader:
+    with (
+        warnings.catch_warnings(),
+        BatchMemoryManager(
+            data_loader=dp_loader,
+            max_physical_batch_size=ft.physical_batch_size,
+            optimizer=optimizer,
+        ) as memory_safe_loader,
+    ):
+        # Opacus' hooks make torch warn on every backward that the first layer's input
+        # needs no gradient; expected (images are data, not parameters), so silenced here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         while done_steps < steps:
             for x, y in memory_safe_loader:
                 x, y = x.to(device), y.to(device)

@@ -13,8 +13,6 @@ run's privacy ledger.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from privimage import data, privacy
 from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.config import Config
+from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
 from privimage.models import SmallCNN
 from privimage.plots import save_image_grid
@@ -53,7 +52,7 @@ def _classifier_key(cfg: Config) -> str:
         "seed": cfg.seed,
         "version": 1,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_key(spec)
 
 
 def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.device) -> tuple:
