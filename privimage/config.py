@@ -8,6 +8,7 @@ logic here is :func:`validate`, which turns bad values into one-line
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,8 @@ class PrivacyConfig:
     """The run's total (epsilon, delta) budget over every mechanism on sensitive data."""
 
     target_epsilon: float = 10.0
+    # Shorthand: ``privacy.epsilon=1`` sets target_epsilon (and wins over it) when given.
+    epsilon: float | None = None
     # Must be below 1/N for N sensitive training images; 1e-5 suits N up to 1e5.
     delta: float = 1e-5
     accountant: str = "rdp"
@@ -74,6 +77,9 @@ class QueryConfig:
     top_k: int = 1
     # Gaussian noise std is noise_multiplier * sqrt(top_k) (the L2 sensitivity).
     noise_multiplier: float = 10.0
+    # The query's own epsilon share at privacy.delta; when set, the noise multiplier is
+    # calibrated to it (and noise_multiplier is ignored).
+    epsilon: float | None = None
     # How many public classes each sensitive class keeps (disjoint); a fraction of
     # the public classes wins when set.
     classes_per_sensitive_class: int = 1
@@ -109,6 +115,10 @@ class FinetuneConfig:
     lr: float = 1e-3
     max_grad_norm: float = 1.0
     ema_decay: float = 0.99
+    # K diffusion-noise draws averaged per example before clipping (DPDM); costs K x compute.
+    noise_multiplicity: int = 1
+    # Atomic resume checkpoints (model, EMA, optimizer, RNG streams) every this many steps.
+    checkpoint_every_steps: int = 25
 
 
 @dataclass
@@ -187,6 +197,8 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     container.pop("hydra", None)
     merged = OmegaConf.merge(OmegaConf.structured(Config), container)
     typed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if typed.privacy.epsilon is not None:
+        typed.privacy.target_epsilon = typed.privacy.epsilon
     validate(typed)
     return typed
 
@@ -234,13 +246,23 @@ def validate(cfg: Config) -> None:
                 f"model.block_out_channels entry {ch} is not divisible by "
                 f"model.norm_num_groups={cfg.model.norm_num_groups}"
             )
-    _positive(cfg.privacy.target_epsilon, "privacy.target_epsilon", " (the privacy budget)")
+    eps_key = "privacy.epsilon" if cfg.privacy.epsilon is not None else "privacy.target_epsilon"
+    _positive(cfg.privacy.target_epsilon, eps_key, " (the privacy budget)")
+    if not math.isfinite(cfg.privacy.target_epsilon):
+        raise ConfigError(f"{eps_key}={cfg.privacy.target_epsilon} must be finite")
     if not 0 < cfg.privacy.delta < 1:
         raise ConfigError(f"privacy.delta={cfg.privacy.delta} must be in (0, 1)")
     if cfg.privacy.accountant not in ("rdp", "prv"):
         raise ConfigError(f"privacy.accountant={cfg.privacy.accountant!r}; choose rdp or prv")
     _positive(cfg.query.top_k, "query.top_k")
     _positive(cfg.query.noise_multiplier, "query.noise_multiplier")
+    if cfg.query.epsilon is not None:
+        _positive(cfg.query.epsilon, "query.epsilon", " (the query's share of the budget)")
+        if cfg.query.epsilon >= cfg.privacy.target_epsilon:
+            raise ConfigError(
+                f"query.epsilon={cfg.query.epsilon} leaves nothing of "
+                f"privacy.target_epsilon={cfg.privacy.target_epsilon} for DP-SGD; lower it"
+            )
     _positive(cfg.query.classes_per_sensitive_class, "query.classes_per_sensitive_class")
     if cfg.query.fraction_of_public_classes is not None:
         f = cfg.query.fraction_of_public_classes
@@ -254,6 +276,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg.finetune.batch_size, "finetune.batch_size")
     _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")
     _positive(cfg.finetune.max_grad_norm, "finetune.max_grad_norm")
+    _positive(cfg.finetune.noise_multiplicity, "finetune.noise_multiplicity")
+    _positive(cfg.finetune.checkpoint_every_steps, "finetune.checkpoint_every_steps")
     _positive(cfg.sample.images_per_class, "sample.images_per_class")
     _positive(cfg.sample.num_inference_steps, "sample.num_inference_steps")
     unknown = [s for s in cfg.stages if s not in STAGES]

@@ -625,14 +625,19 @@ class Ledger:
         {"accountant": "rdp", "delta": 1e-05, "target_epsilon": 10.0,
          "epsilon_spent": 9.99,
          "mechanisms": [{...Mechanism.to_dict(), "status": "started" | "completed",
-                         "epsilon_after": 0.37, "time": "2025-01-01T00:00:00+00:00"}]}
+                         "epsilon_after": 0.37, "time": "2025-01-01T00:00:00+00:00"}],
+         "events": [{"event": "begin" | "resume" | "restart" | "complete",
+                     ...Mechanism.to_dict(), "epsilon_spent": 0.37, "time": ...}]}
 
-    ``epsilon_after`` is the epsilon of the history up to and including that entry;
-    ``epsilon_spent`` is the whole history, started entries included (a started entry is
-    a mechanism that may have touched data). Both are recomputed from the whole history on
-    every write, and every write is atomic (temporary file + ``os.replace``), so a crash
-    never leaves a half-written record. The ledger assumes one writer at a time (stages of
-    a run execute sequentially).
+    ``mechanisms`` is the current account, one entry per ``(stage, name)``;
+    ``events`` is the append-only journal of how it got there (entries are only ever
+    added), so a resumed or restarted stage stays visible. ``epsilon_after`` is the
+    epsilon of the history up to and including that entry; ``epsilon_spent`` is the whole
+    history, started entries included (a started entry is a mechanism that may have
+    touched data). Both are recomputed from the whole history on every write, and every
+    write is atomic (temporary file + ``os.replace``), so a crash never leaves a
+    half-written record. The ledger assumes one writer at a time (stages of a run execute
+    sequentially).
 
     Args:
         path: Location of ``privacy.json``.
@@ -657,6 +662,7 @@ class Ledger:
         self.delta = float(delta)
         self.accountant = accountant
         self._entries: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
         if self.path.exists():
             self._load()
             self._epsilon_spent = self._history_epsilon(self.history)
@@ -698,6 +704,7 @@ class Ledger:
             if entry.get("status") not in _STATUSES:
                 raise ConfigError(f"{self.path}: unknown status {entry.get('status')!r}")
         self._entries = [dict(e) for e in entries]
+        self._events = [dict(e) for e in data.get("events", [])]
 
     @property
     def history(self) -> list[Mechanism]:
@@ -725,16 +732,23 @@ class Ledger:
 
     # ---- writing ----------------------------------------------------------------------
 
-    def begin(self, mechanism: Mechanism) -> None:
+    def begin(self, mechanism: Mechanism, *, resume_from_step: int = 0) -> None:
         """Record ``mechanism`` as started; call it BEFORE the mechanism touches sensitive data.
 
         Args:
             mechanism: The mechanism with its planned parameters.
+            resume_from_step: Nonzero when a crashed stage continues from a checkpoint
+                taken after that many steps. The planned mechanism must then be exactly
+                the one already started: the steps before the checkpoint are part of it,
+                and the steps after it are replayed with the same random stream, so the
+                run as a whole still releases one instance of ``mechanism``.
 
         Raises:
             PrivacyBudgetError: The history plus this mechanism would exceed the target
                 (checked before anything is written), or ``(stage, name)`` already
                 completed in this run (running it again would spend its budget twice).
+            ConfigError: ``resume_from_step`` is given but no identical mechanism was
+                started (the run's settings changed since the checkpoint).
         """
         index = self._find(mechanism.key)
         if index is not None and self._entries[index]["status"] == "completed":
@@ -743,10 +757,22 @@ class Ledger:
                 f"({self.path}); running it again would spend its privacy twice; keep its "
                 "output or start a new run directory"
             )
-        # A started-but-not-completed entry is a stage that crashed. It is rerun from
-        # scratch and its partial output (checkpoints, histograms) is never released, so
-        # only the rerun's output reaches the world and the old entry is replaced rather
-        # than composed with the new one.
+        if resume_from_step:
+            started = None if index is None else Mechanism.from_dict(self._entries[index])
+            if started != mechanism:
+                raise ConfigError(
+                    f"cannot resume {mechanism.describe()} from step {resume_from_step}: "
+                    f"the ledger has {started.describe() if started else 'no such mechanism'}"
+                    " started; restore the run's original settings, or delete the stage's "
+                    "checkpoint to restart it from step 0"
+                )
+            event = "resume"
+        else:
+            # A started-but-not-completed entry without a checkpoint is a stage that
+            # crashed early. It is rerun from scratch and its partial output is never
+            # released, so only the rerun's output reaches the world and the old entry is
+            # replaced rather than composed with the new one.
+            event = "begin" if index is None else "restart"
         others = [m for m in self.history if m.key != mechanism.key]
         would_be = self._history_epsilon([*others, mechanism])
         if not _within_budget(would_be, self.target_epsilon):
@@ -760,7 +786,8 @@ class Ledger:
             self._entries.append(entry)
         else:
             self._entries[index] = entry
-        self._write()
+        extra = {"from_step": int(resume_from_step)} if resume_from_step else {}
+        self._write(event=(event, mechanism, extra))
 
     def complete(self, mechanism: Mechanism) -> None:
         """Mark ``(stage, name)`` completed, recording the parameters it actually ran with.
@@ -789,7 +816,7 @@ class Ledger:
             "epsilon_after": None,
             "time": _now(),
         }
-        self._write()
+        self._write(event=("complete", mechanism, {}))
         if not _within_budget(self._epsilon_spent, self.target_epsilon):
             raise PrivacyBudgetError(
                 f"{mechanism.describe()} ran beyond what was approved: epsilon is now "
@@ -797,17 +824,34 @@ class Ledger:
                 "do not release this run's outputs"
             )
 
-    def _write(self) -> None:
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The append-only journal: every begin, resume, restart and completion."""
+        return [dict(e) for e in self._events]
+
+    def _write(self, event: tuple[str, Mechanism, dict[str, Any]] | None = None) -> None:
         history = self.history
         for i, entry in enumerate(self._entries):
             entry["epsilon_after"] = self._history_epsilon(history[: i + 1])
         self._epsilon_spent = self._history_epsilon(history)
+        if event is not None:
+            name, mechanism, extra = event
+            self._events.append(
+                {
+                    "event": name,
+                    **mechanism.to_dict(),
+                    **extra,
+                    "epsilon_spent": self._epsilon_spent,
+                    "time": _now(),
+                }
+            )
         data = {
             "accountant": self.accountant,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "epsilon_spent": self._epsilon_spent,
             "mechanisms": self._entries,
+            "events": self._events,
         }
         text = json.dumps(data, indent=2) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,6 +74,46 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, then rename over ``path``.
+
+    A crash (even ``kill -9``) mid-write leaves the previous file intact, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def truncate_jsonl(path: Path, *, max_step: int) -> None:
+    """Keep only the lines of a ``stats.jsonl`` whose ``step`` is at most ``max_step``.
+
+    A resumed stage replays the steps after its checkpoint; their lines from the crashed
+    attempt are dropped first so every step is logged exactly once.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by the crash
+        if record.get("step", 0) <= max_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 class StatsWriter:
     """Append one JSON object per line to ``stats.jsonl`` (flushed, so a crash loses little)."""
 

@@ -441,7 +441,14 @@ def _read(path):
 
 def _check_file(path, ledger):
     data = _read(path)
-    assert set(data) == {"accountant", "delta", "target_epsilon", "epsilon_spent", "mechanisms"}
+    assert set(data) == {
+        "accountant",
+        "delta",
+        "target_epsilon",
+        "epsilon_spent",
+        "mechanisms",
+        "events",
+    }
     assert data["epsilon_spent"] == pytest.approx(
         epsilon_spent(ledger.history, delta=ledger.delta, accountant=ledger.accountant)
     )
@@ -516,7 +523,8 @@ def test_ledger_replaces_a_crashed_stage_and_never_double_counts(tmp_path):
     assert rerun.status("finetune", "dp_sgd") == "started"
     second = _calibrated_dpsgd(rerun, steps=120)
     rerun.begin(second)  # would overspend if the crashed entry were still counted
-    _check_file(path, rerun)
+    data = _check_file(path, rerun)
+    assert [e["event"] for e in data["events"]] == ["begin", "complete", "begin", "restart"]
     assert rerun.history == [query_mechanism(noise_multiplier=10.0, top_k=1), second]
     rerun.complete(second)
     spent = rerun.epsilon_spent
@@ -525,6 +533,45 @@ def test_ledger_replaces_a_crashed_stage_and_never_double_counts(tmp_path):
         rerun.begin(second)
     again = Ledger(path, **BUDGET)
     assert len(again.history) == 2 and again.epsilon_spent == pytest.approx(spent)
+
+
+def test_ledger_resume_continues_the_same_mechanism_and_journals_it(tmp_path):
+    path = tmp_path / "privacy.json"
+    query = query_mechanism(noise_multiplier=10.0, top_k=1)
+    uninterrupted = Ledger(tmp_path / "reference.json", **BUDGET)
+    ledger = Ledger(path, **BUDGET)
+    for book in (uninterrupted, ledger):
+        book.begin(query)
+        book.complete(query)
+    planned = _calibrated_dpsgd(ledger)
+    uninterrupted.begin(planned)
+    uninterrupted.complete(planned)
+    ledger.begin(planned)  # ... checkpoint after step 40, then kill -9
+
+    resumed = Ledger(path, **BUDGET)
+    changed = Mechanism(**{**planned.to_dict(), "noise_multiplier": planned.noise_multiplier * 2})
+    with pytest.raises(ConfigError, match="cannot resume") as info:
+        resumed.begin(changed, resume_from_step=40)
+    assert "\n" not in str(info.value)
+    resumed.begin(planned, resume_from_step=40)
+    resumed.complete(planned)
+
+    # The account equals the uninterrupted run's: no lost and no double-counted steps.
+    assert resumed.history == uninterrupted.history == [query, planned]
+    assert resumed.epsilon_spent == pytest.approx(uninterrupted.epsilon_spent, rel=1e-12)
+    # The journal only grows and shows what happened.
+    data = json.loads(path.read_text())
+    assert [e["event"] for e in data["events"]] == [
+        "begin",
+        "complete",
+        "begin",
+        "resume",
+        "complete",
+    ]
+    assert data["events"][3]["from_step"] == 40
+    assert data["events"][-1]["epsilon_spent"] == pytest.approx(data["epsilon_spent"])
+    with pytest.raises(ConfigError, match="no such mechanism"):
+        Ledger(tmp_path / "fresh.json", **BUDGET).begin(planned, resume_from_step=3)
 
 
 def test_ledger_complete_requires_begin_and_flags_overspending(tmp_path):

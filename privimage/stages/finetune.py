@@ -1,12 +1,22 @@
 """Stage 3: DP-SGD fine-tuning of the pretrained UNet on the sensitive training split.
 
-Stock Opacus: Poisson sampling, per-example clipping to ``max_grad_norm``, Gaussian
-noise. The noise multiplier is calibrated on the run's composed history (the query's
-Gaussian histogram plus every DP-SGD step) so that together they meet the target
-(epsilon, delta) under one accountant; the privacy ledger records the mechanism before
-the first step touches data and again when training ends.
+Stock Opacus (:mod:`privimage.dpsgd`): Poisson sampling, each example's loss averaged
+over ``noise_multiplicity`` diffusion-noise draws before its gradient is clipped to
+``max_grad_norm``, Gaussian noise. The noise multiplier is calibrated on the run's
+composed history (the query's Gaussian histogram plus every DP-SGD step) so that together
+they meet the target (epsilon, delta) under one accountant; the privacy ledger records
+the mechanism before the first step touches data and again when training ends, and
+Opacus' own accountant, which counts the steps the optimizer really took, must agree.
 
-Writes ``finetune/``: ``unet/`` (EMA weights, ``save_pretrained``), ``stats.jsonl``.
+Crash-safe: every ``checkpoint_every_steps`` logical steps the model, EMA, optimizer,
+Opacus accountant and all three random streams (Poisson masks, DP noise, diffusion
+noise) are saved atomically to ``finetune/checkpoint.pt``. Running the same command
+after a crash (even ``kill -9``) resumes there and replays the lost steps with the same
+random streams, so the finished model, ``stats.jsonl`` and ledger equal those of an
+uninterrupted run: no step is lost and none is counted twice.
+
+Writes ``finetune/``: ``unet/`` (EMA weights, ``save_pretrained``), ``stats.jsonl``
+(one line per logical step: loss, epsilon spent so far).
 """
 
 from __future__ import annotations
@@ -20,7 +30,6 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
-from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,22 +38,26 @@ from tqdm.auto import tqdm
 from privimage import data, privacy
 from privimage.config import Config
 from privimage.diffusion import linear_alphas_cumprod, per_example_loss, unet_denoiser
+from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.models import ema_update, make_opacus_safe
 from privimage.runtime import (
     LEDGER_FILE,
     StatsWriter,
+    atomic_torch_save,
     cache_root,
     mark_done,
     require_upstream,
     resolve_device,
     seed_everything,
     stage_dir,
+    truncate_jsonl,
 )
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
+CHECKPOINT = "checkpoint.pt"
 
 
 def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
@@ -64,8 +77,32 @@ def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tupl
     return sample_rate, steps
 
 
+def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (any unreadable file gets the same advice)
+        # Writes are atomic, so this is not a torn write but a foreign or damaged file.
+        raise PrivImageError(
+            f"cannot read the fine-tuning checkpoint {path} ({type(exc).__name__}); delete "
+            "it to restart fine-tuning from step 0"
+        ) from exc
+
+
+def _check_checkpoint(ckpt: dict, expected: dict, path: Path) -> None:
+    """The checkpoint must come from exactly this fine-tuning setup."""
+    for key, value in expected.items():
+        if ckpt.get(key) != value:
+            raise ConfigError(
+                f"{path} was written with {key}={ckpt.get(key)!r}, this run has {value!r}; "
+                "restore the original settings to resume, or delete the checkpoint to "
+                "restart fine-tuning from step 0"
+            )
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
-    """Fine-tune with DP-SGD; see the module docstring for outputs."""
+    """Fine-tune with DP-SGD (resuming from a checkpoint if one exists); see module docstring."""
     pretrain_dir = require_upstream(run_dir, "pretrain", STAGE)
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,16 +141,40 @@ def run(cfg: Config, run_dir: Path) -> Path:
         steps=steps,
         max_grad_norm=ft.max_grad_norm,
     )
-    # Refuses before any sensitive gradient is computed if the budget would be exceeded.
-    ledger.begin(mechanism)
+
+    ckpt_path = out / CHECKPOINT
+    ckpt = _load_checkpoint(ckpt_path, device)
+    start = 0
+    if ckpt is not None:
+        _check_checkpoint(
+            ckpt,
+            {
+                "mechanism": mechanism.to_dict(),
+                "noise_multiplicity": ft.noise_multiplicity,
+                "num_records": n,
+                "seed": cfg.seed,
+            },
+            ckpt_path,
+        )
+        start = int(ckpt["step"])
+    already_completed = ledger.status(*mechanism.key) == "completed"
+    if already_completed and start < steps:
+        ledger.begin(mechanism)  # refuses: the mechanism would be spent twice
+    if not already_completed:
+        # Refuses before any sensitive gradient is computed if the budget would be
+        # exceeded; on resume, also if the mechanism differs from the one started.
+        ledger.begin(mechanism, resume_from_step=start)
     log.info(
-        "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f for epsilon %.3g at delta %.1e",
+        "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
+        "delta %.1e%s",
         n,
         sample_rate,
         steps,
         sigma,
+        ft.noise_multiplicity,
         cfg.privacy.target_epsilon,
         cfg.privacy.delta,
+        f"; resuming after step {start}" if start else "",
     )
 
     model = UNet2DModel.from_pretrained(pretrain_dir / "unet").train()
@@ -121,40 +182,138 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if errors:
         raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
     make_opacus_safe(model)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
     model.to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
 
+    streams = {
+        "sampler": torch.Generator().manual_seed(cfg.seed + 3),
+        "noise": torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        "diffusion": torch.Generator().manual_seed(cfg.seed + 2),
+    }
     loader = DataLoader(
         TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
         batch_size=ft.batch_size,
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr)
-    engine = PrivacyEngine(accountant="rdp")
-    dp_model, optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
+    dp_model, optimizer, dp_loader, engine = make_private(
+        model,
+        torch.optim.Adam(model.parameters(), lr=ft.lr),
+        loader,
         noise_multiplier=sigma,
         max_grad_norm=ft.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        noise_multiplicity=ft.noise_multiplicity,
+        sampler_generator=streams["sampler"],
+        noise_generator=streams["noise"],
     )
     if abs(dp_loader.sample_rate - sample_rate) > 1e-12:
         raise RuntimeError(
             f"Opacus samples at rate {dp_loader.sample_rate}, accounted {sample_rate}"
         )
+    if ckpt is not None:
+        optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
+        engine.accountant.load_state_dict(ckpt["accountant"])
+        for name, generator in streams.items():
+            generator.set_state(ckpt["rng"][name].cpu())
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        optimizer.steps_taken = start
+    del ckpt
+
+    def save_checkpoint(step: int) -> None:
+        atomic_torch_save(
+            {
+                "step": step,
+                "mechanism": mechanism.to_dict(),
+                "noise_multiplicity": ft.noise_multiplicity,
+                "num_records": n,
+                "seed": cfg.seed,
+                "model": dp_model._module.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.original_optimizer.state_dict(),
+                "accountant": engine.accountant.state_dict(),
+                "rng": {
+                    **{name: g.get_state() for name, g in streams.items()},
+                    "torch": torch.get_rng_state(),
+                },
+            },
+            ckpt_path,
+        )
+
+    if start < steps:
+        _train(
+            cfg,
+            dp_model=dp_model,
+            optimizer=optimizer,
+            dp_loader=dp_loader,
+            ema=ema,
+            device=device,
+            diffusion_generator=streams["diffusion"],
+            mechanism=mechanism,
+            prior=prior,
+            start=start,
+            stats_path=out / "stats.jsonl",
+            save_checkpoint=save_checkpoint,
+        )
+
+    # Opacus' accountant saw every step the optimizer really took (across restarts, via
+    # the checkpoint); it must agree with what the ledger is about to record.
+    taken = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
+    if taken != [(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)]:
+        raise RuntimeError(
+            f"Opacus took steps {taken} but the ledger plans {mechanism.describe()}; refusing "
+            "to record a mechanism other than the one that ran"
+        )
+    if not already_completed:
+        ledger.complete(mechanism)
+    if ledger.epsilon_spent > cfg.privacy.target_epsilon * (1 + 1e-9):
+        raise PrivacyBudgetError(
+            f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
+            f"{cfg.privacy.target_epsilon}"
+        )
+    ema.save_pretrained(out / "unet")
+    mark_done(out)
+    # Only now is the checkpoint redundant (a crash before DONE finishes from it).
+    ckpt_path.unlink(missing_ok=True)
+    return out
+
+
+def _train(
+    cfg: Config,
+    *,
+    dp_model: torch.nn.Module,
+    optimizer,
+    dp_loader: DataLoader,
+    ema: torch.nn.Module,
+    device: torch.device,
+    diffusion_generator: torch.Generator,
+    mechanism: privacy.Mechanism,
+    prior: list[privacy.Mechanism],
+    start: int,
+    stats_path: Path,
+    save_checkpoint,
+) -> None:
+    """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
+    ft = cfg.finetune
+    steps = mechanism.steps
     alphas = linear_alphas_cumprod(cfg.pretrain.num_train_timesteps)
     denoiser = unet_denoiser(dp_model)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    stats = StatsWriter(out / "stats.jsonl")
+    truncate_jsonl(stats_path, max_step=start)
+    stats = StatsWriter(stats_path)
 
-    bar = tqdm(total=steps, desc="finetune (DP-SGD)")
-    done_steps = 0
-    eps_every = max(1, steps // 50)
-    eps_so_far = privacy.epsilon_spent(
-        prior, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant
-    )
-    physical_losses: list[float] = []
+    def epsilon_after(step: int) -> float:
+        return privacy.epsilon_spent(
+            [*prior, replace(mechanism, steps=step)],
+            delta=cfg.privacy.delta,
+            accountant=cfg.privacy.accountant,
+        )
+
+    eps_every = max(1, steps // 50)  # accounting every step would dominate under PRV
+    eps_so_far = epsilon_after(start)
+    bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)")
+    done = start
+    loss_sum, loss_rows = 0.0, 0
     with (
         warnings.catch_warnings(),
         BatchMemoryManager(
@@ -166,44 +325,36 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # Opacus' hooks make torch warn on every backward that the first layer's input
         # needs no gradient; expected (images are data, not parameters), so silenced here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        while done_steps < steps:
+        while done < steps:
             for x, y in memory_safe_loader:
-                x, y = x.to(device), y.to(device)
-                per_example = per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=gen)
-                # An empty Poisson batch is a valid, noise-only step; its mean would be NaN.
-                loss = per_example.mean() if len(per_example) else per_example.sum()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if len(per_example):
-                    physical_losses.append(float(loss.item()))
-                if optimizer._is_last_step_skipped:
-                    continue
-                # A logical step (one Poisson batch, noised once) has completed.
-                ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done_steps)
-                done_steps += 1
-                mean_loss = sum(physical_losses) / len(physical_losses) if physical_losses else None
-                physical_losses.clear()
-                if done_steps % eps_every == 0 or done_steps == steps:
-                    # Accounting every step would dominate small runs under PRV.
-                    eps_so_far = privacy.epsilon_spent(
-                        [*prior, replace(mechanism, steps=done_steps)],
-                        delta=cfg.privacy.delta,
-                        accountant=cfg.privacy.accountant,
+                if len(x):
+                    x, y = repeat_for_noise_draws(x.to(device), y.to(device), ft.noise_multiplicity)
+                    per_row = per_example_loss(
+                        denoiser, x, y, alphas_cumprod=alphas, generator=diffusion_generator
                     )
+                    # Mean over B*K rows: Opacus then hands the optimizer each row's own
+                    # gradient, which it averages per example before clipping.
+                    per_row.mean().backward()
+                    optimizer.step()
+                    loss_sum += float(per_row.detach().sum())
+                    loss_rows += len(per_row)
+                else:
+                    optimizer.noise_only_step()  # an empty Poisson batch
+                if optimizer.steps_taken == done:
+                    continue  # a physical batch inside a larger logical one
+                done = optimizer.steps_taken
+                ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
+                mean_loss = loss_sum / loss_rows if loss_rows else None
+                loss_sum, loss_rows = 0.0, 0
+                if done % eps_every == 0 or done == steps:
+                    eps_so_far = epsilon_after(done)
                 bar.update(1)
                 bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
-                stats.write(step=done_steps, loss=mean_loss, epsilon=eps_so_far)
-                if done_steps >= steps:
+                stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
+                if done % ft.checkpoint_every_steps == 0 or done == steps:
+                    save_checkpoint(done)
+                if done >= steps:
                     break
     bar.close()
     stats.close()
-    ledger.complete(replace(mechanism, steps=done_steps))
-    if ledger.epsilon_spent > cfg.privacy.target_epsilon * (1 + 1e-9):
-        raise PrivacyBudgetError(
-            f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
-            f"{cfg.privacy.target_epsilon}"
-        )
-    ema.save_pretrained(out / "unet")
-    mark_done(out)
-    return out

@@ -94,6 +94,24 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     return model.to(device).eval(), top1
 
 
+def query_noise_multiplier(cfg: Config) -> float:
+    """The query's noise multiplier: given directly, or calibrated to its epsilon share.
+
+    With ``query.epsilon`` set, the one-shot Gaussian mechanism (sampling rate 1) is
+    calibrated under the run's accountant to spend at most that share at the run's delta.
+    """
+    if cfg.query.epsilon is None:
+        return cfg.query.noise_multiplier
+    return privacy.calibrate_noise_multiplier(
+        target_epsilon=cfg.query.epsilon,
+        delta=cfg.privacy.delta,
+        sample_rate=1.0,
+        steps=1,
+        accountant=cfg.privacy.accountant,
+        epsilon_tolerance=min(0.01, cfg.query.epsilon / 100),
+    )
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Run the semantic query; see the module docstring for what it writes."""
     out = stage_dir(run_dir, STAGE)
@@ -117,7 +135,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         classes_per_sensitive_class=cfg.query.classes_per_sensitive_class,
         fraction_of_public_classes=cfg.query.fraction_of_public_classes,
     )
-    mechanism = privacy.query_mechanism(noise_multiplier=cfg.query.noise_multiplier, top_k=k)
+    sigma = query_noise_multiplier(cfg)
+    mechanism = privacy.query_mechanism(noise_multiplier=sigma, top_k=k)
     ledger = privacy.Ledger(
         Path(run_dir) / LEDGER_FILE,
         target_epsilon=cfg.privacy.target_epsilon,
@@ -137,7 +156,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     rng = np.random.default_rng(cfg.seed)
     noisy = privacy.add_gaussian_noise(
-        counts, noise_multiplier=cfg.query.noise_multiplier, top_k=k, rng=rng
+        counts, noise_multiplier=mechanism.noise_multiplier, top_k=k, rng=rng
     )
     selection = privacy.select_public_classes(noisy, classes_per_sensitive_class=per_class)
     ledger.complete(mechanism)
@@ -175,8 +194,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "public_source": cfg.public.source,
             "sensitive_source": cfg.data.source,
             "top_k": k,
-            "noise_multiplier": cfg.query.noise_multiplier,
-            "noise_std": cfg.query.noise_multiplier * float(np.sqrt(k)),
+            "noise_multiplier": mechanism.noise_multiplier,
+            "noise_std": mechanism.noise_multiplier * float(np.sqrt(k)),
             "classes_per_sensitive_class": per_class,
             "query_classifier_public_test_top1": public_top1,
             "selected_public_images": int(len(public_index)),

@@ -1,0 +1,187 @@
+"""DP-SGD on stock Opacus, with noise multiplicity and a reproducible random stream.
+
+Three things are added to what ``PrivacyEngine.make_private`` gives, each through a
+public Opacus extension point rather than a copy of Opacus code:
+
+* **Noise multiplicity K** (Dockhorn et al., DPDM; PrivImage). A diffusion loss is a
+  random function of its example (the timestep and the Gaussian noise are drawn per
+  call), so averaging it over K draws reduces gradient variance at no privacy cost,
+  *provided the K draws are averaged before clipping*: each example must still
+  contribute one gradient of norm at most C. The training loop feeds every example K
+  times (:func:`repeat_for_noise_draws`), Opacus computes one per-sample gradient per
+  row, and :class:`NoiseMultiplicityDPOptimizer`, a :class:`~opacus.optimizers.DPOptimizer`
+  subclass, averages the K rows of each example before calling Opacus' own clipping.
+  Sensitivity, sampling and therefore accounting are exactly those of plain DP-SGD.
+* **A sampling generator of our own**: Opacus draws its Poisson masks from the global
+  torch RNG unless told otherwise; :func:`make_private` gives the sampler a dedicated
+  ``torch.Generator`` so a checkpoint can save and restore the exact position of the
+  sampling stream (resume then replays the very batches an uninterrupted run would see).
+* **Contiguous activations** (:func:`privimage.models.make_opacus_safe`), so per-sample
+  gradients stay exact after diffusers' attention blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+
+from privimage.errors import ConfigError
+
+
+def repeat_for_noise_draws(
+    x: torch.Tensor, labels: torch.Tensor, noise_multiplicity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat each example ``noise_multiplicity`` times, consecutively.
+
+    Row ``i * K + j`` is draw ``j`` of example ``i``: the layout
+    :class:`NoiseMultiplicityDPOptimizer` expects when it averages the K rows.
+    """
+    if noise_multiplicity < 1:
+        raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
+    if noise_multiplicity == 1:
+        return x, labels
+    return (
+        x.repeat_interleave(noise_multiplicity, dim=0),
+        labels.repeat_interleave(noise_multiplicity, dim=0),
+    )
+
+
+class NoiseMultiplicityDPOptimizer(DPOptimizer):
+    """A flat-clipping :class:`DPOptimizer` whose batch rows come in groups of K per example.
+
+    Before Opacus clips, the K per-row gradients of each example are averaged into that
+    example's gradient, so clipping, noise (std ``noise_multiplier * max_grad_norm`` on
+    the sum) and the ``expected_batch_size`` normalisation all apply per *example*, as
+    the privacy accounting assumes. With ``noise_multiplicity=1`` it is plain DPOptimizer.
+
+    Rows must be averaged, not summed: the model is called with ``loss_reduction="mean"``
+    over ``B*K`` rows, for which Opacus returns each row's own loss gradient; their mean
+    is the gradient of the example's K-averaged loss.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int, **kwargs):
+        if noise_multiplicity < 1:
+            raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
+        super().__init__(optimizer, **kwargs)
+        self.noise_multiplicity = int(noise_multiplicity)
+        # Logical (noised) steps taken; physical batches that only accumulate do not count.
+        self.steps_taken = 0
+
+    @classmethod
+    def from_dp_optimizer(
+        cls, optimizer: DPOptimizer, *, noise_multiplicity: int
+    ) -> NoiseMultiplicityDPOptimizer:
+        """Rebuild an Opacus flat-clipping optimizer (as ``make_private`` returns it) as this
+        class, keeping its wrapped optimizer, noise, clipping, generator and accountant hook.
+        """
+        if type(optimizer) is not DPOptimizer:
+            raise TypeError(
+                f"noise multiplicity needs Opacus' flat-clipping DPOptimizer, got "
+                f"{type(optimizer).__name__}"
+            )
+        new = cls(
+            optimizer.original_optimizer,
+            noise_multiplicity=noise_multiplicity,
+            noise_multiplier=optimizer.noise_multiplier,
+            max_grad_norm=optimizer.max_grad_norm,
+            expected_batch_size=optimizer.expected_batch_size,
+            loss_reduction=optimizer.loss_reduction,
+            generator=optimizer.generator,
+            secure_mode=optimizer.secure_mode,
+        )
+        if optimizer.step_hook is not None:
+            new.attach_step_hook(optimizer.step_hook)
+        return new
+
+    def _average_draws(self, grad_sample: torch.Tensor) -> torch.Tensor:
+        k = self.noise_multiplicity
+        rows = grad_sample.shape[0]
+        if rows % k:
+            raise RuntimeError(
+                f"{rows} per-sample gradient rows are not a multiple of "
+                f"noise_multiplicity={k}; feed batches through repeat_for_noise_draws"
+            )
+        return grad_sample.reshape(rows // k, k, *grad_sample.shape[1:]).mean(dim=1)
+
+    def clip_and_accumulate(self) -> None:
+        """Average each example's K rows, then clip and accumulate exactly as Opacus does."""
+        if self.noise_multiplicity > 1:
+            for p in self.params:
+                gs = p.grad_sample
+                if isinstance(gs, list):
+                    p.grad_sample = [self._average_draws(g) for g in gs]
+                elif gs is not None:
+                    p.grad_sample = self._average_draws(gs)
+        super().clip_and_accumulate()
+
+    def pre_step(self, closure=None) -> bool:
+        """Opacus' pre-step; counts the steps that were actually noised and applied."""
+        took = super().pre_step(closure)
+        if took:
+            self.steps_taken += 1
+        return took
+
+    def noise_only_step(self) -> None:
+        """Take the step of an empty Poisson batch: no example, so the update is pure noise.
+
+        An empty batch is a legitimate outcome of Poisson sampling and must be a real,
+        noised, accounted step. The model is not called at all: diffusers' attention
+        cannot reshape a batch of zero images, and there is nothing to differentiate.
+        Opacus then clips zero rows and adds the usual noise.
+        """
+        for p in self.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.step()
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    noise_multiplicity: int,
+    sampler_generator: torch.Generator,
+    noise_generator: torch.Generator,
+) -> tuple[GradSampleModule, NoiseMultiplicityDPOptimizer, DataLoader, PrivacyEngine]:
+    """Stock ``PrivacyEngine.make_private`` with Poisson sampling, plus noise multiplicity.
+
+    Args:
+        model: The module to train (already validated: no BatchNorm).
+        optimizer: Its non-private optimizer.
+        data_loader: Loader over the sensitive training set; its ``batch_size`` is the
+            expected logical batch.
+        noise_multiplier: DP-SGD sigma (noise std on the summed gradient is
+            ``noise_multiplier * max_grad_norm``).
+        max_grad_norm: Per-example clipping norm C.
+        noise_multiplicity: K diffusion-noise draws averaged per example before clipping.
+        sampler_generator: Source of the Poisson masks (saved in checkpoints).
+        noise_generator: Source of the DP noise (saved in checkpoints).
+
+    Returns:
+        The wrapped model, the optimizer, the Poisson data loader and the engine (whose
+        RDP accountant counts the steps the optimizer actually took, as a cross-check of
+        the privacy ledger).
+    """
+    engine = PrivacyEngine(accountant="rdp")
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise_generator,
+    )
+    sampler = dp_loader.batch_sampler
+    if not isinstance(sampler, UniformWithReplacementSampler):
+        raise TypeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}")
+    sampler.generator = sampler_generator
+    dp_optimizer = NoiseMultiplicityDPOptimizer.from_dp_optimizer(
+        dp_optimizer, noise_multiplicity=noise_multiplicity
+    )
+    return dp_model, dp_optimizer, dp_loader, engine

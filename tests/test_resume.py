@@ -1,0 +1,150 @@
+"""Crash-safe fine-tuning: ``kill -9`` mid-run, the same command again, nothing lost or doubled.
+
+The fine-tuning CLI runs in a subprocess that is killed with SIGKILL after a checkpoint
+was written and a few more steps ran. Re-running the same command must finish with the
+same step count, the same ``stats.jsonl``, the same ledger and the same weights as an
+uninterrupted run from the same pretrained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, typed_config
+from diffusers import UNet2DModel
+
+from privimage.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+FINETUNE = [
+    "experiment=smoke",
+    "stages=[finetune]",
+    "finetune.epochs=2",  # 12 logical steps at q = 1/6
+    "finetune.checkpoint_every_steps=3",
+    "finetune.noise_multiplicity=1",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir):
+    """Query and pretraining once; each scenario fine-tunes a copy of this run."""
+    run_dir = tmp_path_factory.mktemp("resume-base")
+    run_pipeline(typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir), run_dir)
+    return run_dir
+
+
+def _command(run_dir, cache_dir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "privimage",
+        *FINETUNE,
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def _run(run_dir, cache_dir, *extra):
+    return subprocess.run(
+        _command(run_dir, cache_dir, *extra), cwd=REPO, capture_output=True, text=True
+    )
+
+
+def _copy(pretrained, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(pretrained, target)
+    return target
+
+
+def _ledger(run_dir):
+    data = json.loads((run_dir / "privacy.json").read_text())
+    mechanisms = [{k: v for k, v in m.items() if k != "time"} for m in data["mechanisms"]]
+    return data, mechanisms
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache_dir):
+    straight = _copy(pretrained, tmp_path, "straight")
+    result = _run(straight, cache_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    crashed = _copy(pretrained, tmp_path, "crashed")
+    stats = crashed / "finetune" / "stats.jsonl"
+    checkpoint = crashed / "finetune" / "checkpoint.pt"
+    proc = subprocess.Popen(
+        _command(crashed, cache_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    # Past the step-3 checkpoint with steps 4 and 5 done but not checkpointed.
+    while len(_lines(stats)) < 5:
+        assert proc.poll() is None, "fine-tuning ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.exists() and not (crashed / "finetune" / "DONE").exists()
+    killed_at = len(_lines(stats))
+    assert 5 <= killed_at < 12
+
+    # Resuming with other settings would splice two different mechanisms: refused.
+    ledger_before = (crashed / "privacy.json").read_text()
+    changed = _run(crashed, cache_dir, "finetune.epochs=3")
+    assert changed.returncode == 2
+    assert "restore the original settings" in changed.stderr
+    assert (crashed / "privacy.json").read_text() == ledger_before
+
+    resumed = _run(crashed, cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (crashed / "finetune" / "DONE").exists() and not checkpoint.exists()
+
+    # Same ledger, same number of steps, each step logged once, same losses and epsilons.
+    data_s, mech_s = _ledger(straight)
+    data_c, mech_c = _ledger(crashed)
+    assert mech_c == mech_s
+    assert data_c["epsilon_spent"] == data_s["epsilon_spent"] <= data_s["target_epsilon"]
+    sgd = next(m for m in mech_c if m["name"] == "dp_sgd")
+    assert sgd["steps"] == 12
+    assert _lines(stats) == _lines(straight / "finetune" / "stats.jsonl")
+    assert [json.loads(line)["step"] for line in _lines(stats)] == list(range(1, 13))
+    events = [(e["event"], e["stage"], e.get("from_step")) for e in data_c["events"]]
+    resume_step = next(step for event, _, step in events if event == "resume")
+    assert resume_step % 3 == 0 and 3 <= resume_step < killed_at
+    assert events == [
+        ("begin", "query", None),
+        ("complete", "query", None),
+        ("begin", "finetune", None),
+        ("resume", "finetune", resume_step),
+        ("complete", "finetune", None),
+    ]
+
+    # The replayed steps used the same Poisson masks, noise and diffusion draws.
+    a = UNet2DModel.from_pretrained(straight / "finetune" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(crashed / "finetune" / "unet").state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+    # A finished stage whose DONE marker is lost cannot quietly spend its budget again.
+    (crashed / "finetune" / "DONE").unlink()
+    ledger_before = (crashed / "privacy.json").read_text()
+    again = _run(crashed, cache_dir)
+    assert again.returncode == 2
+    assert "already completed" in again.stderr and "twice" in again.stderr
+    assert (crashed / "privacy.json").read_text() == ledger_before
