@@ -58,8 +58,27 @@ def _relative_errors(model: torch.nn.Module, resolution: int, channels: int) -> 
     return errors
 
 
-@pytest.mark.parametrize("preset,resolution,channels", [("tiny28", 28, 1), ("nano", 16, 1)])
-def test_default_unet_per_sample_grads_match_torch_func(preset, resolution, channels):
+def test_default_unet_has_attention_and_exact_per_sample_grads():
+    """The model the default config trains with DP: attention included, to 1e-4."""
+    cfg = compose_config([])
+    assert cfg.model.attention, "the default preset is meant to exercise attention"
+    torch.manual_seed(0)
+    model = build_unet(
+        ModelConfig(**dict(cfg.model)),
+        resolution=cfg.data.resolution,
+        channels=cfg.data.channels,
+        num_classes=10,
+    )
+    assert any("attentions" in name for name, _ in model.named_parameters())
+    make_opacus_safe(model)
+    errors = _relative_errors(model, cfg.data.resolution, cfg.data.channels)
+    assert any("attentions" in name for name in errors), "attention weights were compared"
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("preset,resolution,channels", [("small32", 32, 3), ("nano", 16, 1)])
+def test_unet_presets_per_sample_grads_match_torch_func(preset, resolution, channels):
     torch.manual_seed(0)
     model = build_unet(
         _model_config(preset), resolution=resolution, channels=channels, num_classes=10
