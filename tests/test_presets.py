@@ -56,6 +56,12 @@ def test_cifar10_with_tinyimagenet_composes(tmp_path):
     [
         ("privacy.target_epsilon=0", "privacy.target_epsilon"),
         ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
+        ("privacy.epsilon=0", "privacy.epsilon"),
+        ("privacy.epsilon=inf", "privacy.epsilon"),
+        ("query.epsilon=10", "query.epsilon"),
+        ("query.epsilon=-0.5", "query.epsilon"),
+        ("finetune.noise_multiplicity=0", "finetune.noise_multiplicity"),
+        ("finetune.checkpoint_every_steps=0", "finetune.checkpoint_every_steps"),
         ("privacy.delta=1.5", "privacy.delta"),
         ("data.source=nosuchdata", "nosuchdata"),
         ("public.resolution=32", "public"),
@@ -68,3 +74,20 @@ def test_bad_values_are_one_line_config_errors(override, needle, tmp_path):
         typed_config([override], tmp_path)
     message = str(e.value)
     assert needle in message and "\n" not in message
+
+
+def test_epsilon_shorthand_sets_the_target(tmp_path):
+    cfg = typed_config(["data=cifar10", "public=tinyimagenet", "privacy.epsilon=1"], tmp_path)
+    assert cfg.privacy.target_epsilon == 1.0
+    assert typed_config([], tmp_path).privacy.target_epsilon == 10.0
+
+
+def test_query_epsilon_share_calibrates_the_query_noise(tmp_path):
+    from privimage.privacy import epsilon_spent, query_mechanism
+    from privimage.stages.query import query_noise_multiplier
+
+    cfg = typed_config(["query.epsilon=0.5"], tmp_path)
+    sigma = query_noise_multiplier(cfg)
+    spent = epsilon_spent([query_mechanism(noise_multiplier=sigma, top_k=1)], delta=1e-5)
+    assert 0.5 - 0.005 <= spent <= 0.5
+    assert query_noise_multiplier(typed_config([], tmp_path)) == 10.0
