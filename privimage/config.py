@@ -52,9 +52,9 @@ class ModelConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     norm_num_groups: int = 8
-    # Attention blocks leave channels_last activations that break Opacus' hooks
-    # (zero per-sample gradients); off until the DP stage handles them.
-    attention: bool = False
+    # Self-attention at the lowest resolution. Its channels_last activations would give
+    # zero per-sample gradients in Opacus' hooks; models.make_opacus_safe fixes that.
+    attention: bool = True
     dropout: float = 0.0
 
 

@@ -100,7 +100,13 @@ class Mechanism:
             )
         if not 0 < self.sample_rate <= 1:
             raise ConfigError(f"{label}: sample_rate={self.sample_rate} must be in (0, 1]")
-        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0:
+        if (
+            isinstance(self.steps, bool)
+            or not isinstance(self.steps, (int, float, np.integer, np.floating))
+            or not math.isfinite(self.steps)
+            or int(self.steps) != self.steps
+            or self.steps < 0
+        ):
             raise ConfigError(f"{label}: steps={self.steps} must be an integer >= 0")
         if not (math.isfinite(self.sensitivity) and self.sensitivity > 0):
             raise ConfigError(f"{label}: sensitivity={self.sensitivity} must be > 0")
@@ -492,8 +498,8 @@ def calibrate_noise_multiplier(
         raise ConfigError(f"privacy.target_epsilon={target_epsilon} must be > 0")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"DP-SGD sample_rate={sample_rate} must be in (0, 1]")
-    if steps < 1:
-        raise ConfigError(f"DP-SGD steps={steps} must be >= 1")
+    if isinstance(steps, bool) or not float(steps).is_integer() or steps < 1:
+        raise ConfigError(f"DP-SGD steps={steps} must be an integer >= 1")
     if not epsilon_tolerance > 0:
         raise ConfigError(f"epsilon_tolerance={epsilon_tolerance} must be > 0")
 

@@ -269,6 +269,12 @@ def test_mechanism_round_trip_and_validation():
         Mechanism("query", "gaussian_histogram", 0.0, 1.0, 1, 1.0)
     with pytest.raises(ConfigError, match="sample_rate"):
         Mechanism("finetune", "dp_sgd", 1.0, 1.5, 1, 1.0)
+    for steps in (float("nan"), float("inf"), 1.5, -1, "3", True):
+        with pytest.raises(ConfigError, match="steps"):
+            Mechanism("finetune", "dp_sgd", 1.0, 0.1, steps, 1.0)
+    for steps in (1.5, float("nan"), float("inf"), 0):
+        with pytest.raises(ConfigError, match="steps"):
+            calibrate_noise_multiplier(target_epsilon=1, delta=1e-5, sample_rate=0.1, steps=steps)
 
 
 # Golden: one Gaussian mechanism (q=1, 1 step), RDP alpha / (2 sigma^2), converted by
