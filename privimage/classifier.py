@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from privimage.models import SmallCNN
+from privimage.models import build_classifier
 
 
 def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,31 +35,46 @@ def train_classifier(
     lr: float,
     device: torch.device,
     seed: int,
+    arch: str = "cnn",
+    hflip: bool = False,
     progress: bool = True,
     desc: str = "classifier",
-) -> SmallCNN:
-    """Train a :class:`SmallCNN` with Adam and a one-cycle schedule; returns it in eval mode.
+) -> torch.nn.Module:
+    """Train a classifier with Adam and a one-cycle schedule; returns it in eval mode.
+
+    Augmentation: random shifts of up to 2 pixels, and horizontal flips when ``hflip``
+    (right for natural images, wrong for digits and letters).
 
     Args:
         images: float images in [-1, 1], ``(N, C, H, W)``.
         labels: int64 labels ``(N,)``.
+        arch: ``"cnn"`` or ``"resnet"`` (see :func:`privimage.models.build_classifier`).
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallCNN(in_channels=images.shape[1], num_classes=num_classes, width=width).to(device)
+    model = build_classifier(
+        arch, in_channels=images.shape[1], num_classes=num_classes, width=width
+    ).to(device)
+    # channels_last is ~1.4x faster for these convolutions on CPU (measured, 2 cores).
+    model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = max(1, -(-len(images) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch
     )
     model.train()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
-    for _ in bar:
+    # One tick per batch: an epoch over a large public set takes minutes on a CPU.
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress)
+    for epoch in range(epochs):
         perm = torch.randperm(len(images), generator=g)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = random_shift(images[idx], 2, g).to(device)
+            x = random_shift(images[idx], 2, g)
+            if hflip:
+                flip = torch.rand(len(x), generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
             y = labels[idx].to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -70,7 +85,12 @@ def train_classifier(
             total += len(idx)
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{loss_sum / total:.3f}", train_acc=f"{correct / total:.3f}")
+            bar.update(1)
+            if i % 20 == 0 or i == steps_per_epoch - 1:
+                bar.set_postfix(
+                    epoch=epoch, loss=f"{loss_sum / total:.3f}", train_acc=f"{correct / total:.3f}"
+                )
+    bar.close()
     return model.eval()
 
 

@@ -84,11 +84,28 @@ class QueryConfig:
     # the public classes wins when set.
     classes_per_sensitive_class: int = 1
     fraction_of_public_classes: float | None = None
+    # The semantic query function: "classifier" (trained here on the public set) or
+    # "clip" (open_clip zero-shot against the public class names; weights from a file).
+    method: str = "classifier"
+    clip_model: str = "ViT-B-32"
+    clip_weights: str | None = None
+    clip_prompt: str = "a photo of a {}."
+    # The query classifier: "resnet" (CIFAR-style, as PrivImage) or "cnn"; trained once
+    # per public dataset and settings, then cached.
+    classifier_arch: str = "resnet"
     classifier_width: int = 32
     classifier_epochs: int = 3
+    # Horizontal flips in training: right for natural images, wrong for glyphs.
+    classifier_hflip: bool = False
     batch_size: int = 128
     lr: float = 2e-3
     grid_images_per_class: int = 8
+    # Selection score (query/selection_score.json): a judge classifier trained without DP
+    # on the sensitive training split rates sample images of each public class. A
+    # measurement for the data owner, like the evaluation stage; nothing downstream reads it.
+    score_selection: bool = True
+    score_classifier_epochs: int = 5
+    score_images_per_class: int = 50
 
 
 @dataclass
@@ -264,11 +281,19 @@ def validate(cfg: Config) -> None:
                 f"privacy.target_epsilon={cfg.privacy.target_epsilon} for DP-SGD; lower it"
             )
     _positive(cfg.query.classes_per_sensitive_class, "query.classes_per_sensitive_class")
+    if cfg.query.classifier_arch not in ("resnet", "cnn"):
+        raise ConfigError(
+            f"query.classifier_arch={cfg.query.classifier_arch!r}; choose resnet or cnn"
+        )
+    if cfg.query.method not in ("classifier", "clip"):
+        raise ConfigError(f"query.method={cfg.query.method!r}; choose classifier or clip")
     if cfg.query.fraction_of_public_classes is not None:
         f = cfg.query.fraction_of_public_classes
         if not 0 < f <= 1:
             raise ConfigError(f"query.fraction_of_public_classes={f} must be in (0, 1]")
     _positive(cfg.query.classifier_epochs, "query.classifier_epochs")
+    _positive(cfg.query.score_classifier_epochs, "query.score_classifier_epochs")
+    _positive(cfg.query.score_images_per_class, "query.score_images_per_class")
     _positive(cfg.pretrain.epochs, "pretrain.epochs")
     _positive(cfg.pretrain.batch_size, "pretrain.batch_size")
     _positive(cfg.evaluate.classifier_epochs, "evaluate.classifier_epochs")

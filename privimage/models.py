@@ -120,3 +120,64 @@ def make_opacus_safe(model: nn.Module) -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (He et al. 2016, Sec. 4.2): 3x3 stem, three stages of basic
+    blocks at widths ``w, 2w, 4w`` (stride 2 between stages), global average pooling.
+
+    The shape PrivImage uses for its semantic query function on ImageNet32; here it is
+    trained on public data only (the query) or synthetic data only, so BatchNorm is fine.
+    """
+
+    def __init__(
+        self, *, in_channels: int, num_classes: int, width: int = 32, blocks_per_stage: int = 1
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(_BasicBlock(cin, cout, stride))
+                cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.stem(x)))
+
+
+CLASSIFIER_ARCHS = ("resnet", "cnn")
+
+
+def build_classifier(arch: str, *, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    """``"resnet"`` (:class:`ResNet`, one block per stage) or ``"cnn"`` (:class:`SmallCNN`)."""
+    if arch == "resnet":
+        return ResNet(in_channels=in_channels, num_classes=num_classes, width=width)
+    if arch == "cnn":
+        return SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width)
+    raise ValueError(f"unknown classifier arch {arch!r}; choose one of {CLASSIFIER_ARCHS}")

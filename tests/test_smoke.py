@@ -47,6 +47,9 @@ def test_query_selection_is_disjoint_and_relabelled(smoke_run):
     index = np.load(run / "query" / "public_index.npy")
     assert len(labels) == len(index) == sel["selected_public_images"] > 0
     assert set(labels.tolist()) <= set(range(10))
+    score = json.loads((run / "query" / "selection_score.json").read_text())
+    assert 0.0 <= score["score"] <= 1.0 and 0.0 < score["random_baseline"] <= 1.0
+    assert len(score["per_class"]) == 10 and "not part of the DP release" in score["note"]
 
 
 def test_privacy_ledger_lists_every_mechanism_within_budget(smoke_run):

@@ -17,7 +17,7 @@ preprocessed to a uint8 ``pixels`` column and saved with ``save_to_disk`` under
 """
 
 from privimage.data.containers import ImageDataset, ImageSplit
-from privimage.data.loading import check_available, load
+from privimage.data.loading import check_available, content_key, load
 from privimage.data.sources import SOURCES
 
-__all__ = ["SOURCES", "ImageDataset", "ImageSplit", "check_available", "load"]
+__all__ = ["SOURCES", "ImageDataset", "ImageSplit", "check_available", "content_key", "load"]

@@ -21,6 +21,11 @@ class ImageSplit:
         """The images as float32 in [-1, 1] (``images / 127.5 - 1``)."""
         return self.images.to(torch.float32) / 127.5 - 1.0
 
+    def subset(self, index) -> ImageSplit:
+        """The images at ``index`` (anything torch can index with), as a new split."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ImageSplit(images=self.images[index], labels=self.labels[index])
+
 
 @dataclass
 class ImageDataset:

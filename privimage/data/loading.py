@@ -98,6 +98,17 @@ def _build(cfg: DataConfig, source: Source, key: str, progress: bool) -> dataset
     )
 
 
+def content_key(cfg: DataConfig) -> str:
+    """The key of the preprocessed dataset ``cfg`` describes, input files included.
+
+    Anything derived from a dataset (a query classifier, reference statistics) keys its
+    own cache on this, so it is rebuilt whenever the images themselves would be.
+    """
+    _check_values(cfg)
+    source = get_source(cfg.source)
+    return cache.cache_key(_spec(cfg, source))
+
+
 def load(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool = True) -> ImageDataset:
     """Load the dataset of ``cfg``: preprocessed, split, capped, and cached on disk.
 

@@ -8,24 +8,27 @@ classes, and those public images are relabelled to the sensitive class.
 
 Writes ``query/``: ``selection.json``, ``selection.png``, ``public_index.npy``,
 ``public_labels.npy``, ``histogram_noisy.npy``; records one Gaussian mechanism in the
-run's privacy ledger.
+run's privacy ledger. With ``query.score_selection`` also ``selection_score.json``: how
+well the selection matches, judged by a classifier trained (without DP, as a measurement
+for the data owner) on the sensitive data, against a random selection of the same shape.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from privimage import data, privacy
+from privimage import data, privacy, selection_score
 from privimage.classifier import accuracy, predict_logits, train_classifier
+from privimage.clip_query import load_clip
 from privimage.config import Config
 from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
-from privimage.models import SmallCNN
+from privimage.models import build_classifier
 from privimage.plots import save_image_grid
 from privimage.runtime import (
     LEDGER_FILE,
@@ -44,13 +47,17 @@ STAGE = "query"
 
 def _classifier_key(cfg: Config) -> str:
     spec = {
-        "public": asdict(cfg.public),
+        # The preprocessed public images themselves (input files included), not just
+        # their config: a changed archive or glyph renderer retrains the classifier.
+        "public": data.content_key(cfg.public),
+        "arch": cfg.query.classifier_arch,
         "width": cfg.query.classifier_width,
         "epochs": cfg.query.classifier_epochs,
+        "hflip": cfg.query.classifier_hflip,
         "batch_size": cfg.query.batch_size,
         "lr": cfg.query.lr,
         "seed": cfg.seed,
-        "version": 1,
+        "version": 2,
     }
     return cache_key(spec)
 
@@ -63,33 +70,40 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     Returns ``(model, public_test_top1)``.
     """
     path = cache_root(cfg.cache_dir) / "query_classifiers" / f"{_classifier_key(cfg)}.pt"
-    model = SmallCNN(
-        in_channels=cfg.public.channels,
-        num_classes=public.num_classes,
-        width=cfg.query.classifier_width,
-    )
     if path.exists():
+        model = build_classifier(
+            cfg.query.classifier_arch,
+            in_channels=cfg.public.channels,
+            num_classes=public.num_classes,
+            width=cfg.query.classifier_width,
+        )
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         log.info("query classifier reused from %s", path)
         return model.to(device).eval(), float(saved["public_test_top1"])
+    start = time.perf_counter()
     model = train_classifier(
         public.train.as_float(),
         public.train.labels,
         num_classes=public.num_classes,
+        arch=cfg.query.classifier_arch,
         width=cfg.query.classifier_width,
         epochs=cfg.query.classifier_epochs,
+        hflip=cfg.query.classifier_hflip,
         batch_size=cfg.query.batch_size,
         lr=cfg.query.lr,
         device=device,
         seed=cfg.seed,
         desc="query classifier (public data)",
     )
+    seconds = time.perf_counter() - start
     logits = predict_logits(model, public.test.as_float(), batch_size=512, device=device)
     top1 = accuracy(logits, public.test.labels)
+    log.info("query classifier trained in %.0f s; public test top-1 %.3f", seconds, top1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.cpu().state_dict(), "public_test_top1": top1}, tmp)
+    state = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
+    torch.save({"state_dict": state, "public_test_top1": top1, "train_seconds": seconds}, tmp)
     tmp.replace(path)
     return model.to(device).eval(), top1
 
@@ -120,8 +134,22 @@ def run(cfg: Config, run_dir: Path) -> Path:
     cache = cache_root(cfg.cache_dir)
 
     public = data.load(cfg.public, cache_dir=cache)
-    model, public_top1 = query_classifier(cfg, public, device)
-    log.info("query classifier: top-1 %.3f on the public test split", public_top1)
+    if cfg.query.method == "clip":
+        # Weights come from a local file only; a missing one stops here, before any
+        # sensitive data is read.
+        scorer = load_clip(cfg.query.clip_model, cfg.query.clip_weights, device=device)
+        public_top1 = None
+
+        def semantic_logits(images: torch.Tensor) -> torch.Tensor:
+            return scorer.class_logits(
+                images, public.class_names, prompt=cfg.query.clip_prompt, batch_size=256
+            )
+    else:
+        model, public_top1 = query_classifier(cfg, public, device)
+        log.info("query classifier: top-1 %.3f on the public test split", public_top1)
+
+        def semantic_logits(images: torch.Tensor) -> torch.Tensor:
+            return predict_logits(model, images, batch_size=512, device=device)
 
     sensitive = data.load(cfg.data, cache_dir=cache)
     n_sensitive = len(sensitive.train)
@@ -146,7 +174,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     # Refuses here, before the sensitive images are looked at, if over budget.
     ledger.begin(mechanism)
 
-    logits = predict_logits(model, sensitive.train.as_float(), batch_size=512, device=device)
+    logits = semantic_logits(sensitive.train.as_float())
     topk = logits.topk(k, dim=1).indices.numpy()
     counts = privacy.topk_histogram(
         topk,
@@ -197,14 +225,83 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "noise_multiplier": mechanism.noise_multiplier,
             "noise_std": mechanism.noise_multiplier * float(np.sqrt(k)),
             "classes_per_sensitive_class": per_class,
+            "semantic_function": cfg.query.method
+            if cfg.query.method == "classifier"
+            else f"clip:{cfg.query.clip_model}",
             "query_classifier_public_test_top1": public_top1,
             "selected_public_images": int(len(public_index)),
             "classes": classes_json,
         },
     )
     _save_selection_grid(cfg, public, selection, sensitive.class_names, out / "selection.png")
+    if cfg.query.score_selection:
+        score = _score_selection(cfg, public, sensitive, selection, device)
+        write_json(out / "selection_score.json", score)
+        log.info(
+            "selection score %.3f vs %.3f for a random selection of the same shape (%.1fx)",
+            score["score"],
+            score["random_baseline"],
+            score["ratio"] or float("nan"),
+        )
     mark_done(out)
     return out
+
+
+def _score_selection(
+    cfg: Config,
+    public: data.ImageDataset,
+    sensitive: data.ImageDataset,
+    selection: list[list[int]],
+    device: torch.device,
+) -> dict:
+    """Rate the selection with a judge trained on the sensitive data (see selection_score).
+
+    The judge is trained without DP and is never saved: only the score leaves this
+    function, as a measurement for the data owner.
+    """
+    q = cfg.query
+    judge = train_classifier(
+        sensitive.train.as_float(),
+        sensitive.train.labels,
+        num_classes=sensitive.num_classes,
+        arch=q.classifier_arch,
+        width=q.classifier_width,
+        epochs=q.score_classifier_epochs,
+        hflip=q.classifier_hflip,
+        batch_size=q.batch_size,
+        lr=q.lr,
+        device=device,
+        seed=cfg.seed,
+        desc="selection judge (sensitive data, not DP)",
+    )
+    test_logits = predict_logits(judge, sensitive.test.as_float(), batch_size=512, device=device)
+    sample = selection_score.sample_per_class(
+        public.train.labels.numpy(),
+        images_per_class=q.score_images_per_class,
+        rng=np.random.default_rng(cfg.seed),
+    )
+    rated = public.train.subset(sample)
+    predicted = predict_logits(judge, rated.as_float(), batch_size=512, device=device).argmax(1)
+    affinity = selection_score.class_affinity(
+        predicted.numpy(),
+        rated.labels.numpy(),
+        num_public_classes=public.num_classes,
+        num_sensitive_classes=sensitive.num_classes,
+    )
+    result = selection_score.selection_score(affinity, selection)
+    for s, entry in enumerate(result["per_class"]):
+        entry["sensitive_class"] = s
+        entry["name"] = sensitive.class_names[s]
+        entry["public_classes"] = [public.class_names[p] for p in selection[s]]
+    return {
+        **result,
+        "judge": f"{q.classifier_arch}(width={q.classifier_width}), "
+        f"{q.score_classifier_epochs} epochs on the sensitive training split",
+        "judge_sensitive_test_top1": accuracy(test_logits, sensitive.test.labels),
+        "public_images_rated": int(len(sample)),
+        "note": "measured with a classifier trained WITHOUT DP on the sensitive data: for the "
+        "data owner, not part of the DP release; no later stage reads this file",
+    }
 
 
 def _save_selection_grid(
