@@ -1,0 +1,53 @@
+"""The query classifier: a CIFAR-style ResNet, trained once per public dataset and reused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import typed_config
+
+from privimage import data
+from privimage.models import ResNet, build_classifier
+from privimage.stages.query import _classifier_key, query_classifier
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_resnet_classifier_shapes(size, channels):
+    model = build_classifier("resnet", in_channels=channels, num_classes=7, width=8)
+    assert isinstance(model, ResNet)
+    assert model(torch.zeros(2, channels, size, size)).shape == (2, 7)
+    with pytest.raises(ValueError, match="unknown classifier arch"):
+        build_classifier("vgg", in_channels=1, num_classes=2, width=8)
+
+
+def test_query_classifier_is_trained_once_and_reused(cache_dir):
+    cfg = typed_config(["experiment=smoke"], cache_dir)
+    public = data.load(cfg.public, cache_dir=cache_dir, progress=False)
+    first, top1 = query_classifier(cfg, public, torch.device("cpu"))
+    saved = cache_dir / "query_classifiers" / f"{_classifier_key(cfg)}.pt"
+    stamp = saved.stat().st_mtime_ns
+    second, top1_again = query_classifier(cfg, public, torch.device("cpu"))
+    assert saved.stat().st_mtime_ns == stamp, "the cached classifier was retrained"
+    assert top1_again == top1 and 0.0 <= top1 <= 1.0
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_classifier_key_follows_the_public_data_and_its_own_settings(cache_dir):
+    base = _classifier_key(typed_config(["experiment=smoke"], cache_dir))
+    # Same public images and settings: same key, whatever the sensitive side does.
+    assert base == _classifier_key(
+        typed_config(
+            ["experiment=smoke", "privacy.epsilon=1", "data.max_train_images=300"], cache_dir
+        )
+    )
+    for change in (
+        "public.max_train_images=100",
+        "query.classifier_epochs=2",
+        "query.classifier_arch=cnn",
+    ):
+        assert base != _classifier_key(typed_config(["experiment=smoke", change], cache_dir)), (
+            change
+        )
