@@ -32,6 +32,7 @@ from privimage.models import build_classifier
 from privimage.plots import save_image_grid
 from privimage.runtime import (
     LEDGER_FILE,
+    atomic_torch_save,
     cache_root,
     mark_done,
     resolve_device,
@@ -100,11 +101,11 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     logits = predict_logits(model, public.test.as_float(), batch_size=512, device=device)
     top1 = accuracy(logits, public.test.labels)
     log.info("query classifier trained in %.0f s; public test top-1 %.3f", seconds, top1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
-    torch.save({"state_dict": state, "public_test_top1": top1, "train_seconds": seconds}, tmp)
-    tmp.replace(path)
+    # A unique temporary name: runs of a sweep may train the same classifier at once.
+    atomic_torch_save(
+        {"state_dict": state, "public_test_top1": top1, "train_seconds": seconds}, path
+    )
     return model.to(device).eval(), top1
 
 
