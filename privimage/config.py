@@ -17,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from privimage.errors import ConfigError
 
 STAGES = ("query", "pretrain", "finetune", "sample", "evaluate")
+FORMULATIONS = ("edm", "ddpm")
+# The samplers that fit each formulation (the first is the default).
+SOLVERS = {"edm": ("heun", "euler"), "ddpm": ("ddim",)}
 
 
 @dataclass
@@ -56,6 +59,27 @@ class ModelConfig:
     # zero per-sample gradients in Opacus' hooks; models.make_opacus_safe fixes that.
     attention: bool = True
     dropout: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    """What the UNet learns and how noise levels are drawn; shared by every stage.
+
+    ``edm`` (default): Karras et al.'s preconditioning with ``sigma_data``, training
+    levels ``ln(sigma) ~ N(p_mean, p_std^2)``, sampling from ``sigma_max`` down to
+    ``sigma_min`` on a schedule with exponent ``rho``. ``ddpm``: epsilon prediction on a
+    linear schedule of ``num_train_timesteps``. Saved beside every UNet as
+    ``diffusion.json``; later stages use the saved one.
+    """
+
+    formulation: str = "edm"
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    num_train_timesteps: int = 1000
 
 
 @dataclass
@@ -110,14 +134,24 @@ class QueryConfig:
 
 @dataclass
 class PretrainConfig:
-    """Non-private pretraining on the selected public subset (Accelerate loop)."""
+    """Non-private pretraining on the selected public subset (Accelerate, 1..n processes)."""
 
     epochs: int = 5
+    # Images per optimizer step over all processes and accumulation steps together, so
+    # a run means the same thing on 1 or 8 GPUs; each process takes an equal share.
     batch_size: int = 64
+    gradient_accumulation_steps: int = 1
     lr: float = 2e-3
     ema_decay: float = 0.999
-    num_train_timesteps: int = 1000
-    mixed_precision: str = "no"
+    # Labels replaced by the null class in training, for classifier-free guidance.
+    label_dropout: float = 0.1
+    # "auto": bf16 on GPUs that have it, else full precision; or no, fp16, bf16.
+    mixed_precision: str = "auto"
+    # Accelerate save_state checkpoints for resume (re-run the same command).
+    checkpoint_every_steps: int = 500
+    log_every_steps: int = 10
+    # Optional Accelerate tracker ("tensorboard") logging into pretrain/logs.
+    tracker: str | None = None
     max_images: int | None = None
 
 
@@ -136,6 +170,8 @@ class FinetuneConfig:
     noise_multiplicity: int = 1
     # Atomic resume checkpoints (model, EMA, optimizer, RNG streams) every this many steps.
     checkpoint_every_steps: int = 25
+    # Labels replaced by the null class (guidance); the draw is data-independent.
+    label_dropout: float = 0.0
 
 
 @dataclass
@@ -143,7 +179,12 @@ class SampleConfig:
     """Class-conditional sampling of the synthetic dataset."""
 
     images_per_class: int = 50
+    # Solver steps (EDM's Heun makes 2 network calls per step but the last).
     num_inference_steps: int = 50
+    # heun or euler (edm), ddim (ddpm); None = the formulation's first.
+    sampler: str | None = None
+    # Classifier-free guidance weight: 1 = plain conditional, > 1 sharper classes.
+    guidance_scale: float = 1.0
     batch_size: int = 250
     # Image i of class c uses seed first_seed + c * images_per_class + i.
     first_seed: int = 0
@@ -170,6 +211,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     public: DataConfig = field(default_factory=lambda: DataConfig(source="glyphs"))
     model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -195,6 +237,7 @@ def register_configs() -> None:
         ("data", DataConfig),
         ("public", DataConfig),
         ("model", ModelConfig),
+        ("diffusion", DiffusionConfig),
         ("privacy", PrivacyConfig),
         ("query", QueryConfig),
         ("pretrain", PretrainConfig),
@@ -223,6 +266,25 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
 def _positive(value: float, name: str, hint: str = "") -> None:
     if not value > 0:
         raise ConfigError(f"{name}={value} must be > 0{hint}")
+
+
+def _validate_diffusion(cfg: Config) -> None:
+    d = cfg.diffusion
+    if d.formulation not in FORMULATIONS:
+        raise ConfigError(
+            f"diffusion.formulation={d.formulation!r}; choose one of {list(FORMULATIONS)}"
+        )
+    for key in ("sigma_data", "p_std", "sigma_min", "sigma_max", "rho", "num_train_timesteps"):
+        _positive(getattr(d, key), f"diffusion.{key}")
+    if not d.sigma_min < d.sigma_max:
+        raise ConfigError(
+            f"diffusion.sigma_min={d.sigma_min} must be below diffusion.sigma_max={d.sigma_max}"
+        )
+
+
+def sampler_name(cfg: Config) -> str:
+    """The sampler to use: ``sample.sampler`` or the formulation's default."""
+    return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
 
 
 def validate(cfg: Config) -> None:
@@ -294,8 +356,25 @@ def validate(cfg: Config) -> None:
     _positive(cfg.query.classifier_epochs, "query.classifier_epochs")
     _positive(cfg.query.score_classifier_epochs, "query.score_classifier_epochs")
     _positive(cfg.query.score_images_per_class, "query.score_images_per_class")
+    _validate_diffusion(cfg)
     _positive(cfg.pretrain.epochs, "pretrain.epochs")
     _positive(cfg.pretrain.batch_size, "pretrain.batch_size")
+    _positive(cfg.pretrain.gradient_accumulation_steps, "pretrain.gradient_accumulation_steps")
+    _positive(cfg.pretrain.checkpoint_every_steps, "pretrain.checkpoint_every_steps")
+    _positive(cfg.pretrain.log_every_steps, "pretrain.log_every_steps")
+    if cfg.pretrain.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+        raise ConfigError(
+            f"pretrain.mixed_precision={cfg.pretrain.mixed_precision!r}; "
+            "choose auto, no, fp16 or bf16"
+        )
+    if cfg.pretrain.tracker not in (None, "tensorboard"):
+        raise ConfigError(f"pretrain.tracker={cfg.pretrain.tracker!r}; choose tensorboard or null")
+    for key, p in (
+        ("pretrain.label_dropout", cfg.pretrain.label_dropout),
+        ("finetune.label_dropout", cfg.finetune.label_dropout),
+    ):
+        if not 0 <= p < 1:
+            raise ConfigError(f"{key}={p} must be in [0, 1)")
     _positive(cfg.evaluate.classifier_epochs, "evaluate.classifier_epochs")
     _positive(cfg.finetune.epochs, "finetune.epochs")
     _positive(cfg.finetune.batch_size, "finetune.batch_size")
@@ -305,6 +384,14 @@ def validate(cfg: Config) -> None:
     _positive(cfg.finetune.checkpoint_every_steps, "finetune.checkpoint_every_steps")
     _positive(cfg.sample.images_per_class, "sample.images_per_class")
     _positive(cfg.sample.num_inference_steps, "sample.num_inference_steps")
+    solvers = SOLVERS[cfg.diffusion.formulation]
+    if cfg.sample.sampler is not None and cfg.sample.sampler not in solvers:
+        raise ConfigError(
+            f"sample.sampler={cfg.sample.sampler!r} does not fit "
+            f"diffusion.formulation={cfg.diffusion.formulation}; choose one of {list(solvers)}"
+        )
+    if not cfg.sample.guidance_scale >= 0:
+        raise ConfigError(f"sample.guidance_scale={cfg.sample.guidance_scale} must be >= 0")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages={cfg.stages} has unknown {unknown}; choose from {list(STAGES)}")

@@ -1,11 +1,22 @@
-"""Diffusion math as pure functions: noise schedule, per-example loss, seeded sampler.
+"""Diffusion math as pure functions: preconditioning, noise sampling, losses, samplers.
 
-The formulation is DDPM epsilon-prediction with a linear beta schedule; sampling is
-deterministic DDIM (eta = 0) through diffusers' ``DDIMScheduler``. The loss is returned
-per example because DP-SGD clips each example's gradient separately.
+Two formulations share one UNet architecture:
 
-A *denoiser* here is any callable ``(x_t, t, labels) -> predicted noise``; see
-:func:`unet_denoiser` for the diffusers UNet.
+* **EDM** (Karras et al. 2022; the default, as in DPDM and PrivImage): the network ``F``
+  is wrapped as ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, trained at
+  log-normal noise levels with the weight ``lambda(sigma)``, and sampled by a
+  deterministic Euler or Heun solver on a Karras sigma schedule.
+* **DDPM** epsilon-prediction with a linear beta schedule, sampled by deterministic DDIM
+  (eta = 0) through diffusers' ``DDIMScheduler``.
+
+Losses are returned per example because DP-SGD clips each example's gradient
+separately. Samplers draw each image's starting noise from its own seed and are
+otherwise deterministic, so an image depends on its seed (and label) alone.
+
+A *network* here is any callable ``(x_in, c_noise, labels) -> output`` (see
+:func:`unet_network`); a DDPM *denoiser* is ``(x_t, t, labels) -> predicted noise``.
+Classifier-free guidance uses the null label ``num_classes`` that
+:func:`privimage.models.build_unet` reserves.
 """
 
 from __future__ import annotations
@@ -17,7 +28,10 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from privimage.config import SOLVERS, DiffusionConfig
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 BETA_START = 1e-4
 BETA_END = 0.02
@@ -103,48 +117,370 @@ def ddim_sample(
     image_shape: tuple[int, int, int],
     num_train_timesteps: int,
     num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) sampling of one batch; returns floats in [-1, 1]."""
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
+    if guidance_scale != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs the null label")
     scheduler = ddim_scheduler(num_train_timesteps)
     scheduler.set_timesteps(num_inference_steps)
     x = initial_noise(seeds, image_shape).to(device)
     labels = labels.to(device)
     for t in scheduler.timesteps:
         t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        eps = denoiser(x, t_batch, labels)
+        eps = guided(
+            lambda xx, ll, t_batch=t_batch: denoiser(
+                xx, t_batch if xx.shape[0] == t_batch.shape[0] else t_batch.repeat(2), ll
+            ),
+            x,
+            labels,
+            guidance_scale=guidance_scale,
+            null_label=null_label,
+        )
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return x.clamp(-1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- EDM
+
+
+def edm_precondition(
+    sigma: torch.Tensor, *, sigma_data: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1).
+
+    Returns ``(c_skip, c_out, c_in, c_noise)`` with the shape of ``sigma``:
+    ``c_skip = sd^2 / (s^2 + sd^2)``, ``c_out = s sd / sqrt(s^2 + sd^2)``,
+    ``c_in = 1 / sqrt(s^2 + sd^2)``, ``c_noise = ln(s) / 4``. They keep the network's
+    input and training target at unit variance at every noise level.
+    """
+    var = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / var
+    c_out = sigma * sigma_data / var.sqrt()
+    c_in = 1.0 / var.sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_loss_weight(sigma: torch.Tensor, *, sigma_data: float) -> torch.Tensor:
+    """lambda(sigma) = (s^2 + sd^2) / (s sd)^2: the inverse of c_out^2, so every level
+    contributes a unit-scale loss."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def sample_training_sigmas(
+    n: int, *, p_mean: float, p_std: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2), shape ``(n,)``."""
+    return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
+
+
+def unet_network(model: torch.nn.Module) -> Network:
+    """Adapt a (possibly Opacus- or DDP-wrapped) diffusers UNet to ``(x, c_noise, labels)``.
+
+    The UNet's sinusoidal time embedding takes the real-valued ``c_noise`` (EDM's
+    DDPM++ does the same with its positional embedding).
+    """
+
+    def net(x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return model(x, c_noise, class_labels=labels).sample
+
+    return net
+
+
+def edm_denoise(
+    net: Network,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    sigma_data: float,
+) -> torch.Tensor:
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise): the denoised image estimate.
+
+    ``sigma`` has shape ``(batch,)``; the network runs in the input's dtype.
+    """
+    c_skip, c_out, c_in, c_noise = (
+        c.to(x.dtype) for c in edm_precondition(sigma.to(torch.float64), sigma_data=sigma_data)
+    )
+    view = (-1,) + (1,) * (x.ndim - 1)
+    out = net(x * c_in.view(view), c_noise, labels)
+    return c_skip.view(view) * x + c_out.view(view) * out.to(x.dtype)
+
+
+def edm_per_example_loss(
+    net: Network,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    sigma_data: float,
+    p_mean: float,
+    p_std: float,
+    generator: torch.Generator | None = None,
+    noise_draws: int = 1,
+) -> torch.Tensor:
+    """EDM's weighted denoising loss for each example, shape ``(batch,)``.
+
+    ``lambda(sigma) * mean over pixels of (D(x0 + sigma n; sigma) - x0)^2`` with
+    ``ln(sigma) ~ N(p_mean, p_std^2)``. With ``noise_draws = K`` each example's loss is
+    the mean over K independent (sigma, n) draws: DPDM's noise multiplicity, whose
+    gradient is the average of the K per-draw gradients. Random draws come from
+    ``generator`` on the CPU (sigmas first, then the noise), so results do not depend on
+    the device.
+    """
+    if noise_draws < 1:
+        raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
+    batch = x0.shape[0]
+    if noise_draws > 1:
+        x0 = x0.repeat_interleave(noise_draws, dim=0)
+        labels = labels.repeat_interleave(noise_draws, dim=0)
+    rows = x0.shape[0]
+    sigma = sample_training_sigmas(rows, p_mean=p_mean, p_std=p_std, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, device="cpu")
+    sigma = sigma.to(x0.device)
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    x_noisy = x0 + noise.to(x0.device, x0.dtype) * sigma.to(x0.dtype).view(view)
+    denoised = edm_denoise(net, x_noisy, sigma, labels, sigma_data=sigma_data)
+    weight = edm_loss_weight(sigma.to(torch.float64), sigma_data=sigma_data).to(x0.dtype)
+    per_row = weight * (denoised - x0).pow(2).flatten(1).mean(dim=1)
+    return per_row.view(batch, noise_draws).mean(dim=1)
+
+
+def karras_sigmas(
+    num_steps: int, *, sigma_min: float, sigma_max: float, rho: float
+) -> torch.Tensor:
+    """EDM's time steps: ``num_steps`` sigmas from sigma_max down to sigma_min, then 0.
+
+    ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho`` in float64;
+    a large rho spends more steps at low noise, where detail forms.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    ramp = i / max(num_steps - 1, 1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def guided(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    guidance_scale: float,
+    null_label: int,
+) -> torch.Tensor:
+    """Classifier-free guidance: ``u + w (c - u)`` from one batch of doubled size.
+
+    ``fn(x, labels)`` is the model's prediction; ``w = 1`` is plain conditional
+    sampling (one pass), ``w = 0`` unconditional.
+    """
+    if guidance_scale == 1.0:
+        return fn(x, labels)
+    null = torch.full_like(labels, null_label)
+    both = fn(torch.cat([x, x]), torch.cat([labels, null]))
+    cond, uncond = both.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def edm_sample(
+    net: Network,
+    *,
+    seeds: Sequence[int],
+    labels: torch.Tensor,
+    image_shape: tuple[int, int, int],
+    num_steps: int,
+    sigma_data: float,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    solver: str = "heun",
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Deterministic EDM sampling of one batch (Karras et al. 2022, Algorithm 1).
+
+    ``solver="euler"`` takes ``num_steps`` first-order steps of the probability-flow ODE
+    (DDIM-like, ``num_steps`` network calls); ``"heun"`` adds the second-order correction
+    on every step but the last (``2 num_steps - 1`` calls). Returns floats clamped to
+    [-1, 1].
+    """
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if len(seeds) != labels.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
+    if guidance_scale != 1.0 and null_label is None:
+        raise ValueError("classifier-free guidance needs the null label")
+    sigmas = karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    labels = labels.to(device)
+    # The ODE state is kept in float64, as EDM does; the network runs in float32.
+    x = initial_noise(seeds, image_shape).to(device, torch.float64) * sigmas[0]
+
+    def slope(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        s = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=device)
+
+        def predict(xx: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
+            ss = s if xx.shape[0] == s.shape[0] else s.repeat(2)
+            return edm_denoise(net, xx, ss, ll, sigma_data=sigma_data)
+
+        denoised = guided(
+            predict, x.float(), labels, guidance_scale=guidance_scale, null_label=null_label
+        )
+        return (x - denoised.double()) / sigma
+
+    for i in range(num_steps):
+        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = slope(x, s_cur)
+        x_next = x + (s_next - s_cur) * d
+        if solver == "heun" and s_next > 0:
+            x_next = x + (s_next - s_cur) * 0.5 * (d + slope(x_next, s_next))
+        x = x_next
+    return x.float().clamp(-1.0, 1.0)
+
+
+# ------------------------------------------------------------- formulation switch
+
+
+def training_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    spec: DiffusionConfig,
+    generator: torch.Generator | None = None,
+    noise_draws: int = 1,
+) -> torch.Tensor:
+    """The per-example training loss of ``spec``'s formulation, shape ``(batch,)``."""
+    if spec.formulation == "edm":
+        return edm_per_example_loss(
+            unet_network(model),
+            x0,
+            labels,
+            sigma_data=spec.sigma_data,
+            p_mean=spec.p_mean,
+            p_std=spec.p_std,
+            generator=generator,
+            noise_draws=noise_draws,
+        )
+    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
+    denoiser = unet_denoiser(model)
+    if noise_draws == 1:
+        return per_example_loss(denoiser, x0, labels, alphas_cumprod=alphas, generator=generator)
+    rows = per_example_loss(
+        denoiser,
+        x0.repeat_interleave(noise_draws, dim=0),
+        labels.repeat_interleave(noise_draws, dim=0),
+        alphas_cumprod=alphas,
+        generator=generator,
+    )
+    return rows.view(x0.shape[0], noise_draws).mean(dim=1)
+
+
+def drop_labels(
+    labels: torch.Tensor, *, probability: float, null_label: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each label by the null label with ``probability`` (guidance training).
+
+    Always draws one uniform per label, so the random stream does not depend on the
+    probability being zero or not.
+    """
+    drop = torch.rand(labels.shape[0], generator=generator) < probability
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: torch.nn.Module,
+    *,
+    spec: DiffusionConfig,
+    seeds: Sequence[int],
+    labels: torch.Tensor,
+    image_shape: tuple[int, int, int],
+    num_steps: int,
+    solver: str,
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Sample one batch with ``spec``'s formulation; floats in [-1, 1]."""
+    if solver not in SOLVERS[spec.formulation]:
+        raise ValueError(
+            f"solver {solver!r} does not fit the {spec.formulation} formulation; "
+            f"choose one of {SOLVERS[spec.formulation]}"
+        )
+    null_label = null_class(model)
+    if spec.formulation == "edm":
+        return edm_sample(
+            unet_network(model),
+            seeds=seeds,
+            labels=labels,
+            image_shape=image_shape,
+            num_steps=num_steps,
+            sigma_data=spec.sigma_data,
+            sigma_min=spec.sigma_min,
+            sigma_max=spec.sigma_max,
+            rho=spec.rho,
+            solver=solver,
+            guidance_scale=guidance_scale,
+            null_label=null_label,
+            device=device,
+        )
+    return ddim_sample(
+        unet_denoiser(model),
+        seeds=seeds,
+        labels=labels,
+        image_shape=image_shape,
+        num_train_timesteps=spec.num_train_timesteps,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        null_label=null_label,
+        device=device,
+    )
+
+
+def null_class(model: torch.nn.Module) -> int | None:
+    """The null (unconditional) label of a UNet built by ``build_unet``: its last class."""
+    n = getattr(getattr(model, "config", None), "num_class_embeds", None)
+    return None if n is None else int(n) - 1
 
 
 def sample_in_batches(
     model: UNet2DModel,
     *,
+    spec: DiffusionConfig,
     seeds: Sequence[int],
     labels: torch.Tensor,
     image_shape: tuple[int, int, int],
-    num_train_timesteps: int,
-    num_inference_steps: int,
+    num_steps: int,
+    solver: str,
     batch_size: int,
+    guidance_scale: float = 1.0,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample ``len(seeds)`` images in batches; returns uint8 ``(N, C, H, W)`` on CPU."""
     model.eval()
-    denoiser = unet_denoiser(model)
     chunks = []
     n_batches = math.ceil(len(seeds) / batch_size)
     for b in tqdm(range(n_batches), desc="sampling", disable=not progress):
         sl = slice(b * batch_size, (b + 1) * batch_size)
-        x = ddim_sample(
-            denoiser,
+        x = sample_batch(
+            model,
+            spec=spec,
             seeds=seeds[sl],
             labels=labels[sl],
             image_shape=image_shape,
-            num_train_timesteps=num_train_timesteps,
-            num_inference_steps=num_inference_steps,
+            num_steps=num_steps,
+            solver=solver,
+            guidance_scale=guidance_scale,
             device=device,
         )
         chunks.append(to_uint8(x.cpu()))

@@ -7,11 +7,18 @@ Classifiers trained on public or synthetic data only may use BatchNorm.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from privimage.config import ModelConfig
+from privimage.config import DiffusionConfig, ModelConfig
+from privimage.errors import ConfigError
+
+DIFFUSION_FILE = "diffusion.json"
 
 
 def build_unet(
@@ -42,6 +49,47 @@ def build_unet(
         add_attention=cfg.attention,
         dropout=cfg.dropout,
     )
+
+
+def save_unet(model: UNet2DModel, path: Path, *, diffusion: DiffusionConfig) -> None:
+    """``save_pretrained`` plus ``diffusion.json``: what the network's output means.
+
+    The folder loads in any diffusers code with ``UNet2DModel.from_pretrained(path)``;
+    ``diffusion.json`` tells how to precondition and sample it (EDM or DDPM).
+    """
+    path = Path(path)
+    model.save_pretrained(path)
+    (path / DIFFUSION_FILE).write_text(json.dumps(asdict(diffusion), indent=2) + "\n")
+
+
+def load_unet(path: Path) -> tuple[UNet2DModel, DiffusionConfig]:
+    """Load a UNet saved by :func:`save_unet` and its diffusion formulation.
+
+    A folder without ``diffusion.json`` (saved by privimage before 0.2, or by other
+    tools) is read as DDPM epsilon prediction, the diffusers convention.
+    """
+    path = Path(path)
+    model = UNet2DModel.from_pretrained(path)
+    spec_file = path / DIFFUSION_FILE
+    if not spec_file.exists():
+        return model, DiffusionConfig(formulation="ddpm")
+    saved = json.loads(spec_file.read_text())
+    known = {f.name for f in fields(DiffusionConfig)}
+    return model, DiffusionConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def check_same_diffusion(saved: DiffusionConfig, wanted: DiffusionConfig, where: Path) -> None:
+    """Refuse to continue or sample a UNet under another formulation than it was trained with."""
+    if asdict(saved) != asdict(wanted):
+        diff = ", ".join(
+            f"diffusion.{k}={v} (run has {getattr(wanted, k)})"
+            for k, v in asdict(saved).items()
+            if getattr(wanted, k) != v
+        )
+        raise ConfigError(
+            f"{where} was trained with {diff}; use the same diffusion settings "
+            "(e.g. diffusion=ddpm) or retrain that stage"
+        )
 
 
 class SmallCNN(nn.Module):

@@ -1,4 +1,4 @@
-"""Pictures people look at: image grids with row labels."""
+"""Pictures people look at: image grids with row labels, loss curves."""
 
 from __future__ import annotations
 
@@ -56,4 +56,35 @@ def save_image_grid(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_loss_curve(stats_path: Path, path: Path, *, title: str, key: str = "loss") -> None:
+    """Plot ``key`` against ``step`` from a ``stats.jsonl`` (log scale), with a moving mean.
+
+    Diffusion losses are noisy step to step (each step draws new noise levels), so the
+    trend is the moving mean over about a twentieth of the run.
+    """
+    import json
+
+    records = [json.loads(line) for line in Path(stats_path).read_text().splitlines() if line]
+    records = [r for r in records if key in r and "step" in r]
+    if not records:
+        return
+    steps = np.array([r["step"] for r in records])
+    values = np.array([r[key] for r in records], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, lw=0.8, alpha=0.4, label=key)
+    window = max(1, len(values) // 20)
+    if window > 1:
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"moving mean ({window} points)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

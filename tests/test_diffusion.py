@@ -6,15 +6,25 @@ import math
 
 import torch
 
-from privimage.config import ModelConfig
+from privimage.config import DiffusionConfig, ModelConfig
 from privimage.diffusion import (
     add_noise,
     ddim_sample,
+    drop_labels,
+    edm_loss_weight,
+    edm_per_example_loss,
+    edm_precondition,
+    edm_sample,
     initial_noise,
+    karras_sigmas,
     linear_alphas_cumprod,
+    null_class,
     per_example_loss,
+    sample_training_sigmas,
     to_uint8,
+    training_loss,
     unet_denoiser,
+    unet_network,
 )
 from privimage.models import build_unet
 
@@ -130,3 +140,231 @@ def test_ema_warms_up_then_holds_its_decay():
         model.weight.fill_(1.0)
     ema_update(ema, model, decay=0.999, step=0)
     assert abs(ema.weight.item() - 0.9) < 1e-6  # mostly the trained weights, not the init
+
+
+# ------------------------------------------------------------------------------ EDM
+
+
+def test_edm_preconditioning_matches_the_formulas_at_known_points():
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = edm_precondition(
+        torch.tensor([0.5], dtype=torch.float64), sigma_data=sd
+    )
+    # sigma = sigma_data: var = 0.5
+    assert math.isclose(c_skip.item(), 0.5, rel_tol=1e-12)
+    assert math.isclose(c_out.item(), 0.25 / math.sqrt(0.5), rel_tol=1e-12)
+    assert math.isclose(c_in.item(), 1 / math.sqrt(0.5), rel_tol=1e-12)
+    assert math.isclose(c_noise.item(), math.log(0.5) / 4, rel_tol=1e-12)
+    # Low noise: the skip connection carries the image; high noise: the network does.
+    lo = edm_precondition(torch.tensor([1e-4], dtype=torch.float64), sigma_data=sd)
+    hi = edm_precondition(torch.tensor([80.0], dtype=torch.float64), sigma_data=sd)
+    assert lo[0].item() > 0.9999 and lo[1].item() < 1e-4
+    assert hi[0].item() < 1e-4 and math.isclose(hi[1].item(), sd, rel_tol=1e-4)
+    assert math.isclose(hi[2].item(), 1 / math.sqrt(80.0**2 + 0.25), rel_tol=1e-12)
+    # lambda(sigma) = 1 / c_out^2
+    s = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+    assert torch.allclose(
+        edm_loss_weight(s, sigma_data=sd), 1 / edm_precondition(s, sigma_data=sd)[1] ** 2
+    )
+
+
+def _oracle_network(x0: torch.Tensor, sd: float):
+    """The network whose preconditioned output D is exactly x0 (the perfect denoiser)."""
+
+    def net(x_in, c_noise, labels):
+        sigma = (4 * c_noise.to(torch.float64)).exp()
+        c_skip, c_out, c_in, _ = (
+            c.view(-1, 1, 1, 1) for c in edm_precondition(sigma, sigma_data=sd)
+        )
+        x = x_in / c_in
+        return ((x0.repeat_interleave(len(x) // len(x0), 0) - c_skip * x) / c_out).to(x_in.dtype)
+
+    return net
+
+
+def test_edm_loss_of_a_perfect_denoiser_is_zero():
+    x0 = torch.rand(6, 3, 4, 4, dtype=torch.float64) * 2 - 1
+    for draws in (1, 3):
+        loss = edm_per_example_loss(
+            _oracle_network(x0, 0.5),
+            x0,
+            torch.zeros(6, dtype=torch.long),
+            sigma_data=0.5,
+            p_mean=-1.2,
+            p_std=1.2,
+            generator=torch.Generator().manual_seed(0),
+            noise_draws=draws,
+        )
+        assert loss.shape == (6,)
+        assert loss.abs().max().item() < 1e-18
+
+
+def test_edm_loss_of_the_zero_network_is_known():
+    """F = 0 gives D = c_skip (x0 + sigma n); the loss is lambda * mean((D - x0)^2)."""
+    x0 = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    kw = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2)
+    loss = edm_per_example_loss(
+        lambda x, c, y: torch.zeros_like(x),
+        x0,
+        torch.zeros(4, dtype=torch.long),
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    g = torch.Generator().manual_seed(3)
+    sigma = (torch.randn(4, generator=g) * 1.2 - 1.2).exp().double()
+    noise = torch.randn(x0.shape, generator=g).double()
+    c_skip = (0.25 / (sigma**2 + 0.25)).view(-1, 1, 1, 1)
+    d = c_skip * (x0 + sigma.view(-1, 1, 1, 1) * noise)
+    expect = (sigma**2 + 0.25) / (sigma * 0.5) ** 2 * (d - x0).pow(2).flatten(1).mean(1)
+    assert torch.allclose(loss, expect, rtol=1e-10)
+
+
+def test_edm_noise_draws_average_k_independent_draws():
+    x0 = torch.rand(3, 1, 4, 4) * 2 - 1
+    y = torch.tensor([0, 1, 2])
+    net = unet_network(_tiny_unet())
+    kw = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2)
+    with torch.no_grad():
+        k = edm_per_example_loss(
+            net, x0, y, generator=torch.Generator().manual_seed(5), noise_draws=4, **kw
+        )
+        rows = edm_per_example_loss(
+            net,
+            x0.repeat_interleave(4, 0),
+            y.repeat_interleave(4, 0),
+            generator=torch.Generator().manual_seed(5),
+            **kw,
+        )
+    assert torch.allclose(k, rows.view(3, 4).mean(1))
+
+
+def test_training_sigmas_are_log_normal():
+    s = sample_training_sigmas(
+        200_000, p_mean=-1.2, p_std=1.2, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs(s.log().mean().item() + 1.2) < 0.01
+    assert abs(s.log().std().item() - 1.2) < 0.01
+
+
+def test_karras_schedule_known_values():
+    s = karras_sigmas(18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    assert s.shape == (19,) and s.dtype == torch.float64
+    assert math.isclose(s[0].item(), 80.0, rel_tol=1e-12)
+    assert math.isclose(s[17].item(), 0.002, rel_tol=1e-12)
+    assert s[18].item() == 0.0 and torch.all(s[1:] < s[:-1])
+    mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert math.isclose(karras_sigmas(3, sigma_min=0.002, sigma_max=80.0, rho=7.0)[1].item(), mid)
+    # rho = 1 is a linear ramp
+    assert torch.allclose(
+        karras_sigmas(5, sigma_min=1.0, sigma_max=5.0, rho=1.0)[:-1],
+        torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64),
+    )
+
+
+def test_edm_sampler_solves_the_gaussian_ode():
+    """For data ~ N(0, sd^2) the ideal denoiser is c_skip x, i.e. the zero network, and the
+    probability-flow ODE has the closed form x(0) = x(smax) * sd / sqrt(smax^2 + sd^2)."""
+    sd, smax = 0.5, 80.0
+    seeds = [0, 1, 2, 3]
+    start = initial_noise(seeds, (1, 4, 4)).double() * smax
+    exact = (start * sd / math.sqrt(smax**2 + sd**2)).float().clamp(-1, 1)
+    errors = {}
+    for solver, steps in (("euler", 50), ("heun", 50), ("heun", 200)):
+        x = edm_sample(
+            lambda x, c, y: torch.zeros_like(x),
+            seeds=seeds,
+            labels=torch.zeros(4, dtype=torch.long),
+            image_shape=(1, 4, 4),
+            num_steps=steps,
+            sigma_data=sd,
+            sigma_min=0.002,
+            sigma_max=smax,
+            rho=7.0,
+            solver=solver,
+        )
+        errors[solver, steps] = (x - exact).abs().max().item()
+    assert errors["heun", 50] < 1e-2
+    assert errors["heun", 200] < 1e-3
+    # Second order: 4x the steps cuts the error ~16x; and Heun beats Euler at equal steps.
+    assert errors["heun", 200] < errors["heun", 50] / 10
+    assert errors["heun", 50] < errors["euler", 50] / 5
+
+
+def _edm_kw():
+    return dict(
+        image_shape=(1, 8, 8), num_steps=4, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0
+    )
+
+
+def test_edm_sampler_is_deterministic_and_split_invariant():
+    net = unet_network(_tiny_unet())
+    seeds, labels = [0, 1, 2, 3], torch.tensor([0, 1, 2, 0])
+    for solver in ("euler", "heun"):
+        whole = edm_sample(net, seeds=seeds, labels=labels, solver=solver, **_edm_kw())
+        again = edm_sample(net, seeds=seeds, labels=labels, solver=solver, **_edm_kw())
+        first = edm_sample(net, seeds=seeds[:1], labels=labels[:1], solver=solver, **_edm_kw())
+        rest = edm_sample(net, seeds=seeds[1:], labels=labels[1:], solver=solver, **_edm_kw())
+        assert torch.equal(whole, again)
+        split = torch.cat([first, rest])
+        assert torch.equal(to_uint8(whole), to_uint8(split)) or torch.allclose(
+            whole, split, atol=1e-5
+        )
+
+
+def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
+    model = _tiny_unet()
+    with torch.no_grad():
+        model.class_embedding.weight.mul_(50)
+    net = unet_network(model)
+    null = null_class(model)
+    assert null == 3
+    kw = dict(seeds=[4, 5], **_edm_kw())
+    labels = torch.tensor([0, 1])
+    plain = edm_sample(net, labels=labels, **kw)
+    one = edm_sample(net, labels=labels, guidance_scale=1.0, null_label=null, **kw)
+    zero = edm_sample(net, labels=labels, guidance_scale=0.0, null_label=null, **kw)
+    uncond = edm_sample(net, labels=torch.full((2,), null), **kw)
+    strong = edm_sample(net, labels=labels, guidance_scale=3.0, null_label=null, **kw)
+    assert torch.equal(plain, one)
+    assert torch.allclose(zero, uncond, atol=1e-5)
+    assert not torch.allclose(strong, plain, atol=1e-3)
+
+
+def test_label_dropout_replaces_about_p_of_labels_with_the_null_class():
+    labels = torch.zeros(20_000, dtype=torch.long)
+    out = drop_labels(
+        labels, probability=0.1, null_label=7, generator=torch.Generator().manual_seed(0)
+    )
+    assert set(out.unique().tolist()) == {0, 7}
+    assert abs((out == 7).float().mean().item() - 0.1) < 0.01
+    same = drop_labels(
+        labels, probability=0.0, null_label=7, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(same, labels)
+
+
+def test_training_loss_dispatches_on_the_formulation():
+    model = _tiny_unet()
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        edm = training_loss(
+            model, x0, y, spec=DiffusionConfig(), generator=torch.Generator().manual_seed(0)
+        )
+        ddpm = training_loss(
+            model,
+            x0,
+            y,
+            spec=DiffusionConfig(formulation="ddpm"),
+            generator=torch.Generator().manual_seed(0),
+        )
+        ref = per_example_loss(
+            unet_denoiser(model),
+            x0,
+            y,
+            alphas_cumprod=linear_alphas_cumprod(1000),
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert edm.shape == ddpm.shape == (2,)
+    assert torch.equal(ddpm, ref)
+    assert not torch.allclose(edm, ddpm)

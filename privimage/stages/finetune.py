@@ -29,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,10 +36,16 @@ from tqdm.auto import tqdm
 
 from privimage import data, privacy
 from privimage.config import Config
-from privimage.diffusion import linear_alphas_cumprod, per_example_loss, unet_denoiser
+from privimage.diffusion import drop_labels, training_loss
 from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
-from privimage.models import ema_update, make_opacus_safe
+from privimage.models import (
+    check_same_diffusion,
+    ema_update,
+    load_unet,
+    make_opacus_safe,
+    save_unet,
+)
 from privimage.runtime import (
     LEDGER_FILE,
     StatsWriter,
@@ -177,7 +182,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
         f"; resuming after step {start}" if start else "",
     )
 
-    model = UNet2DModel.from_pretrained(pretrain_dir / "unet").train()
+    model, trained_with = load_unet(pretrain_dir / "unet")
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
@@ -272,7 +279,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
             f"{cfg.privacy.target_epsilon}"
         )
-    ema.save_pretrained(out / "unet")
+    save_unet(ema, out / "unet", diffusion=cfg.diffusion)
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     ckpt_path.unlink(missing_ok=True)
@@ -297,8 +304,7 @@ def _train(
     """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
     ft = cfg.finetune
     steps = mechanism.steps
-    alphas = linear_alphas_cumprod(cfg.pretrain.num_train_timesteps)
-    denoiser = unet_denoiser(dp_model)
+    null_label = dp_model._module.config.num_class_embeds - 1
     truncate_jsonl(stats_path, max_step=start)
     stats = StatsWriter(stats_path)
 
@@ -329,9 +335,17 @@ def _train(
             for x, y in memory_safe_loader:
                 optimizer.zero_grad(set_to_none=True)
                 if len(x):
+                    # Label dropout per example (before the K copies), drawn independently
+                    # of the data, so it changes nothing in the privacy analysis.
+                    y = drop_labels(
+                        y,
+                        probability=ft.label_dropout,
+                        null_label=null_label,
+                        generator=diffusion_generator,
+                    )
                     x, y = repeat_for_noise_draws(x.to(device), y.to(device), ft.noise_multiplicity)
-                    per_row = per_example_loss(
-                        denoiser, x, y, alphas_cumprod=alphas, generator=diffusion_generator
+                    per_row = training_loss(
+                        dp_model, x, y, spec=cfg.diffusion, generator=diffusion_generator
                     )
                     # Mean over B*K rows: Opacus then hands the optimizer each row's own
                     # gradient, which it averages per example before clipping.

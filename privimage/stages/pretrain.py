@@ -3,121 +3,351 @@
 The public images chosen by the query are relabelled to their sensitive classes, so the
 class-conditional UNet learns "what class c looks like" from public data before it ever
 sees sensitive data. Public data costs no privacy, so this is a plain Accelerate loop
-(one or many processes, mixed precision where the hardware has it).
+on one process or many (``torchrun --nproc_per_node N -m privimage ...``), with mixed
+precision where the hardware has it, gradient accumulation, label dropout for
+classifier-free guidance and an EMA of the weights.
 
-Writes ``pretrain/``: ``unet/`` (EMA weights, ``save_pretrained``), ``stats.jsonl``.
+Seeds are data here too: the epoch's shuffle is a function of ``(seed, epoch)`` and
+every micro-batch's diffusion noise a function of ``(seed, step, process, micro-batch)``.
+So the run is resumable from Accelerate's ``save_state`` checkpoint with nothing else
+to restore, and each process takes its own disjoint share of every global batch.
+
+Writes ``pretrain/``: ``unet/`` (EMA weights, ``save_pretrained`` + ``diffusion.json``),
+``stats.jsonl``, ``loss.png``, ``processes.json`` (world size and what each process
+saw), ``logs/`` with a tracker; ``checkpoint/`` exists only while a run is unfinished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import shutil
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, TensorDataset
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from privimage import data
 from privimage.config import Config
-from privimage.diffusion import linear_alphas_cumprod, per_example_loss, unet_denoiser
-from privimage.errors import PrivImageError
-from privimage.models import build_unet, count_parameters, ema_update
+from privimage.diffusion import drop_labels, training_loss
+from privimage.errors import ConfigError, PrivImageError
+from privimage.models import build_unet, count_parameters, ema_update, save_unet
+from privimage.plots import save_loss_curve
 from privimage.runtime import (
     StatsWriter,
     cache_root,
     mark_done,
     read_json,
     require_upstream,
-    seed_everything,
     stage_dir,
+    truncate_jsonl,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
+CHECKPOINT = "checkpoint"
+
+
+class TrainState:
+    """The loop's own resumable state: the number of optimizer steps taken, and the
+    settings the run was started with (a resume under other settings is refused)."""
+
+    def __init__(self, settings: dict) -> None:
+        self.step = 0
+        self.settings = settings
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "settings": self.settings}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["settings"] != self.settings:
+            changed = sorted(
+                k for k in self.settings if state["settings"].get(k) != self.settings[k]
+            )
+            raise ConfigError(
+                f"pretrain/{CHECKPOINT} was written with other settings ({', '.join(changed)}); "
+                f"restore the original settings to resume, or delete pretrain/{CHECKPOINT}"
+            )
+        self.step = int(state["step"])
+
+
+def mixed_precision(setting: str, device: str) -> str:
+    """Resolve ``auto``: bf16 where a CUDA device supports it, else full precision."""
+    if setting != "auto":
+        return setting
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+
+
+def epoch_order(*, seed: int, epoch: int, num_images: int) -> np.ndarray:
+    """The shuffled image order of one epoch: a function of ``(seed, epoch)`` alone."""
+    return np.random.default_rng([seed, epoch]).permutation(num_images)
+
+
+def micro_batch(
+    order: np.ndarray,
+    *,
+    step_in_epoch: int,
+    batch_size: int,
+    process: int,
+    num_processes: int,
+    micro: int,
+    accumulation: int,
+) -> np.ndarray:
+    """Indices of one process's micro-batch: the global batch cut into equal disjoint parts.
+
+    Global batch ``b`` of the epoch is ``order[b*B:(b+1)*B]``; it splits into
+    ``num_processes * accumulation`` parts, part ``micro * num_processes + process``
+    going to that process at that accumulation step.
+    """
+    per = batch_size // (num_processes * accumulation)
+    start = step_in_epoch * batch_size + (micro * num_processes + process) * per
+    return order[start : start + per]
+
+
+def step_generator(*, seed: int, step: int, process: int, micro: int) -> torch.Generator:
+    """The random stream of one micro-batch (diffusion noise, label dropout)."""
+    state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _check_batch(cfg: Config, num_images: int, num_processes: int) -> int:
+    """Steps per epoch; refuses batch sizes that do not split or do not fit."""
+    p = cfg.pretrain
+    parts = num_processes * p.gradient_accumulation_steps
+    if p.batch_size % parts:
+        raise ConfigError(
+            f"pretrain.batch_size={p.batch_size} does not split into {num_processes} processes x "
+            f"{p.gradient_accumulation_steps} accumulation steps; make it a multiple of {parts}"
+        )
+    if p.batch_size > num_images:
+        raise ConfigError(
+            f"pretrain.batch_size={p.batch_size} exceeds the {num_images} selected public images; "
+            "lower pretrain.batch_size, or select more public classes (query.*)"
+        )
+    return num_images // p.batch_size
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path) -> None:
+    """Accelerate ``save_state`` made atomic: write aside, then swap the folders."""
+    tmp, final, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    # A crash between the two renames leaves only the old one, which is complete.
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
+        if (out / name).is_dir():
+            return out / name
+    return None
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
     """Pretrain on the query's public subset; see the module docstring for outputs."""
     query_dir = require_upstream(run_dir, "query", STAGE)
     out = stage_dir(run_dir, STAGE)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
+    p = cfg.pretrain
 
-    public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir))
+    tracker = p.tracker
+    if tracker == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "pretrain.tracker=tensorboard needs the tensorboard package; "
+                "pip install tensorboard, or set pretrain.tracker=null"
+            ) from None
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(p.mixed_precision, cfg.device),
+        cpu=cfg.device == "cpu",
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+
+    public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir), progress=main)
     index = np.load(query_dir / "public_index.npy")
     labels = torch.from_numpy(np.load(query_dir / "public_labels.npy"))
     if len(index) == 0:
         raise PrivImageError(f"the query selected no public images ({query_dir}/selection.json)")
-    if cfg.pretrain.max_images is not None and len(index) > cfg.pretrain.max_images:
-        keep = np.random.default_rng(cfg.seed).permutation(len(index))[: cfg.pretrain.max_images]
+    if p.max_images is not None and len(index) > p.max_images:
+        keep = np.random.default_rng(cfg.seed).permutation(len(index))[: p.max_images]
         index, labels = index[keep], labels[keep]
     # Index before converting: the selection is a small part of a large public set.
     images = data.ImageSplit(public.train.images[torch.from_numpy(index)], labels).as_float()
     # The class count comes from the query's released output: pretraining never opens
     # the sensitive data.
     num_classes = len(read_json(query_dir / "selection.json")["classes"])
+    steps_per_epoch = _check_batch(cfg, len(images), world)
+    total_steps = p.epochs * steps_per_epoch
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.pretrain.mixed_precision,
-        cpu=cfg.device == "cpu",
-    )
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_unet(
         cfg.model,
         resolution=cfg.data.resolution,
         channels=cfg.data.channels,
         num_classes=num_classes,
     )
+    null_label = num_classes
     ema = copy.deepcopy(model).requires_grad_(False)
-    log.info("pretraining a %.2fM-parameter UNet", count_parameters(model) / 1e6)
-    loader = DataLoader(
-        TensorDataset(images, labels),
-        batch_size=cfg.pretrain.batch_size,
-        shuffle=True,
-        drop_last=len(images) > cfg.pretrain.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=0.0)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if main:
+        log.info(
+            "pretraining a %.2fM-parameter UNet (%s) on %d public images, %d steps of %d, "
+            "%d process(es), mixed precision %s",
+            count_parameters(model) / 1e6,
+            cfg.diffusion.formulation,
+            len(images),
+            total_steps,
+            p.batch_size,
+            world,
+            accelerator.mixed_precision,
+        )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
     ema = ema.to(accelerator.device)
-    alphas = linear_alphas_cumprod(cfg.pretrain.num_train_timesteps)
-    denoiser = unet_denoiser(model)
-    gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-
-    stats = StatsWriter(out / "stats.jsonl") if accelerator.is_main_process else None
-    total_steps = cfg.pretrain.epochs * len(loader)
-    bar = tqdm(total=total_steps, desc="pretrain (public)", disable=not accelerator.is_main_process)
-    step = 0
-    for epoch in range(cfg.pretrain.epochs):
-        model.train()
-        for x, y in loader:
-            with accelerator.autocast():
-                loss = per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=gen).mean()
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            ema_update(
-                ema, accelerator.unwrap_model(model), decay=cfg.pretrain.ema_decay, step=step
+    state = TrainState(
+        {
+            "num_images": len(images),
+            "batch_size": p.batch_size,
+            "gradient_accumulation_steps": p.gradient_accumulation_steps,
+            "epochs": p.epochs,
+            "lr": p.lr,
+            "label_dropout": p.label_dropout,
+            "ema_decay": p.ema_decay,
+            "seed": cfg.seed,
+            "model": asdict(cfg.model),
+            "diffusion": asdict(cfg.diffusion),
+        }
+    )
+    accelerator.register_for_checkpointing(ema, state)
+    checkpoint = _find_checkpoint(out)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        if main:
+            log.info(
+                "resuming pretraining at step %d/%d from %s", state.step, total_steps, checkpoint
             )
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
-            if stats is not None and (step % 10 == 0 or step == total_steps):
-                stats.write(step=step, epoch=epoch, loss=float(loss.item()))
-            if not math.isfinite(loss.item()):
+    if tracker is not None:
+        accelerator.init_trackers("pretrain", config={"lr": p.lr, "batch_size": p.batch_size})
+
+    stats = None
+    if main:
+        truncate_jsonl(out / "stats.jsonl", max_step=state.step)
+        stats = StatsWriter(out / "stats.jsonl")
+    bar = tqdm(total=total_steps, initial=state.step, desc="pretrain (public)", disable=not main)
+    accum = p.gradient_accumulation_steps
+    seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
+    first_ids: list[int] = []
+    order, order_epoch = None, -1
+    started, started_step = time.perf_counter(), state.step
+    model.train()
+    for step in range(state.step, total_steps):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = (
+                epoch_order(seed=cfg.seed, epoch=epoch, num_images=len(images)),
+                epoch,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(accum):
+            idx = micro_batch(
+                order,
+                step_in_epoch=in_epoch,
+                batch_size=p.batch_size,
+                process=rank,
+                num_processes=world,
+                micro=micro,
+                accumulation=accum,
+            )
+            seen += torch.tensor([len(idx), float(idx.sum())], dtype=torch.float64)
+            if not first_ids:
+                first_ids = idx[:8].tolist()
+            g = step_generator(seed=cfg.seed, step=step, process=rank, micro=micro)
+            x = images[idx].to(accelerator.device)
+            y = drop_labels(
+                labels[idx], probability=p.label_dropout, null_label=null_label, generator=g
+            ).to(accelerator.device)
+            # Gradients are all-reduced on the last micro-batch only.
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    loss = training_loss(model, x, y, spec=cfg.diffusion, generator=g).mean()
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach() / accum
+        optimizer.step()
+        ema_update(ema, accelerator.unwrap_model(model), decay=p.ema_decay, step=step)
+        state.step = step + 1
+        bar.update(1)
+        if state.step % p.log_every_steps == 0 or state.step == total_steps:
+            # A collective: every process reaches it at the same steps.
+            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            if not math.isfinite(mean_loss):
                 raise PrivImageError(
-                    f"pretraining diverged (loss={loss.item()}) at step {step}; "
-                    f"lower pretrain.lr={cfg.pretrain.lr}"
+                    f"pretraining diverged (loss={mean_loss}) at step {state.step}; "
+                    f"lower pretrain.lr={p.lr}"
                 )
+            rate = (state.step - started_step) * p.batch_size / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, img_s=f"{rate:.0f}")
+            if stats is not None:
+                stats.write(step=state.step, epoch=epoch, loss=mean_loss, images_per_s=rate)
+            if tracker is not None:
+                accelerator.log({"loss": mean_loss, "images_per_s": rate}, step=state.step)
+        if state.step % p.checkpoint_every_steps == 0 and state.step < total_steps:
+            _save_checkpoint(accelerator, out)
     bar.close()
+
+    # What each process did, for the record (and the multi-process test).
+    mine = torch.tensor([rank, *seen.tolist(), *(first_ids + [-1] * (8 - len(first_ids)))])
+    everyone = accelerator.gather(mine.to(accelerator.device).double()).cpu().view(world, -1)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ema.save_pretrained(out / "unet")
+    if main:
+        save_unet(ema, out / "unet", diffusion=cfg.diffusion)
         stats.close()
+        write_json(
+            out / "processes.json",
+            {
+                "world_size": world,
+                "mixed_precision": accelerator.mixed_precision,
+                "steps": total_steps,
+                "processes": [
+                    {
+                        "rank": int(r[0]),
+                        "images_seen": int(r[1]),
+                        "image_id_sum": int(r[2]),
+                        "first_image_ids": [int(v) for v in r[3:] if v >= 0],
+                    }
+                    for r in everyone
+                ],
+            },
+        )
+        save_loss_curve(out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)")
+        for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
         mark_done(out)
+    if tracker is not None:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return out

@@ -1,30 +1,42 @@
 """Stage 4: sample the labelled synthetic dataset from the fine-tuned UNet.
 
 Image i of class c uses seed ``first_seed + c * images_per_class + i`` and depends on
-that seed alone (deterministic DDIM), so any split of the job gives the same images.
+that seed alone (deterministic Heun/Euler/DDIM), so any split of the job gives the same
+images, and an interrupted job resumes by sampling only the seeds whose PNG is missing.
 Sampling is post-processing of a DP model: it costs no privacy.
 
 Writes ``sample/``: ``images/<class>/<seed>.png``, ``samples.npz`` (images, labels,
-seeds, class names), ``dataset/`` (Hugging Face ``save_to_disk``), ``grid.png``.
+seeds, class names), ``dataset/`` (Hugging Face ``save_to_disk``), ``grid.png``, and
+``progress.json`` (what the images on disk were made with).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-from diffusers import UNet2DModel
 from PIL import Image
+from tqdm.auto import tqdm
 
-from privimage.config import Config
-from privimage.diffusion import sample_in_batches
+from privimage.config import Config, sampler_name
+from privimage.diffusion import sample_batch, to_uint8
+from privimage.models import check_same_diffusion, load_unet
 from privimage.plots import save_image_grid
-from privimage.runtime import mark_done, read_json, require_upstream, resolve_device, stage_dir
+from privimage.runtime import (
+    mark_done,
+    read_json,
+    require_upstream,
+    resolve_device,
+    stage_dir,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,27 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0)))
 
 
+def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
+    """What the images on disk depend on; leftovers made under anything else are wiped."""
+    weights = sorted(unet_dir.glob("*.safetensors")) or sorted(unet_dir.glob("*.bin"))
+    return {
+        "weights": [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights],
+        "solver": solver,
+        "num_inference_steps": cfg.sample.num_inference_steps,
+        "guidance_scale": cfg.sample.guidance_scale,
+        "images_per_class": cfg.sample.images_per_class,
+        "first_seed": cfg.sample.first_seed,
+        "diffusion": asdict(cfg.diffusion),
+    }
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    # Written aside and renamed, so a crash never leaves a truncated PNG to resume from.
+    tmp = path.with_name(path.name + ".tmp")
+    to_pil(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Sample ``images_per_class`` images per class; see the module docstring for outputs."""
     finetune_dir = require_upstream(run_dir, "finetune", STAGE)
@@ -57,39 +90,68 @@ def run(cfg: Config, run_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     class_names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
     num_classes = len(class_names)
+    solver = sampler_name(cfg)
 
-    model = UNet2DModel.from_pretrained(finetune_dir / "unet").to(device)
+    model, trained_with = load_unet(finetune_dir / "unet")
+    check_same_diffusion(trained_with, cfg.diffusion, finetune_dir / "unet")
+    model = model.to(device).eval()
     seeds = class_seeds(
         num_classes=num_classes,
         images_per_class=cfg.sample.images_per_class,
         first_seed=cfg.sample.first_seed,
-    )
+    ).reshape(-1)
     labels = np.repeat(np.arange(num_classes), cfg.sample.images_per_class)
-    images = sample_in_batches(
-        model,
-        seeds=seeds.reshape(-1).tolist(),
-        labels=torch.from_numpy(labels),
-        image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
-        num_train_timesteps=cfg.pretrain.num_train_timesteps,
-        num_inference_steps=cfg.sample.num_inference_steps,
-        batch_size=cfg.sample.batch_size,
-        device=device,
-    )
-
     image_dir = out / "images"
-    if image_dir.exists():  # leftovers of an interrupted attempt
-        shutil.rmtree(image_dir)
-    pil_images = [to_pil(img) for img in images]
-    for img, label, seed in zip(pil_images, labels, seeds.reshape(-1), strict=True):
-        folder = image_dir / folder_name(class_names[label])
-        folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{seed:06d}.png")
+    paths = [
+        image_dir / folder_name(class_names[label]) / f"{seed:06d}.png"
+        for label, seed in zip(labels, seeds, strict=True)
+    ]
 
+    # Resume: every image is a function of its seed alone, so the PNGs of an interrupted
+    # attempt are kept and only the missing seeds are sampled.
+    fingerprint = _fingerprint(cfg, finetune_dir / "unet", solver)
+    progress_file = out / "progress.json"
+    if progress_file.exists() and read_json(progress_file) != fingerprint:
+        log.info("sample: settings or weights changed since the last attempt; starting over")
+        shutil.rmtree(image_dir, ignore_errors=True)
+    write_json(progress_file, fingerprint)
+    for name in {p.parent for p in paths}:
+        name.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    if len(todo) < len(paths):
+        log.info(
+            "sample: resuming, %d of %d images already on disk", len(paths) - len(todo), len(paths)
+        )
+    image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    batch = cfg.sample.batch_size
+    with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="sampling", unit="img") as bar:
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            x = sample_batch(
+                model,
+                spec=cfg.diffusion,
+                seeds=seeds[chunk].tolist(),
+                labels=torch.from_numpy(labels[chunk]),
+                image_shape=image_shape,
+                num_steps=cfg.sample.num_inference_steps,
+                solver=solver,
+                guidance_scale=cfg.sample.guidance_scale,
+                device=device,
+            )
+            for i, img in zip(chunk, to_uint8(x.cpu()), strict=True):
+                _save_png(img, paths[i])
+            bar.update(len(chunk))
+
+    # Everything below is rebuilt from the PNGs (lossless), so a resumed run's outputs
+    # are byte-for-byte those of an uninterrupted one.
+    pil_images = [Image.open(p).copy() for p in paths]
+    arrays = [np.asarray(im) for im in pil_images]
+    images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
     np.savez_compressed(
         out / "samples.npz",
-        images=images.numpy(),
+        images=images,
         labels=labels.astype(np.int64),
-        seeds=seeds.reshape(-1).astype(np.int64),
+        seeds=seeds.astype(np.int64),
         class_names=np.array(class_names),
     )
     features = datasets.Features(
@@ -100,7 +162,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         }
     )
     ds = datasets.Dataset.from_dict(
-        {"image": pil_images, "label": labels.tolist(), "seed": seeds.reshape(-1).tolist()},
+        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
         features=features,
     )
     if (out / "dataset").exists():
@@ -108,8 +170,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
     ds.save_to_disk(str(out / "dataset"))
 
     n_grid = cfg.sample.grid_images_per_class
-    rows = [images[labels == c][:n_grid] for c in range(num_classes)]
-    save_image_grid(rows, out / "grid.png", row_labels=class_names, title="synthetic samples")
+    tensor = torch.from_numpy(images)
+    rows = [tensor[labels == c][:n_grid] for c in range(num_classes)]
+    save_image_grid(
+        rows,
+        out / "grid.png",
+        row_labels=class_names,
+        title=f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps)",
+    )
     log.info("wrote %d synthetic images to %s", len(images), out)
     mark_done(out)
     return out
