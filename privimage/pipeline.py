@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 
 from privimage import data
 from privimage.config import STAGES, Config
+from privimage.errors import ConfigError
 from privimage.runtime import atomic_write_text, is_done, stage_dir
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,15 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     fails in a second rather than after an hour of pretraining.
     """
     run_dir = Path(run_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and list(cfg.stages) != ["pretrain"]:
+        # The other stages are single-process (DP-SGD's accounting assumes one Poisson
+        # sampler); several copies would each spend the budget on the same run.
+        raise ConfigError(
+            f"{world} processes were launched (WORLD_SIZE={world}) but only pretraining runs "
+            f"on many; launch with stages=[pretrain], and run stages={list(cfg.stages)} "
+            "without torchrun"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     data.check_available(cfg.data)
     data.check_available(cfg.public)

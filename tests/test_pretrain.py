@@ -1,0 +1,220 @@
+"""Pretraining with Accelerate: shards, two real processes, resume after kill -9, outputs.
+
+The query's outputs (which public images, relabelled how) are written by hand from the
+glyph dataset, so these tests exercise the pretraining stage alone on real images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, typed_config
+from diffusers import UNet2DModel
+
+from privimage import data
+from privimage.errors import ConfigError
+from privimage.models import load_unet
+from privimage.runtime import mark_done, write_json
+from privimage.stages import pretrain
+from privimage.stages.pretrain import epoch_order, micro_batch, step_generator
+
+BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
+
+
+def _fake_query(run_dir, cache_dir, num_images=256, num_classes=10):
+    """The files the query stage hands to pretraining: public ids and their new labels."""
+    cfg = typed_config(BASE, cache_dir)
+    public = data.load(cfg.public, cache_dir=cache_dir, progress=False)
+    q = run_dir / "query"
+    q.mkdir(parents=True)
+    index = np.arange(num_images, dtype=np.int64) * (len(public.train) // num_images)
+    np.save(q / "public_index.npy", index)
+    np.save(q / "public_labels.npy", (public.train.labels.numpy()[index] % num_classes))
+    write_json(
+        q / "selection.json",
+        {"classes": [{"sensitive_class": i, "name": str(i)} for i in range(num_classes)]},
+    )
+    mark_done(q)
+
+
+def _command(run_dir, cache_dir, *extra, launcher=()):
+    return [
+        *launcher,
+        "-m",
+        "privimage",
+        *BASE,
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def _run(run_dir, cache_dir, *extra, launcher=(sys.executable,)):
+    return subprocess.run(
+        _command(run_dir, cache_dir, *extra, launcher=launcher),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_micro_batches_cut_each_global_batch_into_disjoint_equal_parts():
+    order = epoch_order(seed=0, epoch=3, num_images=100)
+    assert sorted(order.tolist()) == list(range(100))
+    assert not np.array_equal(order, epoch_order(seed=0, epoch=4, num_images=100))
+    for step_in_epoch in range(3):
+        parts = [
+            micro_batch(
+                order,
+                step_in_epoch=step_in_epoch,
+                batch_size=32,
+                process=p,
+                num_processes=2,
+                micro=m,
+                accumulation=4,
+            )
+            for p in range(2)
+            for m in range(4)
+        ]
+        assert all(len(part) == 4 for part in parts)
+        joined = np.sort(np.concatenate(parts))
+        assert np.array_equal(joined, np.sort(order[step_in_epoch * 32 : (step_in_epoch + 1) * 32]))
+
+
+def test_each_micro_batch_has_its_own_seeded_stream():
+    def draw(**kw):
+        return torch.randn(3, generator=step_generator(**kw))
+
+    a = draw(seed=0, step=5, process=0, micro=0)
+    assert torch.equal(a, draw(seed=0, step=5, process=0, micro=0))
+    for other in ({"step": 6}, {"process": 1}, {"micro": 1}, {"seed": 1}):
+        kw = {"seed": 0, "step": 5, "process": 0, "micro": 0, **other}
+        assert not torch.equal(a, draw(**kw))
+
+
+def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, cache_dir):
+    _fake_query(tmp_path, cache_dir, num_images=40)
+    cfg = typed_config([*BASE, "pretrain.batch_size=64"], cache_dir)
+    with pytest.raises(ConfigError, match="exceeds the 40 selected public images"):
+        pretrain.run(cfg, tmp_path)
+    cfg = typed_config(
+        [*BASE, "pretrain.batch_size=30", "pretrain.gradient_accumulation_steps=4"], cache_dir
+    )
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        pretrain.run(cfg, tmp_path)
+
+
+def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
+    _fake_query(tmp_path, cache_dir)
+    cfg = typed_config(
+        [
+            *BASE,
+            "pretrain.epochs=2",
+            "pretrain.batch_size=32",
+            "pretrain.gradient_accumulation_steps=2",
+            "pretrain.log_every_steps=2",
+            "pretrain.tracker=tensorboard",
+        ],
+        cache_dir,
+    )
+    out = pretrain.run(cfg, tmp_path)
+    assert (out / "DONE").exists() and not (out / "checkpoint").exists()
+    # Any diffusers user can load it; diffusion.json says how to precondition it.
+    model = UNet2DModel.from_pretrained(out / "unet")
+    assert model.config.num_class_embeds == 11  # 10 classes + the null class
+    _, spec = load_unet(out / "unet")
+    assert spec.formulation == "edm" and spec.sigma_data == 0.5
+    stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == list(range(2, 17, 2))  # 2 epochs x 8 steps
+    assert all(np.isfinite(s["loss"]) and s["images_per_s"] > 0 for s in stats)
+    assert (out / "loss.png").stat().st_size > 0
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    procs = json.loads((out / "processes.json").read_text())
+    assert procs["world_size"] == 1
+    assert procs["processes"][0]["images_seen"] == 2 * 256
+
+
+def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
+    """A real 2-process gloo run (torchrun; `accelerate launch --cpu` would run one)."""
+    _fake_query(tmp_path, cache_dir)
+    result = _run(
+        tmp_path,
+        cache_dir,
+        "pretrain.epochs=1",
+        launcher=(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    procs = json.loads((tmp_path / "pretrain" / "processes.json").read_text())
+    assert procs["world_size"] == 2
+    ranks = {p["rank"]: p for p in procs["processes"]}
+    assert set(ranks) == {0, 1}
+    # One epoch of 256 images in 4 global batches of 64: 32 per process per step.
+    assert ranks[0]["images_seen"] == ranks[1]["images_seen"] == 128
+    # Disjoint shards covering the epoch: the id sums add up to 0 + 1 + ... + 255.
+    assert ranks[0]["image_id_sum"] + ranks[1]["image_id_sum"] == sum(range(256))
+    assert not set(ranks[0]["first_image_ids"]) & set(ranks[1]["first_image_ids"])
+    UNet2DModel.from_pretrained(tmp_path / "pretrain" / "unet")
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
+    extra = ("pretrain.epochs=6", "pretrain.batch_size=32", "pretrain.checkpoint_every_steps=8")
+    straight = tmp_path / "straight"
+    _fake_query(straight, cache_dir)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(straight, crashed)
+    result = _run(straight, cache_dir, *extra, "pretrain.log_every_steps=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    stats = crashed / "pretrain" / "stats.jsonl"
+    proc = subprocess.Popen(
+        _command(
+            crashed, cache_dir, *extra, "pretrain.log_every_steps=1", launcher=(sys.executable,)
+        ),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    # Past the step-8 checkpoint, with steps after it done but not checkpointed.
+    while not stats.exists() or len(stats.read_text().splitlines()) < 11:
+        assert proc.poll() is None, "pretraining ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (crashed / "pretrain" / "checkpoint").is_dir()
+    assert not (crashed / "pretrain" / "DONE").exists()
+
+    changed = _run(crashed, cache_dir, *extra, "pretrain.log_every_steps=1", "pretrain.lr=0.01")
+    assert changed.returncode == 2 and "restore the original settings" in changed.stderr
+
+    resumed = _run(crashed, cache_dir, *extra, "pretrain.log_every_steps=1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    lines_s = (straight / "pretrain" / "stats.jsonl").read_text().splitlines()
+    lines_c = stats.read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines_c]
+    assert steps == list(range(1, 49))  # each step logged once
+    losses = [json.loads(line)["loss"] for line in lines_c]
+    assert losses == [json.loads(line)["loss"] for line in lines_s]
+    a = UNet2DModel.from_pretrained(straight / "pretrain" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(crashed / "pretrain" / "unet").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
