@@ -27,7 +27,18 @@ def test_every_experiment_preset_composes(experiment, tmp_path):
 
 @pytest.mark.parametrize(
     "group",
-    ["data", "public", "model", "privacy", "query", "pretrain", "finetune", "sample", "evaluate"],
+    [
+        "data",
+        "public",
+        "model",
+        "diffusion",
+        "privacy",
+        "query",
+        "pretrain",
+        "finetune",
+        "sample",
+        "evaluate",
+    ],
 )
 def test_every_group_option_composes(group, tmp_path):
     for option in _options(group):
@@ -67,6 +78,14 @@ def test_cifar10_with_tinyimagenet_composes(tmp_path):
         ("public.resolution=32", "public"),
         ("model.norm_num_groups=7", "norm_num_groups"),
         ("stages=[query,train]", "train"),
+        ("diffusion.formulation=vp", "diffusion.formulation"),
+        ("diffusion.sigma_min=100", "diffusion.sigma_min"),
+        ("sample.sampler=ddim", "sample.sampler"),
+        ("sample.guidance_scale=-1", "sample.guidance_scale"),
+        ("pretrain.mixed_precision=fp8", "pretrain.mixed_precision"),
+        ("pretrain.tracker=wandb", "pretrain.tracker"),
+        ("pretrain.label_dropout=1", "pretrain.label_dropout"),
+        ("pretrain.gradient_accumulation_steps=0", "pretrain.gradient_accumulation_steps"),
     ],
 )
 def test_bad_values_are_one_line_config_errors(override, needle, tmp_path):
@@ -91,3 +110,41 @@ def test_query_epsilon_share_calibrates_the_query_noise(tmp_path):
     spent = epsilon_spent([query_mechanism(noise_multiplier=sigma, top_k=1)], delta=1e-5)
     assert 0.5 - 0.005 <= spent <= 0.5
     assert query_noise_multiplier(typed_config([], tmp_path)) == 10.0
+
+
+# Parameter budgets (millions) per preset: tests sized, CPU sized, and PrivImage/DPDM's
+# compact 1.8M-3.8M range at 32x32.
+MODEL_SIZES = {
+    "nano": (28, 1, 0.1, 0.3),
+    "tiny28": (28, 1, 0.9, 1.3),
+    "small28": (28, 1, 2.0, 3.0),
+    "tiny32": (32, 3, 1.4, 1.9),
+    "small32": (32, 3, 3.4, 4.0),
+}
+
+
+def test_every_model_preset_has_a_size_entry():
+    assert sorted(MODEL_SIZES) == _options("model")
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_SIZES))
+def test_every_model_preset_is_dp_trainable(preset, tmp_path):
+    """GroupNorm only, a null class for guidance, and Opacus' validator finds nothing."""
+    import torch
+    from opacus.validators import ModuleValidator
+
+    from privimage.models import build_unet, count_parameters
+
+    resolution, channels, lo, hi = MODEL_SIZES[preset]
+    cfg = typed_config([f"model={preset}"], tmp_path)
+    model = build_unet(cfg.model, resolution=resolution, channels=channels, num_classes=10)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model.config.num_class_embeds == 11
+    assert lo <= count_parameters(model) / 1e6 <= hi
+    out = model(
+        torch.zeros(2, channels, resolution, resolution),
+        torch.zeros(2),
+        class_labels=torch.tensor([0, 10]),
+    )
+    assert out.sample.shape == (2, channels, resolution, resolution)

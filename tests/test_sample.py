@@ -1,0 +1,131 @@
+"""The sample stage: every output format, split and resumed jobs give the same images.
+
+The fine-tuned UNet is a real (untrained) diffusers model saved the way the fine-tune
+stage saves it; sampling it exercises the whole stage in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import typed_config
+from PIL import Image
+
+from privimage.errors import ConfigError
+from privimage.models import build_unet, save_unet
+from privimage.runtime import mark_done, write_json
+from privimage.stages import sample
+
+CLASSES = ["zero", "one", "two"]
+BASE = [
+    "experiment=smoke",
+    "stages=[sample]",
+    "sample.images_per_class=5",
+    "sample.num_inference_steps=3",
+    "data.resolution=16",
+    "public.resolution=16",
+]
+
+
+def _upstream(run_dir, cfg, formulation="edm"):
+    q = run_dir / "query"
+    q.mkdir(parents=True)
+    write_json(q / "selection.json", {"classes": [{"name": n} for n in CLASSES]})
+    mark_done(q)
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, resolution=16, channels=1, num_classes=len(CLASSES))
+    with torch.no_grad():
+        model.class_embedding.weight.mul_(30)  # classes visibly apart in an untrained net
+    spec = cfg.diffusion
+    if formulation != spec.formulation:
+        spec = type(spec)(formulation=formulation)
+    save_unet(model, run_dir / "finetune" / "unet", diffusion=spec)
+    mark_done(run_dir / "finetune")
+
+
+def _sample(run_dir, cache_dir, *extra):
+    cfg = typed_config([*BASE, *extra], cache_dir)
+    if not (run_dir / "finetune").exists():
+        _upstream(run_dir, cfg)
+    return sample.run(cfg, run_dir), cfg
+
+
+def test_writes_folder_dataset_npz_and_grid(tmp_path, cache_dir):
+    out, _ = _sample(tmp_path, cache_dir)
+    npz = np.load(out / "samples.npz")
+    assert npz["images"].shape == (15, 1, 16, 16) and npz["images"].dtype == np.uint8
+    assert npz["labels"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert npz["seeds"].tolist() == list(range(15))
+    assert npz["class_names"].tolist() == CLASSES
+    for label, seed, image in zip(npz["labels"], npz["seeds"], npz["images"], strict=True):
+        png = np.asarray(Image.open(out / "images" / CLASSES[label] / f"{seed:06d}.png"))
+        assert np.array_equal(png, image[0])
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds.features["label"].names == CLASSES
+    assert ds["label"] == npz["labels"].tolist() and ds["seed"] == npz["seeds"].tolist()
+    assert np.array_equal(np.asarray(ds[7]["image"]), npz["images"][7, 0])
+    assert (out / "grid.png").stat().st_size > 0 and (out / "DONE").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
+    whole, _ = _sample(tmp_path / "whole", cache_dir, "sample.batch_size=15")
+    ref = np.load(whole / "samples.npz")["images"]
+
+    split, _ = _sample(tmp_path / "split", cache_dir, "sample.batch_size=4")
+    # Other batch compositions may change float summation order, never an image by more
+    # than one rounding step.
+    got = np.load(split / "samples.npz")["images"].astype(int)
+    assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
+
+    # An interrupted job: some PNGs written, no DONE. The rerun samples only the rest.
+    resumed = tmp_path / "resumed"
+    out, _ = _sample(resumed, cache_dir)
+    (out / "DONE").unlink()
+    (out / "samples.npz").unlink()
+    gone = sorted((out / "images").rglob("*.png"))[::3]
+    for path in gone:
+        path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    out, _ = _sample(resumed, cache_dir)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "kept images were redone"
+    assert all(p.exists() for p in gone)
+    got = np.load(out / "samples.npz")["images"].astype(int)
+    assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
+
+
+def test_changed_settings_start_over(tmp_path, cache_dir):
+    out, _ = _sample(tmp_path, cache_dir)
+    before = np.load(out / "samples.npz")["images"]
+    (out / "DONE").unlink()
+    out, _ = _sample(tmp_path, cache_dir, "sample.sampler=euler")
+    assert json.loads((out / "progress.json").read_text())["solver"] == "euler"
+    assert not np.array_equal(np.load(out / "samples.npz")["images"], before)
+
+
+def test_guidance_changes_the_images(tmp_path, cache_dir):
+    plain, _ = _sample(tmp_path / "plain", cache_dir)
+    guided, _ = _sample(tmp_path / "guided", cache_dir, "sample.guidance_scale=3")
+    a = np.load(plain / "samples.npz")["images"]
+    b = np.load(guided / "samples.npz")["images"]
+    assert not np.array_equal(a, b)
+
+
+def test_a_unet_of_another_formulation_is_refused(tmp_path, cache_dir):
+    cfg = typed_config(BASE, cache_dir)
+    _upstream(tmp_path, cfg, formulation="ddpm")
+    with pytest.raises(ConfigError, match="diffusion.formulation=ddpm"):
+        sample.run(cfg, tmp_path)
+    # The same run under the DDPM formulation samples with DDIM.
+    cfg = typed_config([*BASE, "diffusion=ddpm"], cache_dir)
+    out = sample.run(cfg, tmp_path)
+    assert json.loads((out / "progress.json").read_text())["solver"] == "ddim"
+
+
+def test_a_sampler_that_does_not_fit_the_formulation_is_refused(cache_dir):
+    with pytest.raises(ConfigError, match="sample.sampler='ddim' does not fit"):
+        typed_config([*BASE, "sample.sampler=ddim"], cache_dir)
