@@ -4,7 +4,7 @@ For each model preset (``conf/model/tiny28.yaml`` at 28x28x1, ``conf/model/small
 at 32x32x3, read from the YAML so the bench follows the presets) it times, in one process
 and on one fixed batch:
 
-* a **non-private step**: the plain UNet, diffusion loss (``per_example_loss(...).mean()``),
+* a **non-private step**: the plain UNet, EDM diffusion loss (``training_loss(...).mean()``),
   backward, ``torch.optim.Adam`` step;
 * a **DP step** of the same model (same initial weights) and the same batch, wrapped by
   :func:`privimage.dpsgd.make_private` (Opacus per-sample gradients, clipping, noise,
@@ -44,13 +44,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from privimage.__main__ import config_dir
-from privimage.config import ModelConfig
-from privimage.diffusion import linear_alphas_cumprod, per_example_loss, unet_denoiser
+from privimage.config import DiffusionConfig, ModelConfig
+from privimage.diffusion import training_loss
 from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.models import build_unet, count_parameters, make_opacus_safe
 
 # Preset -> (resolution, channels) of the data it is the default model for.
-PRESETS = {"tiny28": (28, 1), "small32": (32, 3)}
+PRESETS = {"tiny28": (28, 1), "tiny32": (32, 3), "small32": (32, 3)}
 NUM_CLASSES = 10
 WARMUP = 2
 # Poisson loader size only (it is never iterated): N = 8 batches, so q = 1/8.
@@ -70,7 +70,11 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(
-    steps: dict[str, Callable[[], None]], repeats: int, device: torch.device
+    steps: dict[str, Callable[[], None]],
+    repeats: int,
+    device: torch.device,
+    *,
+    warmup: int = WARMUP,
 ) -> dict[str, tuple[list[float], float]]:
     """Per step function: wall seconds of ``repeats`` calls after ``WARMUP`` untimed ones,
     and the median CPU seconds per wall second.
@@ -80,7 +84,7 @@ def time_steps(
     whether the run had the machine: on a CPU it is about the thread count when nothing
     else ran, and drops towards 1 when other processes took cores.
     """
-    for _ in range(WARMUP):  # first calls pay for allocation and Opacus' hook set-up
+    for _ in range(warmup):  # first calls pay for allocation and Opacus' hook set-up
         for step in steps.values():
             step()
     _sync(device)
@@ -113,15 +117,14 @@ def bench_preset(
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch_size, channels, resolution, resolution, generator=gen) * 2 - 1).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen).to(device)
-    alphas = linear_alphas_cumprod(1000)
+    spec = DiffusionConfig()  # the default formulation (EDM)
 
     # ---- non-private -----------------------------------------------------------------
     adam = torch.optim.Adam(model.parameters(), lr=1e-4)
     plain_gen = torch.Generator().manual_seed(2)
-    denoise = unet_denoiser(model)
 
     def plain_step() -> None:
-        loss = per_example_loss(denoise, x, y, alphas_cumprod=alphas, generator=plain_gen).mean()
+        loss = training_loss(model, x, y, spec=spec, generator=plain_gen).mean()
         adam.zero_grad(set_to_none=True)
         loss.backward()
         adam.step()
@@ -147,10 +150,9 @@ def bench_preset(
         )
     xk, yk = repeat_for_noise_draws(x, y, noise_multiplicity)
     dp_gen = torch.Generator().manual_seed(2)
-    dp_denoise = unet_denoiser(dp_model)
 
     def dp_step() -> None:
-        loss = per_example_loss(dp_denoise, xk, yk, alphas_cumprod=alphas, generator=dp_gen).mean()
+        loss = training_loss(dp_model, xk, yk, spec=spec, generator=dp_gen).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
