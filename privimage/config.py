@@ -119,8 +119,12 @@ class QueryConfig:
     classifier_arch: str = "resnet"
     classifier_width: int = 32
     classifier_epochs: int = 3
-    # Horizontal flips in training: right for natural images, wrong for glyphs.
+    # Horizontal flips in training (and, averaged with the original, when querying):
+    # right for natural images, wrong for glyphs.
     classifier_hflip: bool = False
+    # "shift" (small translations) or "strong" (random resized crops, colour jitter,
+    # greyscale, label smoothing): strong transfers better to another dataset.
+    classifier_augment: str = "shift"
     batch_size: int = 128
     lr: float = 2e-3
     grid_images_per_class: int = 8
@@ -153,6 +157,8 @@ class PretrainConfig:
     # Optional Accelerate tracker ("tensorboard") logging into pretrain/logs.
     tracker: str | None = None
     max_images: int | None = None
+    # Samples per class in pretrain/grid.png (0: no grid), drawn as the sample stage does.
+    grid_images_per_class: int = 8
 
 
 @dataclass
@@ -346,6 +352,10 @@ def validate(cfg: Config) -> None:
     if cfg.query.classifier_arch not in ("resnet", "cnn"):
         raise ConfigError(
             f"query.classifier_arch={cfg.query.classifier_arch!r}; choose resnet or cnn"
+        )
+    if cfg.query.classifier_augment not in ("shift", "strong"):
+        raise ConfigError(
+            f"query.classifier_augment={cfg.query.classifier_augment!r}; choose shift or strong"
         )
     if cfg.query.method not in ("classifier", "clip"):
         raise ConfigError(f"query.method={cfg.query.method!r}; choose classifier or clip")

@@ -47,7 +47,51 @@ def test_classifier_key_follows_the_public_data_and_its_own_settings(cache_dir):
         "public.max_train_images=100",
         "query.classifier_epochs=2",
         "query.classifier_arch=cnn",
+        "query.classifier_augment=strong",
+        "query.classifier_hflip=true",
     ):
         assert base != _classifier_key(typed_config(["experiment=smoke", change], cache_dir)), (
             change
+        )
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_strong_augmentation_is_seeded_in_range_and_changes_images(channels):
+    import torch
+
+    from privimage.classifier import strong_augment
+
+    x = torch.rand(16, channels, 32, 32) * 2 - 1
+    a = strong_augment(x, torch.Generator().manual_seed(0), hflip=True)
+    b = strong_augment(x, torch.Generator().manual_seed(0), hflip=True)
+    c = strong_augment(x, torch.Generator().manual_seed(1), hflip=True)
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a - x).abs().mean() > 0.05
+    # A flat image stays flat (crops and flips move nothing); only its tone changes.
+    flat = strong_augment(torch.zeros(4, channels, 8, 8), torch.Generator(), hflip=False)
+    assert torch.allclose(flat, flat[:, :1, :1, :1].expand_as(flat), atol=1e-6)
+
+
+def test_unknown_augmentation_is_refused(cache_dir):
+    from privimage.classifier import train_classifier
+    from privimage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="query.classifier_augment"):
+        typed_config(["experiment=smoke", "query.classifier_augment=mixup"], cache_dir)
+    import torch
+
+    with pytest.raises(ValueError, match="augment"):
+        train_classifier(
+            torch.zeros(4, 1, 8, 8),
+            torch.zeros(4, dtype=torch.long),
+            num_classes=2,
+            width=8,
+            epochs=1,
+            batch_size=4,
+            lr=1e-3,
+            device=torch.device("cpu"),
+            seed=0,
+            augment="mixup",
         )

@@ -13,8 +13,9 @@ So the run is resumable from Accelerate's ``save_state`` checkpoint with nothing
 to restore, and each process takes its own disjoint share of every global batch.
 
 Writes ``pretrain/``: ``unet/`` (EMA weights, ``save_pretrained`` + ``diffusion.json``),
-``stats.jsonl``, ``loss.png``, ``processes.json`` (world size and what each process
-saw), ``logs/`` with a tracker; ``checkpoint/`` exists only while a run is unfinished.
+``stats.jsonl``, ``loss.png``, ``grid.png`` (samples per class), ``processes.json``
+(world size and what each process saw), ``logs/`` with a tracker; ``checkpoint/``
+exists only while a run is unfinished.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from privimage import data
-from privimage.config import Config
-from privimage.diffusion import drop_labels, training_loss
+from privimage.config import Config, sampler_name
+from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
 from privimage.errors import ConfigError, PrivImageError
 from privimage.models import build_unet, count_parameters, ema_update, save_unet
-from privimage.plots import save_loss_curve
+from privimage.plots import save_image_grid, save_loss_curve
 from privimage.runtime import (
     StatsWriter,
     cache_root,
@@ -159,6 +160,33 @@ def _find_checkpoint(out: Path) -> Path | None:
         if (out / name).is_dir():
             return out / name
     return None
+
+
+def _save_grid(cfg: Config, ema: torch.nn.Module, selection: dict, path: Path) -> None:
+    """A look at what pretraining learned: a few samples per class from the EMA weights.
+
+    Seeds ``0 .. n-1`` for every class, so grids of runs are comparable image by image.
+    """
+    n = cfg.pretrain.grid_images_per_class
+    names = [c["name"] for c in selection["classes"]]
+    labels = torch.arange(len(names)).repeat_interleave(n)
+    x = sample_batch(
+        ema.eval(),
+        spec=cfg.diffusion,
+        seeds=list(range(n)) * len(names),
+        labels=labels,
+        image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
+        num_steps=cfg.sample.num_inference_steps,
+        solver=sampler_name(cfg),
+        device=next(ema.parameters()).device,
+    )
+    images = to_uint8(x.cpu())
+    save_image_grid(
+        [images[labels == c] for c in range(len(names))],
+        path,
+        row_labels=names,
+        title="pretrained on public data (EMA)",
+    )
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
@@ -344,6 +372,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
             },
         )
         save_loss_curve(out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)")
+        if p.grid_images_per_class > 0:
+            _save_grid(cfg, ema, read_json(query_dir / "selection.json"), out / "grid.png")
         for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
         mark_done(out)

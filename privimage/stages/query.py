@@ -55,10 +55,11 @@ def _classifier_key(cfg: Config) -> str:
         "width": cfg.query.classifier_width,
         "epochs": cfg.query.classifier_epochs,
         "hflip": cfg.query.classifier_hflip,
+        "augment": cfg.query.classifier_augment,
         "batch_size": cfg.query.batch_size,
         "lr": cfg.query.lr,
         "seed": cfg.seed,
-        "version": 2,
+        "version": 3,
     }
     return cache_key(spec)
 
@@ -91,6 +92,7 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
         width=cfg.query.classifier_width,
         epochs=cfg.query.classifier_epochs,
         hflip=cfg.query.classifier_hflip,
+        augment=cfg.query.classifier_augment,
         batch_size=cfg.query.batch_size,
         lr=cfg.query.lr,
         device=device,
@@ -150,7 +152,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
         log.info("query classifier: top-1 %.3f on the public test split", public_top1)
 
         def semantic_logits(images: torch.Tensor) -> torch.Tensor:
-            return predict_logits(model, images, batch_size=512, device=device)
+            logits = predict_logits(model, images, batch_size=512, device=device)
+            if cfg.query.classifier_hflip:
+                # A classifier trained on mirrored images scores both views; averaging
+                # them is a cheaper vote than a second model (a deterministic function
+                # of each image, so the histogram's sensitivity is unchanged).
+                mirrored = predict_logits(model, images.flip(-1), batch_size=512, device=device)
+                logits = (logits + mirrored) / 2
+            return logits
 
     sensitive = data.load(cfg.data, cache_dir=cache)
     n_sensitive = len(sensitive.train)
