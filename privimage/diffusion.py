@@ -21,12 +21,10 @@ Classifier-free guidance uses the null label ``num_classes`` that
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
-from tqdm.auto import tqdm
+from diffusers import DDIMScheduler
 
 from privimage.config import SOLVERS, DiffusionConfig
 
@@ -450,41 +448,6 @@ def null_class(model: torch.nn.Module) -> int | None:
     """The null (unconditional) label of a UNet built by ``build_unet``: its last class."""
     n = getattr(getattr(model, "config", None), "num_class_embeds", None)
     return None if n is None else int(n) - 1
-
-
-def sample_in_batches(
-    model: UNet2DModel,
-    *,
-    spec: DiffusionConfig,
-    seeds: Sequence[int],
-    labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
-    num_steps: int,
-    solver: str,
-    batch_size: int,
-    guidance_scale: float = 1.0,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> torch.Tensor:
-    """Sample ``len(seeds)`` images in batches; returns uint8 ``(N, C, H, W)`` on CPU."""
-    model.eval()
-    chunks = []
-    n_batches = math.ceil(len(seeds) / batch_size)
-    for b in tqdm(range(n_batches), desc="sampling", disable=not progress):
-        sl = slice(b * batch_size, (b + 1) * batch_size)
-        x = sample_batch(
-            model,
-            spec=spec,
-            seeds=seeds[sl],
-            labels=labels[sl],
-            image_shape=image_shape,
-            num_steps=num_steps,
-            solver=solver,
-            guidance_scale=guidance_scale,
-            device=device,
-        )
-        chunks.append(to_uint8(x.cpu()))
-    return torch.cat(chunks) if chunks else torch.empty((0, *image_shape), dtype=torch.uint8)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
