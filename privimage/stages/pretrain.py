@@ -178,6 +178,7 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, selection: dict, path: Path) -
         image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
         num_steps=cfg.sample.num_inference_steps,
         solver=sampler_name(cfg),
+        guidance_scale=cfg.sample.guidance_scale,
         device=next(ema.parameters()).device,
     )
     images = to_uint8(x.cpu())
@@ -185,7 +186,7 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, selection: dict, path: Path) -
         [images[labels == c] for c in range(len(names))],
         path,
         row_labels=names,
-        title="pretrained on public data (EMA)",
+        title=f"pretrained on public data (EMA), guidance {cfg.sample.guidance_scale:g}",
     )
 
 
