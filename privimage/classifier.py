@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from privimage.config import AUGMENTATIONS
 from privimage.models import build_classifier
-
-AUGMENTATIONS = ("shift", "strong")
 
 
 def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:

@@ -20,6 +20,8 @@ STAGES = ("query", "pretrain", "finetune", "sample", "evaluate")
 FORMULATIONS = ("edm", "ddpm")
 # The samplers that fit each formulation (the first is the default).
 SOLVERS = {"edm": ("heun", "euler"), "ddpm": ("ddim",)}
+# Query-classifier training augmentations (privimage.classifier).
+AUGMENTATIONS = ("shift", "strong")
 
 
 @dataclass
@@ -353,9 +355,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"query.classifier_arch={cfg.query.classifier_arch!r}; choose resnet or cnn"
         )
-    if cfg.query.classifier_augment not in ("shift", "strong"):
+    if cfg.query.classifier_augment not in AUGMENTATIONS:
         raise ConfigError(
-            f"query.classifier_augment={cfg.query.classifier_augment!r}; choose shift or strong"
+            f"query.classifier_augment={cfg.query.classifier_augment!r}; "
+            f"choose one of {list(AUGMENTATIONS)}"
         )
     if cfg.query.method not in ("classifier", "clip"):
         raise ConfigError(f"query.method={cfg.query.method!r}; choose classifier or clip")

@@ -131,11 +131,10 @@ def ddim_sample(
     for t in scheduler.timesteps:
         t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         eps = guided(
-            lambda xx, ll, t_batch=t_batch: denoiser(
-                xx, t_batch if xx.shape[0] == t_batch.shape[0] else t_batch.repeat(2), ll
-            ),
+            lambda xx, ll, tt: denoiser(xx, tt, ll),
             x,
             labels,
+            t_batch,
             guidance_scale=guidance_scale,
             null_label=null_label,
         )
@@ -210,6 +209,27 @@ def edm_denoise(
     return c_skip.view(view) * x + c_out.view(view) * out.to(x.dtype)
 
 
+def mean_over_draws(
+    row_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    noise_draws: int,
+) -> torch.Tensor:
+    """Each example's loss averaged over ``noise_draws`` independent draws, ``(batch,)``.
+
+    ``row_loss(x, labels)`` returns one loss per row with fresh random draws per row;
+    the examples are repeated K times in place (rows ``i*K .. i*K+K-1`` are example i),
+    so the gradient of the mean is the average of the K per-draw gradients (DPDM's noise
+    multiplicity).
+    """
+    if noise_draws < 1:
+        raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
+    rows = row_loss(
+        x0.repeat_interleave(noise_draws, dim=0), labels.repeat_interleave(noise_draws, dim=0)
+    )
+    return rows.view(x0.shape[0], noise_draws).mean(dim=1)
+
+
 def edm_per_example_loss(
     net: Network,
     x0: torch.Tensor,
@@ -230,22 +250,18 @@ def edm_per_example_loss(
     ``generator`` on the CPU (sigmas first, then the noise), so results do not depend on
     the device.
     """
-    if noise_draws < 1:
-        raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
-    batch = x0.shape[0]
-    if noise_draws > 1:
-        x0 = x0.repeat_interleave(noise_draws, dim=0)
-        labels = labels.repeat_interleave(noise_draws, dim=0)
-    rows = x0.shape[0]
-    sigma = sample_training_sigmas(rows, p_mean=p_mean, p_std=p_std, generator=generator)
-    noise = torch.randn(x0.shape, generator=generator, device="cpu")
-    sigma = sigma.to(x0.device)
-    view = (-1,) + (1,) * (x0.ndim - 1)
-    x_noisy = x0 + noise.to(x0.device, x0.dtype) * sigma.to(x0.dtype).view(view)
-    denoised = edm_denoise(net, x_noisy, sigma, labels, sigma_data=sigma_data)
-    weight = edm_loss_weight(sigma.to(torch.float64), sigma_data=sigma_data).to(x0.dtype)
-    per_row = weight * (denoised - x0).pow(2).flatten(1).mean(dim=1)
-    return per_row.view(batch, noise_draws).mean(dim=1)
+
+    def row_loss(x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sigma = sample_training_sigmas(len(x0), p_mean=p_mean, p_std=p_std, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu")
+        sigma = sigma.to(x0.device)
+        view = (-1,) + (1,) * (x0.ndim - 1)
+        x_noisy = x0 + noise.to(x0.device, x0.dtype) * sigma.to(x0.dtype).view(view)
+        denoised = edm_denoise(net, x_noisy, sigma, labels, sigma_data=sigma_data)
+        weight = edm_loss_weight(sigma.to(torch.float64), sigma_data=sigma_data).to(x0.dtype)
+        return weight * (denoised - x0).pow(2).flatten(1).mean(dim=1)
+
+    return mean_over_draws(row_loss, x0, labels, noise_draws)
 
 
 def karras_sigmas(
@@ -268,24 +284,28 @@ def karras_sigmas(
 
 
 def guided(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     labels: torch.Tensor,
+    cond: torch.Tensor,
     *,
     guidance_scale: float,
-    null_label: int,
+    null_label: int | None,
 ) -> torch.Tensor:
     """Classifier-free guidance: ``u + w (c - u)`` from one batch of doubled size.
 
-    ``fn(x, labels)`` is the model's prediction; ``w = 1`` is plain conditional
-    sampling (one pass), ``w = 0`` unconditional.
+    ``fn(x, labels, cond)`` is the model's prediction, ``cond`` its per-row noise level
+    or timestep (doubled along with ``x``); ``w = 1`` is plain conditional sampling (one
+    pass), ``w = 0`` unconditional.
     """
     if guidance_scale == 1.0:
-        return fn(x, labels)
+        return fn(x, labels, cond)
+    if null_label is None:
+        raise ValueError("classifier-free guidance needs the null label")
     null = torch.full_like(labels, null_label)
-    both = fn(torch.cat([x, x]), torch.cat([labels, null]))
-    cond, uncond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+    both = fn(torch.cat([x, x]), torch.cat([labels, null]), torch.cat([cond, cond]))
+    cond_pred, uncond_pred = both.chunk(2)
+    return uncond_pred + guidance_scale * (cond_pred - uncond_pred)
 
 
 @torch.no_grad()
@@ -323,15 +343,13 @@ def edm_sample(
     # The ODE state is kept in float64, as EDM does; the network runs in float32.
     x = initial_noise(seeds, image_shape).to(device, torch.float64) * sigmas[0]
 
+    def predict(xx: torch.Tensor, ll: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+        return edm_denoise(net, xx, ss, ll, sigma_data=sigma_data)
+
     def slope(x: torch.Tensor, sigma: float) -> torch.Tensor:
         s = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=device)
-
-        def predict(xx: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
-            ss = s if xx.shape[0] == s.shape[0] else s.repeat(2)
-            return edm_denoise(net, xx, ss, ll, sigma_data=sigma_data)
-
         denoised = guided(
-            predict, x.float(), labels, guidance_scale=guidance_scale, null_label=null_label
+            predict, x.float(), labels, s, guidance_scale=guidance_scale, null_label=null_label
         )
         return (x - denoised.double()) / sigma
 
@@ -371,16 +389,12 @@ def training_loss(
         )
     alphas = linear_alphas_cumprod(spec.num_train_timesteps)
     denoiser = unet_denoiser(model)
-    if noise_draws == 1:
-        return per_example_loss(denoiser, x0, labels, alphas_cumprod=alphas, generator=generator)
-    rows = per_example_loss(
-        denoiser,
-        x0.repeat_interleave(noise_draws, dim=0),
-        labels.repeat_interleave(noise_draws, dim=0),
-        alphas_cumprod=alphas,
-        generator=generator,
+    return mean_over_draws(
+        lambda x, y: per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=generator),
+        x0,
+        labels,
+        noise_draws,
     )
-    return rows.view(x0.shape[0], noise_draws).mean(dim=1)
 
 
 def drop_labels(

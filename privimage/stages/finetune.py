@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from privimage import data, privacy
 from privimage.config import Config
-from privimage.diffusion import drop_labels, training_loss
+from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.models import (
@@ -304,7 +304,7 @@ def _train(
     """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
     ft = cfg.finetune
     steps = mechanism.steps
-    null_label = dp_model._module.config.num_class_embeds - 1
+    null_label = null_class(dp_model._module)
     truncate_jsonl(stats_path, max_step=start)
     stats = StatsWriter(stats_path)
 
