@@ -22,6 +22,7 @@ import torch
 from conftest import REPO, typed_config
 from diffusers import UNet2DModel
 
+from privimage.errors import PrivacyBudgetError
 from privimage.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
@@ -175,3 +176,13 @@ def test_empty_poisson_batches_are_noise_only_steps_in_the_stage(pretrained, tmp
     assert sgd["steps"] == 12 and sgd["sample_rate"] == pytest.approx(1 / 600)
     weights = UNet2DModel.from_pretrained(run_dir / "finetune" / "unet").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_finetune_refuses_a_run_whose_ledger_lost_the_query(pretrained, tmp_path, cache_dir):
+    # A run folder copied without privacy.json: calibrating DP-SGD on an empty history
+    # would spend the whole budget again on top of the query's share.
+    run_dir = _copy(pretrained, tmp_path, "no-ledger")
+    (run_dir / "privacy.json").unlink()
+    with pytest.raises(PrivacyBudgetError, match="records no query spend"):
+        run_pipeline(typed_config(FINETUNE, cache_dir), run_dir)
+    assert not (run_dir / "finetune" / "DONE").exists()

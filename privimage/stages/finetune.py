@@ -51,6 +51,7 @@ from privimage.runtime import (
     StatsWriter,
     atomic_torch_save,
     cache_root,
+    is_done,
     mark_done,
     require_upstream,
     resolve_device,
@@ -132,6 +133,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         accountant=cfg.privacy.accountant,
     )
     prior = [m for m in ledger.history if m.stage != STAGE]
+    if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
+        # The query spent budget on the sensitive data; calibrating without it would
+        # overspend. This happens when a run folder is copied or edited by hand.
+        raise PrivacyBudgetError(
+            f"{Path(run_dir) / 'query'} is finished but {Path(run_dir) / LEDGER_FILE} records "
+            "no query spend; restore the run's privacy.json (or delete query/ and rerun it)"
+        )
     sigma = privacy.calibrate_noise_multiplier(
         target_epsilon=cfg.privacy.target_epsilon,
         delta=cfg.privacy.delta,
