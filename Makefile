@@ -56,7 +56,7 @@ finetune: $(BIN)/privimage ## stage: DP-SGD fine-tune on the sensitive data (in 
 sample: $(BIN)/privimage ## stage: sample the synthetic dataset (in RUN)
 	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[sample] hydra.run.dir=$(RUN) $(ARGS)
 
-evaluate: $(BIN)/privimage ## stage: FID and downstream accuracy of the samples (in RUN)
+evaluate: $(BIN)/privimage ## stage: fidelity, utility and leakage of the samples (in RUN; or ARGS=evaluate.synthetic=DIR)
 	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[evaluate] hydra.run.dir=$(RUN) $(ARGS)
 
 

@@ -46,12 +46,26 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(2)
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
-        m = json.loads(metrics.read_text())
-        print(
-            f"privimage: FID {m['fid']:.2f}, downstream accuracy {m['downstream_accuracy']:.3f}, "
-            f"epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"
-        )
+        print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")
     print(f"privimage: outputs in {run_dir}")
+
+
+def summary_line(m: dict) -> str:
+    """The headline numbers of ``evaluate/metrics.json`` in one line."""
+
+    def num(value, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    line = (
+        f"FID {num(m.get('fid'), '.2f')}, precision {num(m.get('precision'), '.3f')}, "
+        f"recall {num(m.get('recall'), '.3f')}, "
+        f"downstream accuracy {num(m.get('downstream_accuracy'), '.3f')}"
+    )
+    if m.get("epsilon_spent") is not None:
+        line += (
+            f", epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"
+        )
+    return line
 
 
 def main() -> None:

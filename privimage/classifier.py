@@ -1,8 +1,9 @@
 """Training and inference for the small classifiers (query function, downstream utility).
 
 Neither classifier is trained on sensitive data here: the query classifier learns the
-public labels, the downstream classifier learns synthetic images. The fixed epoch count
-is the whole model-selection policy, so no real test data ever influences training.
+public labels, the downstream classifiers learn synthetic images (and are selected on
+held-out synthetic images, see :mod:`privimage.metrics.downstream`), so no real test data
+ever influences training.
 """
 
 from __future__ import annotations
@@ -167,8 +168,12 @@ def train_classifier(
 def predict_logits(
     model: torch.nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """Logits for float images in [-1, 1], computed in batches, returned on CPU."""
-    model.eval()
+    """Logits for float images in [-1, 1], computed in batches, returned on CPU.
+
+    The model is moved to ``device`` (in place) first, so a model kept on the CPU between
+    uses, such as a selected checkpoint, still runs where the batches go.
+    """
+    model.to(device).eval()
     out = [
         model(images[i : i + batch_size].to(device)).float().cpu()
         for i in range(0, len(images), batch_size)

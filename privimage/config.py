@@ -199,17 +199,64 @@ class SampleConfig:
     grid_images_per_class: int = 10
 
 
+# Downstream classifier kinds (privimage.metrics.downstream).
+DOWNSTREAM_CLASSIFIERS = ("cnn", "logreg", "mlp")
+
+
+@dataclass
+class DeviceCount:
+    """An image count with one default for CPU runs and one for GPU runs (null = all).
+
+    Inception features cost about 0.1 s per image on a 2-core CPU and well under a
+    millisecond on a GPU, so the standard full-split evaluation is only the GPU default.
+    """
+
+    cpu: int | None = 2000
+    gpu: int | None = None
+
+    def pick(self, device_type: str) -> int | None:
+        return self.gpu if device_type == "cuda" else self.cpu
+
+
 @dataclass
 class EvaluateConfig:
-    """Fidelity (FID) and utility (train on synthetic, test on real)."""
+    """Fidelity, utility and leakage of a synthetic dataset (privimage.stages.evaluate)."""
 
-    # Real training images used for the FID reference statistics (None = all).
-    fid_reference_images: int | None = 2000
-    fid_batch_size: int = 25
+    # A folder (<class>/<image> or flat) or .npz of images to evaluate instead of this
+    # run's sample/ output; then any folder of images can be scored against cfg.data.
+    synthetic: str | None = None
+    # Real training images for FID, precision/recall and feature-space neighbours.
+    reference_images: DeviceCount = field(default_factory=lambda: DeviceCount(2000, None))
+    # Real test images: the baseline of the leakage statistics and the non-members of the
+    # membership-inference attack (as many training images serve as members).
+    heldout_images: DeviceCount = field(default_factory=lambda: DeviceCount(1000, None))
+    feature_batch_size: int = 50
+    precision_recall_k: int = 4
+    classifiers: list[str] = field(default_factory=lambda: list(DOWNSTREAM_CLASSIFIERS))
+    # The "cnn" classifier's architecture: cnn (SmallCNN) or resnet.
+    classifier_arch: str = "cnn"
     classifier_width: int = 32
     classifier_epochs: int = 10
+    # Epochs of the logistic-regression and MLP classifiers.
+    linear_epochs: int = 20
     classifier_batch_size: int = 128
     classifier_lr: float = 2e-3
+    # Learning rate of the logistic-regression and MLP classifiers.
+    linear_lr: float = 1e-2
+    # Mirror images while training the CNN (natural images yes, digits no).
+    classifier_hflip: bool = False
+    cnn_weight_decay: float = 5e-4
+    # Grid of the linear models, selected on held-out synthetic data.
+    weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
+    # Fraction of the synthetic images held out for model selection.
+    validation_fraction: float = 0.1
+    # Near-copy criterion (Carlini et al. 2023): an image is flagged when
+    # nearest / (alpha * mean of its n nearest training images) < threshold.
+    near_copy_neighbours: int = 50
+    near_copy_alpha: float = 0.5
+    near_copy_threshold: float = 1 / 3
+    # Closest synthetic-training pairs drawn in nearest_pairs.png.
+    closest_pairs: int = 16
 
 
 @dataclass
@@ -274,6 +321,51 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
 def _positive(value: float, name: str, hint: str = "") -> None:
     if not value > 0:
         raise ConfigError(f"{name}={value} must be > 0{hint}")
+
+
+def _validate_evaluate(ev: EvaluateConfig) -> None:
+    for key in ("reference_images", "heldout_images"):
+        for kind in ("cpu", "gpu"):
+            value = getattr(getattr(ev, key), kind)
+            if value is not None:
+                _positive(value, f"evaluate.{key}.{kind}", " (or null for the whole split)")
+    for key in (
+        "feature_batch_size",
+        "precision_recall_k",
+        "classifier_width",
+        "classifier_epochs",
+        "linear_epochs",
+        "classifier_batch_size",
+        "classifier_lr",
+        "linear_lr",
+        "closest_pairs",
+        "near_copy_alpha",
+    ):
+        _positive(getattr(ev, key), f"evaluate.{key}")
+    unknown = [k for k in ev.classifiers if k not in DOWNSTREAM_CLASSIFIERS]
+    if unknown or len(set(ev.classifiers)) != len(ev.classifiers):
+        raise ConfigError(
+            f"evaluate.classifiers={list(ev.classifiers)}; use each of "
+            f"{list(DOWNSTREAM_CLASSIFIERS)} at most once"
+        )
+    if ev.classifier_arch not in ("cnn", "resnet"):
+        raise ConfigError(f"evaluate.classifier_arch={ev.classifier_arch!r}; choose cnn or resnet")
+    if not ev.weight_decays or any(w < 0 for w in ev.weight_decays) or ev.cnn_weight_decay < 0:
+        raise ConfigError(
+            f"evaluate.weight_decays={list(ev.weight_decays)} and evaluate.cnn_weight_decay="
+            f"{ev.cnn_weight_decay} must be >= 0 (and the grid non-empty)"
+        )
+    if not 0 < ev.validation_fraction < 1:
+        raise ConfigError(
+            f"evaluate.validation_fraction={ev.validation_fraction} must be in (0, 1)"
+        )
+    if ev.near_copy_neighbours < 2:
+        raise ConfigError(f"evaluate.near_copy_neighbours={ev.near_copy_neighbours} must be >= 2")
+    if not 0 < ev.near_copy_threshold < 1 / ev.near_copy_alpha:
+        raise ConfigError(
+            f"evaluate.near_copy_threshold={ev.near_copy_threshold} must be in (0, "
+            f"1/near_copy_alpha={1 / ev.near_copy_alpha:g})"
+        )
 
 
 def _validate_diffusion(cfg: Config) -> None:
@@ -388,7 +480,7 @@ def validate(cfg: Config) -> None:
     ):
         if not 0 <= p < 1:
             raise ConfigError(f"{key}={p} must be in [0, 1)")
-    _positive(cfg.evaluate.classifier_epochs, "evaluate.classifier_epochs")
+    _validate_evaluate(cfg.evaluate)
     _positive(cfg.finetune.epochs, "finetune.epochs")
     _positive(cfg.finetune.batch_size, "finetune.batch_size")
     _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")

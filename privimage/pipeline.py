@@ -42,11 +42,16 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     from privimage.stages import STAGE_MODULES
 
     for name in (s for s in STAGES if s in cfg.stages):
+        module = STAGE_MODULES[name]
         if is_done(run_dir, name):
+            # A stage may refuse to be skipped when its finished output answers another
+            # question than the one asked now.
+            if hasattr(module, "check_done"):
+                module.check_done(cfg, run_dir)
             log.info("stage %s: already done (%s), skipped", name, stage_dir(run_dir, name))
             continue
         log.info("stage %s: starting", name)
         start = time.perf_counter()
-        STAGE_MODULES[name].run(cfg, run_dir)
+        module.run(cfg, run_dir)
         log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
     return run_dir

@@ -88,3 +88,69 @@ def save_loss_curve(stats_path: Path, path: Path, *, title: str, key: str = "los
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_pairs(
+    top: torch.Tensor,
+    bottom: torch.Tensor,
+    path: Path,
+    *,
+    row_labels: tuple[str, str],
+    captions: Sequence[str] | None = None,
+    title: str | None = None,
+) -> None:
+    """Two aligned rows of uint8 images (e.g. synthetic images over their nearest training
+    images), with an optional caption under each column."""
+    n = max(len(top), 1)
+    fig, axes = plt.subplots(2, n, figsize=(2.0 + 0.9 * n, 2.3), squeeze=False)
+    for r, images in enumerate((top, bottom)):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                img = images[c].numpy()
+                if img.shape[0] == 1:
+                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+                else:
+                    ax.imshow(np.transpose(img, (1, 2, 0)))
+            if r == 1 and captions is not None and c < len(captions):
+                ax.set_xlabel(captions[c], fontsize=7)
+        axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_histograms(
+    panels: Sequence[tuple[str, dict[str, np.ndarray]]],
+    path: Path,
+    *,
+    title: str | None = None,
+) -> None:
+    """One panel per ``(xlabel, {series name: values})``, the series overlaid as
+    normalised histograms on shared bins, so two distributions compare at a glance."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (xlabel, series) in zip(axes[0], panels, strict=True):
+        finite = [np.asarray(v, dtype=float) for v in series.values() if len(v)]
+        values = np.concatenate(finite) if finite else np.zeros(1)
+        bins = np.histogram_bin_edges(values, bins=30)
+        for name, v in series.items():
+            if len(v):
+                ax.hist(v, bins=bins, density=True, alpha=0.5, label=f"{name} (n={len(v)})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

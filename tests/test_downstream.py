@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from privimage.data import ImageSplit
+from privimage.errors import DataError
 from privimage.metrics import downstream as ds
 
 
@@ -82,7 +83,7 @@ def test_holdout_is_stratified_and_rejects_tiny_sets():
     labels = torch.arange(10).repeat(10)
     train_idx, val_idx = ds.synthetic_holdout(labels, 0.2, seed=0)
     assert sorted(labels[val_idx].tolist()) == sorted(list(range(10)) * 2)
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(DataError, match="too few"):
         ds.synthetic_holdout(torch.arange(3), 0.1, seed=0)
 
 

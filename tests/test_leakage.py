@@ -82,9 +82,11 @@ def test_loss_threshold_attack_separates_low_loss_members():
     assert abs(same["auc"] - 0.5) < 0.05
 
 
-def test_near_copy_ratio_of_sorted_distances():
-    d = np.array([[0.0, 2.0, 4.0], [3.0, 3.0, 3.0], [0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(leakage.near_copy_ratio(d), [0.0, 1.0, 0.0])
+def test_near_copy_score_of_sorted_distances():
+    d = np.array([[0.0, 2.0, 4.0], [3.0, 3.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    # nearest / (alpha * mean): 0 / 1, 3 / 1.5, 1 / 1, and 0 for an all-zero neighbourhood
+    np.testing.assert_allclose(leakage.near_copy_score(d, alpha=0.5), [0.0, 2.0, 1.0, 0.0])
+    np.testing.assert_allclose(leakage.near_copy_score(d, alpha=1.0), [0.0, 1.0, 0.5, 0.0])
 
 
 def test_near_copy_detector_flags_planted_copies_and_not_distinct_images(mnist):
@@ -99,7 +101,7 @@ def test_near_copy_detector_flags_planted_copies_and_not_distinct_images(mnist):
         leakage.pixel_vectors(train),
         n=leakage.NEAR_COPY_NEIGHBOURS,
     )
-    flagged = leakage.near_copy_ratio(dist) < leakage.NEAR_COPY_THRESHOLD
+    flagged = leakage.near_copy_score(dist) < leakage.NEAR_COPY_THRESHOLD
     assert flagged[:40].all()
     assert not flagged[40:].any()
     # The detector also finds which training image was copied.

@@ -86,6 +86,14 @@ def test_cifar10_with_tinyimagenet_composes(tmp_path):
         ("pretrain.tracker=wandb", "pretrain.tracker"),
         ("pretrain.label_dropout=1", "pretrain.label_dropout"),
         ("pretrain.gradient_accumulation_steps=0", "pretrain.gradient_accumulation_steps"),
+        ("evaluate.classifiers=[cnn,svm]", "evaluate.classifiers"),
+        ("evaluate.classifiers=[cnn,cnn]", "evaluate.classifiers"),
+        ("evaluate.classifier_arch=vit", "evaluate.classifier_arch"),
+        ("evaluate.validation_fraction=1", "evaluate.validation_fraction"),
+        ("evaluate.reference_images.cpu=0", "evaluate.reference_images.cpu"),
+        ("evaluate.weight_decays=[-1]", "evaluate.weight_decays"),
+        ("evaluate.near_copy_threshold=2", "evaluate.near_copy_threshold"),
+        ("evaluate.near_copy_neighbours=1", "evaluate.near_copy_neighbours"),
     ],
 )
 def test_bad_values_are_one_line_config_errors(override, needle, tmp_path):

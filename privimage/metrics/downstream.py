@@ -28,6 +28,7 @@ from torch import nn
 from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.data.containers import ImageSplit
 from privimage.data.splits import stratified_split
+from privimage.errors import DataError
 from privimage.models import build_classifier
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def synthetic_holdout(
         raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
     train_idx, val_idx = stratified_split(labels.numpy(), fraction, seed)
     if len(val_idx) == 0 or len(train_idx) == 0:
-        raise ValueError(
+        raise DataError(
             f"{len(labels)} synthetic images are too few to hold out {fraction:.0%} for "
             "model selection; sample more images per class"
         )

@@ -4,10 +4,12 @@ Pure functions behind the evaluation's privacy measurements, after Soufleri et a
 and Carlini et al. (2023):
 
 - image similarity to the nearest training image: :func:`psnr` and :func:`ssim`;
-- a normalised nearest-neighbour criterion for near-copies, :func:`near_copy_ratio`: the
-  distance to the nearest training image divided by the mean distance to the ``n`` nearest.
-  A copy (or a copy up to JPEG noise) sits far closer to one training image than to its
-  other neighbours; a fresh image from the same distribution does not;
+- a normalised nearest-neighbour criterion for near-copies, :func:`near_copy_score`: the
+  distance to the nearest training image divided by ``alpha`` times the mean distance to
+  the ``n`` nearest, flagged below ``delta`` (Carlini et al. 2023, Sec. 5.1, as we read it:
+  alpha = 0.5, n = 50, delta = 1/3). A copy (or a copy up to JPEG noise) sits far closer
+  to one training image than to its other neighbours; a fresh image from the same
+  distribution does not;
 - a loss-threshold membership-inference attack, summarised by :func:`roc_auc` and
   :func:`tpr_at_fpr` (members should have lower loss, so the score is the negative loss).
 
@@ -26,9 +28,12 @@ import torch.nn.functional as F
 
 #: PSNR of identical images is infinite; it is reported as this many dB (JSON has no inf).
 PSNR_CAP_DB = 100.0
-#: Default neighbourhood and threshold of the near-copy criterion.
+#: Default neighbourhood, scale and threshold of the near-copy criterion.
 NEAR_COPY_NEIGHBOURS = 50
+NEAR_COPY_ALPHA = 0.5
 NEAR_COPY_THRESHOLD = 1 / 3
+#: Images per block in the similarity measures (bounds float64 temporaries to ~100 MB).
+CHUNK = 1024
 
 
 def pixel_vectors(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -46,9 +51,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     _check_pair(a, b)
-    mse = (a.double() - b.double()).square().flatten(1).mean(1)
-    out = 10.0 * torch.log10(255.0**2 / mse)
-    return out.clamp(max=PSNR_CAP_DB).nan_to_num(PSNR_CAP_DB).numpy()
+    out = []
+    for i in range(0, len(a), CHUNK):
+        x, y = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
+        mse = (x - y).square().flatten(1).mean(1)
+        db = 10.0 * torch.log10(255.0**2 / mse)
+        out.append(db.clamp(max=PSNR_CAP_DB).nan_to_num(PSNR_CAP_DB).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
@@ -71,21 +80,24 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1
     size = min(window, *a.shape[-2:])
     size -= 1 - size % 2  # odd, so the window has a centre
     c = a.shape[1]
-    w = _gaussian_window(size, sigma).expand(c, 1, size, size)
-    x, y = a.double(), b.double()
+    w = _gaussian_window(size, sigma).to(a.device).expand(c, 1, size, size)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
     def filt(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, w, groups=c)
 
-    mu_x, mu_y = filt(x), filt(y)
-    var_x = filt(x * x) - mu_x**2
-    var_y = filt(y * y) - mu_y**2
-    cov = filt(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
-    return s.flatten(1).mean(1).numpy()
+    out = []
+    for i in range(0, len(a), CHUNK):
+        x, y = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
+        mu_x, mu_y = filt(x), filt(y)
+        var_x = filt(x * x) - mu_x**2
+        var_y = filt(y * y) - mu_y**2
+        cov = filt(x * y) - mu_x * mu_y
+        s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+            (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+        )
+        out.append(s.flatten(1).mean(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -95,23 +107,26 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"expected uint8 images, got {a.dtype} and {b.dtype}")
 
 
-def near_copy_ratio(sorted_distances: np.ndarray) -> np.ndarray:
-    """Distance to the nearest neighbour over the mean distance to the ``n`` nearest.
+def near_copy_score(sorted_distances: np.ndarray, *, alpha: float = NEAR_COPY_ALPHA) -> np.ndarray:
+    """Distance to the nearest neighbour over ``alpha`` times the mean distance to the
+    ``n`` nearest; a near-copy scores below the threshold (default 1/3).
 
     Args:
         sorted_distances: ``(Q, n)`` distances of each query to its ``n`` nearest training
             images, ascending (as from :func:`privimage.metrics.neighbours.nearest`).
+        alpha: Scale of the neighbourhood mean.
 
     Returns:
-        ``(Q,)`` ratios in ``[0, 1]``; near 0 for a copy of one training image, near 1 when
-        the nearest training image is no closer than the rest of the neighbourhood. A query
-        whose whole neighbourhood is at distance 0 (a copy of a duplicated image) gets 0.
+        ``(Q,)`` scores in ``[0, 1 / alpha]``: 0 for a copy of one training image,
+        ``1 / alpha`` when the nearest training image is no closer than the rest of the
+        neighbourhood. A query whose whole neighbourhood is at distance 0 (a copy of an
+        image the training set holds many times) scores 0.
     """
     d = np.asarray(sorted_distances, dtype=np.float64)
     if d.ndim != 2 or d.shape[1] < 2:
         raise ValueError(f"need (Q, n >= 2) sorted distances, got shape {d.shape}")
-    mean = d.mean(axis=1)
-    return np.divide(d[:, 0], mean, out=np.zeros(len(d)), where=mean > 0)
+    scale = alpha * d.mean(axis=1)
+    return np.divide(d[:, 0], scale, out=np.zeros(len(d)), where=scale > 0)
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -140,6 +155,7 @@ def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) ->
     pos, neg = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(negative, np.float64))
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("TPR at FPR needs at least one positive and one negative score")
+    # With fewer than 1/fpr negatives no negative may pass: this is then the TPR at 0 FPR.
     allowed = math.floor(fpr * len(neg) + 1e-9)  # negatives that may score >= t
     # The strictest threshold that lets through at most `allowed` negatives is just above the
     # (allowed+1)-th largest negative; positives strictly above it are detected.

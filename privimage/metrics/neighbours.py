@@ -27,9 +27,19 @@ def _as_tensor(x: np.ndarray | torch.Tensor, device: str | torch.device) -> torc
     return x.to(device=device, dtype=torch.float64)
 
 
-def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(len(a), len(b))`` squared Euclidean distances, clamped at 0 against rounding."""
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+def squared_distances(
+    a: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(len(a), len(b))`` squared Euclidean distances, clamped at 0 against rounding.
+
+    ``b_sq_norms`` (``(b * b).sum(1)``) may be passed in when ``b`` is the same for many
+    calls: for 50,000 CIFAR images it is a 1.2 GB temporary otherwise rebuilt every time.
+    """
+    if b_sq_norms is None:
+        b_sq_norms = torch.linalg.vector_norm(b, dim=1).square()
+    sq = (
+        torch.linalg.vector_norm(a, dim=1).square()[:, None] + b_sq_norms[None, :] - 2.0 * (a @ b.T)
+    )
     return sq.clamp_(min=0.0)
 
 
@@ -64,8 +74,9 @@ def nearest(
     if not 1 <= n <= available:
         raise ValueError(f"n={n} neighbours asked for, but only {available} keys are available")
     dists, idx = [], []
+    k_norms = torch.linalg.vector_norm(k, dim=1).square()
     for start in range(0, len(q), chunk_size):
-        block = squared_distances(q[start : start + chunk_size], k)
+        block = squared_distances(q[start : start + chunk_size], k, k_norms)
         if exclude_self:
             rows = torch.arange(len(block), device=block.device)
             block[rows, rows + start] = float("inf")
@@ -88,8 +99,9 @@ def _inside_any_ball(
 ) -> np.ndarray:
     inside = []
     radii_sq = radii.square()[None, :]
+    centre_norms = torch.linalg.vector_norm(centres, dim=1).square()
     for start in range(0, len(points), chunk_size):
-        block = squared_distances(points[start : start + chunk_size], centres)
+        block = squared_distances(points[start : start + chunk_size], centres, centre_norms)
         inside.append((block <= radii_sq).any(dim=1).cpu())
     return torch.cat(inside).numpy() if inside else np.zeros(0, dtype=bool)
 

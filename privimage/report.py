@@ -1,0 +1,184 @@
+"""``evaluate/report.md``: the evaluation's numbers as tables a person reads.
+
+Pure formatting of the ``metrics.json`` dictionary the evaluate stage writes; the
+pictures it links are written by that stage beside the report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from privimage.runtime import atomic_write_text
+
+
+def _f(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int | bool):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + [""]
+
+
+def render_report(metrics: dict, *, class_names: list[str]) -> str:
+    """The report as Markdown text."""
+    fid, util, leak = metrics["fidelity"], metrics["utility"], metrics["leakage"]
+    lines = ["# Evaluation report", ""]
+    eps = metrics.get("epsilon_spent")
+    if eps is not None:
+        lines.append(
+            f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
+            f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`."
+        )
+    else:
+        lines.append("Privacy: no ledger (these images do not come from a privimage run).")
+    lines += [
+        f"Synthetic images: {fid['synthetic_images']} from `{metrics['synthetic']}`; "
+        f"{len(class_names)} classes.",
+        "",
+        "These measurements read the sensitive data; they are for the data owner and are "
+        "not part of the differentially private release.",
+        "",
+        "![synthetic images](samples.png)",
+        "",
+        "## Fidelity",
+        "",
+    ]
+    lines += _table(
+        ["metric", "value", "notes"],
+        [
+            [
+                "FID",
+                _f(fid["fid"], 2),
+                f"TF-Inception-2015 pool features; {fid['synthetic_images']} synthetic vs "
+                f"{fid['reference_images']} real training images",
+            ],
+            [
+                "precision",
+                _f(fid["precision"]),
+                f"k-NN manifold, k = {fid['k']}, {fid['precision_recall_images']} images a side",
+            ],
+            [
+                "recall",
+                _f(fid["recall"]),
+                f"k-NN manifold, k = {fid['k']}, {fid['precision_recall_images']} images a side",
+            ],
+            ["Inception Score", "n/a", fid["inception_score_note"]],
+        ],
+    )
+    lines += ["## Utility: trained on synthetic, tested on real", ""]
+    if "not_computed" in util:
+        lines += [f"Not computed: {util['not_computed']}.", ""]
+    else:
+        lines += [
+            f"Each classifier trains on {util['synthetic_train_images']} synthetic images; "
+            "its epoch (and, for logistic regression and the MLP, its weight decay) is chosen "
+            f"on {util['synthetic_validation_images']} held-out synthetic images. The real "
+            "test split "
+            f"({util['real_test_images']} images) is read once, after all training.",
+            "",
+        ]
+        rows = [
+            [
+                kind,
+                _f(c["test_accuracy"]),
+                _f(c["validation_accuracy"]),
+                f"{c['epoch']} of {c['epochs_trained']}",
+                f"{c['weight_decay']:g}",
+            ]
+            for kind, c in util["classifiers"].items()
+        ]
+        rows.append(["**mean**", f"**{_f(util['mean_test_accuracy'])}**", "", "", ""])
+        lines += _table(
+            ["classifier", "real test accuracy", "synthetic val. accuracy", "epoch", "wd"], rows
+        )
+    nn = leak["nearest_neighbour"]
+    lines += [
+        "## Leakage: how close the synthetic images come to the training set",
+        "",
+        f"Each image's nearest neighbour among the {leak['training_images_searched']} "
+        "sensitive training images in pixel space (L2 on [0, 1] pixels; SSIM and PSNR to "
+        "that neighbour), and among "
+        f"{leak['feature_neighbours_searched']} of them in Inception-feature space. The "
+        f"baseline is {leak['heldout_real_images']} real held-out test images: synthetic "
+        "images no closer than unseen real images reveal nothing by their closeness.",
+        "",
+    ]
+    # (label, the percentile at the close end: low distances, high similarities)
+    labels = {
+        "pixel_l2": ("pixel L2 to nearest", "p05"),
+        "feature_l2": ("Inception L2 to nearest", "p05"),
+        "ssim": ("SSIM to nearest", "p95"),
+        "psnr": ("PSNR to nearest, dB", "p95"),
+        "near_copy_score": ("near-copy score", "p05"),
+    }
+    rows = []
+    for key, (label, close) in labels.items():
+        s, h = nn[key]["synthetic"], nn[key]["heldout_real"]
+        rows.append(
+            [
+                f"{label} ({'5th' if close == 'p05' else '95th'} pct. = closest 5%)",
+                _f(s.get("median")),
+                _f(s.get(close)),
+                _f(h.get("median")),
+                _f(h.get(close)),
+            ]
+        )
+    lines += _table(
+        [
+            "statistic",
+            "synthetic median",
+            "synthetic closest 5%",
+            "held-out median",
+            "held-out closest 5%",
+        ],
+        rows,
+    )
+    nc = leak["near_copies"]
+    lines += [
+        f"**Near-copies** ({nc['criterion']}): {nc['synthetic_count']} synthetic images "
+        f"({100 * nc['synthetic_fraction']:.2f}%); real held-out images: "
+        f"{100 * nc['heldout_real_fraction']:.2f}%.",
+        "",
+        "![closest pairs](nearest_pairs.png)",
+        "",
+        "![distances](nearest_distances.png)",
+        "",
+        "### Membership inference on the downstream classifiers",
+        "",
+    ]
+    mia = leak["membership_inference"]
+    if "not_computed" in mia:
+        lines += [f"Not computed: {mia['not_computed']}.", ""]
+    else:
+        first = next(iter(mia.values()))
+        fpr_note = (
+            "AUC 0.5 and TPR 1% at 1% FPR are chance."
+            if first["nonmembers"] >= 100
+            else "AUC 0.5 is chance; with fewer than 100 non-members no false positive is "
+            "allowed, so the TPR column is the TPR at 0% FPR."
+        )
+        lines += [
+            f"Loss-threshold attack: {first['members']} training images (members) against "
+            f"{first['nonmembers']} test images (non-members). {fpr_note}",
+            "",
+        ]
+        lines += _table(
+            ["classifier", "AUC", "TPR at 1% FPR"],
+            [[k, _f(v["auc"]), _f(v["tpr_at_1pct_fpr"])] for k, v in mia.items()],
+        )
+    secs = metrics.get("seconds", {})
+    if secs:
+        lines += ["## Time", ""]
+        lines += _table(["part", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
+    return "\n".join(lines)
+
+
+def write_report(path: Path, metrics: dict, *, class_names: list[str]) -> None:
+    """Write :func:`render_report` to ``path`` atomically."""
+    atomic_write_text(Path(path), render_report(metrics, class_names=class_names))
