@@ -61,7 +61,9 @@ def summary_line(m: dict) -> str:
         f"recall {num(m.get('recall'), '.3f')}, "
         f"downstream accuracy {num(m.get('downstream_accuracy'), '.3f')}"
     )
-    if m.get("epsilon_spent") is not None:
+    if m.get("differentially_private") is False:
+        line += ", NOT differentially private"
+    elif m.get("epsilon_spent") is not None:
         line += (
             f", epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"
         )

@@ -22,6 +22,11 @@ FORMULATIONS = ("edm", "ddpm")
 SOLVERS = {"edm": ("heun", "euler"), "ddpm": ("ddim",)}
 # Query-classifier training augmentations (privimage.classifier).
 AUGMENTATIONS = ("shift", "strong")
+# What makes the synthetic images: PrivImage's DP diffusion pipeline, or BN-statistics
+# synthesis (Soufleri et al. 2022; not differentially private).
+SYNTHESIZERS = ("diffusion", "bnstat")
+# The stages each synthesizer runs (bnstat makes its images in the sample stage).
+SYNTHESIZER_STAGES = {"diffusion": STAGES, "bnstat": ("sample", "evaluate")}
 
 
 @dataclass
@@ -199,6 +204,32 @@ class SampleConfig:
     grid_images_per_class: int = 10
 
 
+@dataclass
+class BNStatConfig:
+    """BN-statistics synthesis (privimage.bnstat): teacher training and image optimisation.
+
+    Not differentially private: the teacher trains on the sensitive data without noise.
+    """
+
+    # The teacher: a BatchNorm ResNet trained on the sensitive training split.
+    teacher_width: int = 32
+    teacher_epochs: int = 10
+    teacher_batch_size: int = 128
+    teacher_lr: float = 2e-3
+    teacher_hflip: bool = False
+    # Images optimised together; they share (and jointly match) one set of batch statistics.
+    batch_size: int = 50
+    steps: int = 500
+    lr: float = 0.1
+    bn_weight: float = 1.0
+    ce_weight: float = 1.0
+    tv_weight: float = 1e-2
+    l2_weight: float = 1e-4
+    # Random roll by up to this many pixels each step (DeepInversion's jitter).
+    jitter_pixels: int = 0
+    flip: bool = False
+
+
 # Downstream classifier kinds (privimage.metrics.downstream).
 DOWNSTREAM_CLASSIFIERS = ("cnn", "logreg", "mlp")
 
@@ -273,6 +304,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    bnstat: BNStatConfig = field(default_factory=BNStatConfig)
+    synthesizer: str = "diffusion"
     name: str = "default"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
@@ -407,14 +440,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}.channels={data.channels} must be 1 or 3")
         if not 0 < data.test_fraction < 1:
             raise ConfigError(f"{key}.test_fraction={data.test_fraction} must be in (0, 1)")
-    if cfg.data.channels != cfg.public.channels or cfg.data.resolution != cfg.public.resolution:
+    # bnstat uses no public data and no UNet, so only the diffusion path needs the public
+    # and model shapes to fit the sensitive data.
+    diffusion_path = cfg.synthesizer == "diffusion"
+    if diffusion_path and (
+        cfg.data.channels != cfg.public.channels or cfg.data.resolution != cfg.public.resolution
+    ):
         raise ConfigError(
             f"public images ({cfg.public.channels}x{cfg.public.resolution}px) must match the "
             f"sensitive ones ({cfg.data.channels}x{cfg.data.resolution}px); set "
             f"public.channels={cfg.data.channels} public.resolution={cfg.data.resolution}"
         )
     downsamples = len(cfg.model.block_out_channels) - 1
-    if cfg.data.resolution % (2**downsamples):
+    if diffusion_path and cfg.data.resolution % (2**downsamples):
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} is not divisible by 2^{downsamples} "
             f"(model.block_out_channels has {downsamples + 1} levels); change either"
@@ -500,3 +538,26 @@ def validate(cfg: Config) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages={cfg.stages} has unknown {unknown}; choose from {list(STAGES)}")
+    if cfg.synthesizer not in SYNTHESIZERS:
+        raise ConfigError(f"synthesizer={cfg.synthesizer!r}; choose one of {list(SYNTHESIZERS)}")
+    allowed = SYNTHESIZER_STAGES[cfg.synthesizer]
+    extra = [s for s in cfg.stages if s not in allowed]
+    if extra:
+        raise ConfigError(
+            f"stages={list(cfg.stages)} has {extra}, which synthesizer={cfg.synthesizer} does "
+            f"not use; set stages=[{','.join(allowed)}]"
+        )
+    b = cfg.bnstat
+    for key in (
+        "teacher_width",
+        "teacher_epochs",
+        "teacher_batch_size",
+        "teacher_lr",
+        "batch_size",
+        "steps",
+        "lr",
+    ):
+        _positive(getattr(b, key), f"bnstat.{key}")
+    for key in ("bn_weight", "ce_weight", "tv_weight", "l2_weight", "jitter_pixels"):
+        if getattr(b, key) < 0:
+            raise ConfigError(f"bnstat.{key}={getattr(b, key)} must be >= 0")

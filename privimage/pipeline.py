@@ -36,7 +36,8 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     data.check_available(cfg.data)
-    data.check_available(cfg.public)
+    if cfg.synthesizer == "diffusion":  # bnstat reads no public data
+        data.check_available(cfg.public)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     from privimage.stages import STAGE_MODULES

@@ -669,6 +669,7 @@ class Ledger:
         self.accountant = accountant
         self._entries: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
+        self._non_private: list[dict[str, Any]] = []
         if self.path.exists():
             self._load()
             self._epsilon_spent = self._history_epsilon(self.history)
@@ -711,6 +712,7 @@ class Ledger:
                 raise ConfigError(f"{self.path}: unknown status {entry.get('status')!r}")
         self._entries = [dict(e) for e in entries]
         self._events = [dict(e) for e in data.get("events", [])]
+        self._non_private = [dict(e) for e in data.get("non_private", [])]
 
     @property
     def history(self) -> list[Mechanism]:
@@ -831,6 +833,26 @@ class Ledger:
             )
 
     @property
+    def differentially_private(self) -> bool:
+        """False once anything touched sensitive data without a DP mechanism."""
+        return not self._non_private
+
+    def record_non_private(self, *, stage: str, name: str, description: str) -> None:
+        """Record that ``stage`` uses the sensitive data with no privacy guarantee.
+
+        Some synthesizers (BN-statistics synthesis) are not differentially private at all.
+        They still belong in the run's one ledger: the file then says, in
+        ``differentially_private: false`` and a ``non_private`` entry, that no epsilon
+        describes this run's output. Recording the same ``(stage, name)`` again is a no-op.
+        """
+        if any((e["stage"], e["name"]) == (stage, name) for e in self._non_private):
+            return
+        entry = {"stage": stage, "name": name, "description": description, "time": _now()}
+        self._non_private.append(entry)
+        self._events.append({"event": "non_private", **entry})
+        self._write()
+
+    @property
     def events(self) -> list[dict[str, Any]]:
         """The append-only journal: every begin, resume, restart and completion."""
         return [dict(e) for e in self._events]
@@ -856,7 +878,9 @@ class Ledger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "epsilon_spent": self._epsilon_spent,
+            "differentially_private": not self._non_private,
             "mechanisms": self._entries,
+            "non_private": self._non_private,
             "events": self._events,
         }
         text = json.dumps(data, indent=2) + "\n"

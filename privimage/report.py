@@ -30,7 +30,13 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
     fid, util, leak = metrics["fidelity"], metrics["utility"], metrics["leakage"]
     lines = ["# Evaluation report", ""]
     eps = metrics.get("epsilon_spent")
-    if eps is not None:
+    if metrics.get("differentially_private") is False:
+        lines.append(
+            f"**Privacy: none. These images carry no differential-privacy guarantee** "
+            f"(synthesizer `{metrics.get('synthesizer')}`: it fits the sensitive data without "
+            "noise). Read the leakage measurements below with that in mind."
+        )
+    elif eps is not None:
         lines.append(
             f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
             f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`."

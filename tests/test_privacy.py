@@ -452,9 +452,12 @@ def _check_file(path, ledger):
         "delta",
         "target_epsilon",
         "epsilon_spent",
+        "differentially_private",
         "mechanisms",
+        "non_private",
         "events",
     }
+    assert data["differentially_private"] is True and data["non_private"] == []
     assert data["epsilon_spent"] == pytest.approx(
         epsilon_spent(ledger.history, delta=ledger.delta, accountant=ledger.accountant)
     )
@@ -642,3 +645,18 @@ def test_check_delta_refuses_delta_at_or_above_one_over_n():
         check_delta(delta=0.0, num_records=1000)
     with pytest.raises(ConfigError):
         check_delta(delta=1e-5, num_records=0)
+
+
+def test_ledger_records_a_non_private_use_once_and_keeps_it(tmp_path):
+    path = tmp_path / "privacy.json"
+    ledger = Ledger(path, **BUDGET)
+    assert ledger.differentially_private
+    ledger.record_non_private(stage="sample", name="bnstat", description="no noise")
+    ledger.record_non_private(stage="sample", name="bnstat", description="no noise")
+    data = _read(path)
+    assert data["differentially_private"] is False
+    assert [(e["stage"], e["name"]) for e in data["non_private"]] == [("sample", "bnstat")]
+    assert [e["event"] for e in data["events"]] == ["non_private"]
+    assert data["epsilon_spent"] == 0.0  # the DP account is untouched; the flag says the rest
+    reloaded = Ledger(path, **BUDGET)
+    assert not reloaded.differentially_private

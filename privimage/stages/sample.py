@@ -69,15 +69,65 @@ def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
     }
 
 
-def _save_png(image: torch.Tensor, path: Path) -> None:
+def save_png(image: torch.Tensor, path: Path) -> None:
     # Written aside and renamed, so a crash never leaves a truncated PNG to resume from.
     tmp = path.with_name(path.name + ".tmp")
     to_pil(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
+def write_dataset(
+    out: Path,
+    *,
+    paths: list[Path],
+    labels: np.ndarray,
+    seeds: np.ndarray,
+    class_names: list[str],
+    grid_images_per_class: int,
+    title: str,
+) -> None:
+    """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``paths``.
+
+    Everything is rebuilt from the PNGs (lossless), so a resumed run's outputs are
+    byte-for-byte those of an uninterrupted one. Shared by every synthesizer, so the
+    evaluation reads the same files whichever made them.
+    """
+    num_classes = len(class_names)
+    pil_images = [Image.open(p).copy() for p in paths]
+    arrays = [np.asarray(im) for im in pil_images]
+    images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
+    np.savez_compressed(
+        out / "samples.npz",
+        images=images,
+        labels=labels.astype(np.int64),
+        seeds=seeds.astype(np.int64),
+        class_names=np.array(class_names),
+    )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=class_names),
+            "seed": datasets.Value("int64"),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
+        features=features,
+    )
+    if (out / "dataset").exists():
+        shutil.rmtree(out / "dataset")
+    ds.save_to_disk(str(out / "dataset"))
+    tensor = torch.from_numpy(images)
+    rows = [tensor[labels == c][:grid_images_per_class] for c in range(num_classes)]
+    save_image_grid(rows, out / "grid.png", row_labels=class_names, title=title)
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Sample ``images_per_class`` images per class; see the module docstring for outputs."""
+    if cfg.synthesizer == "bnstat":
+        from privimage.stages.sample_bnstat import run_bnstat
+
+        return run_bnstat(cfg, run_dir)
     finetune_dir = require_upstream(run_dir, "finetune", STAGE)
     query_dir = require_upstream(run_dir, "query", STAGE)
     out = stage_dir(run_dir, STAGE)
@@ -134,45 +184,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 device=device,
             )
             for i, img in zip(chunk, to_uint8(x.cpu()), strict=True):
-                _save_png(img, paths[i])
+                save_png(img, paths[i])
             bar.update(len(chunk))
 
-    # Everything below is rebuilt from the PNGs (lossless), so a resumed run's outputs
-    # are byte-for-byte those of an uninterrupted one.
-    pil_images = [Image.open(p).copy() for p in paths]
-    arrays = [np.asarray(im) for im in pil_images]
-    images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
-    np.savez_compressed(
-        out / "samples.npz",
-        images=images,
-        labels=labels.astype(np.int64),
-        seeds=seeds.astype(np.int64),
-        class_names=np.array(class_names),
-    )
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=class_names),
-            "seed": datasets.Value("int64"),
-        }
-    )
-    ds = datasets.Dataset.from_dict(
-        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
-        features=features,
-    )
-    if (out / "dataset").exists():
-        shutil.rmtree(out / "dataset")
-    ds.save_to_disk(str(out / "dataset"))
-
-    n_grid = cfg.sample.grid_images_per_class
-    tensor = torch.from_numpy(images)
-    rows = [tensor[labels == c][:n_grid] for c in range(num_classes)]
-    save_image_grid(
-        rows,
-        out / "grid.png",
-        row_labels=class_names,
+    write_dataset(
+        out,
+        paths=paths,
+        labels=labels,
+        seeds=seeds,
+        class_names=class_names,
+        grid_images_per_class=cfg.sample.grid_images_per_class,
         title=f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps)",
     )
-    log.info("wrote %d synthetic images to %s", len(images), out)
+    log.info("wrote %d synthetic images to %s", len(paths), out)
     mark_done(out)
     return out

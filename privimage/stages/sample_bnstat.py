@@ -1,0 +1,216 @@
+"""The sample stage for ``synthesizer=bnstat``: BN-statistics synthesis (Soufleri et al.).
+
+1. A BatchNorm ResNet (the teacher) trains on the sensitive training split, without noise.
+2. Its class-wise BN input statistics are recorded over that split.
+3. Each class's images are optimised from noise to match them (:mod:`privimage.bnstat`),
+   in batches of ``bnstat.batch_size``; batch ``b`` of class ``c`` starts from the seed of
+   its first image (``first_seed + c * images_per_class + b * batch_size``), so a batch
+   depends only on its seed and an interrupted job redoes only unfinished batches.
+
+**Not differentially private.** The run's ledger records a ``non_private`` entry before
+the sensitive data is read, and the evaluation report says so next to the leakage
+measurements. Writes the same ``sample/`` files as the diffusion path (so ``evaluate``
+works unchanged) plus ``teacher.pt`` (weights and class-wise statistics) and
+``synthesis.jsonl`` (the loss of every batch's last step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from privimage import bnstat, data, privacy
+from privimage.classifier import train_classifier
+from privimage.config import Config
+from privimage.data.imagesets import safe_name
+from privimage.diffusion import to_uint8
+from privimage.models import ResNet
+from privimage.runtime import (
+    LEDGER_FILE,
+    atomic_torch_save,
+    cache_root,
+    mark_done,
+    read_json,
+    resolve_device,
+    stage_dir,
+    write_json,
+)
+from privimage.stages.sample import save_png, write_dataset
+
+log = logging.getLogger(__name__)
+
+STAGE = "sample"
+NON_PRIVATE_NOTE = (
+    "BN-statistics synthesis: a BatchNorm classifier trains on the sensitive training split "
+    "without noise and the images are optimised to match its class-wise BN statistics; no "
+    "differential-privacy guarantee"
+)
+
+
+def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch.device):
+    """Train (or reload) the teacher and its class-wise statistics."""
+    b = cfg.bnstat
+    settings = {
+        "width": b.teacher_width,
+        "epochs": b.teacher_epochs,
+        "batch_size": b.teacher_batch_size,
+        "lr": b.teacher_lr,
+        "hflip": b.teacher_hflip,
+        "seed": cfg.seed,
+        "data": data.content_key(cfg.data),
+    }
+    path = out / "teacher.pt"
+    num_classes = sensitive.num_classes
+    model = ResNet(
+        in_channels=sensitive.train.images.shape[1], num_classes=num_classes, width=b.teacher_width
+    )
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["settings"] == settings:
+            model.load_state_dict(saved["state_dict"])
+            return model.to(device).eval(), bnstat.ClassStatistics.from_dict(saved["statistics"])
+        log.info("bnstat: teacher settings changed; training a new teacher")
+    x = sensitive.train.as_float()
+    model = train_classifier(
+        x,
+        sensitive.train.labels,
+        num_classes=num_classes,
+        width=b.teacher_width,
+        epochs=b.teacher_epochs,
+        batch_size=b.teacher_batch_size,
+        lr=b.teacher_lr,
+        device=device,
+        seed=cfg.seed,
+        hflip=b.teacher_hflip,
+        model=model,
+        desc="bnstat teacher (sensitive data, not DP)",
+    )
+    stats = bnstat.classwise_bn_statistics(
+        model, x, sensitive.train.labels, num_classes=num_classes, device=device
+    )
+    atomic_torch_save(
+        {
+            "settings": settings,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "statistics": stats.to_dict(),
+        },
+        path,
+    )
+    return model.eval(), stats
+
+
+def run_bnstat(cfg: Config, run_dir: Path) -> Path:
+    """Make ``images_per_class`` images per class by BN-statistics synthesis."""
+    out = stage_dir(run_dir, STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    ledger = privacy.Ledger(
+        Path(run_dir) / LEDGER_FILE,
+        target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )
+    # Recorded before the sensitive data is read, like every mechanism.
+    ledger.record_non_private(stage=STAGE, name="bnstat", description=NON_PRIVATE_NOTE)
+    sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
+    class_names = sensitive.class_names
+    model, stats = _teacher(cfg, sensitive, out, device)
+    del sensitive  # the synthesis reads only the teacher and the statistics
+
+    b, s = cfg.bnstat, cfg.sample
+    weights = bnstat.SynthesisWeights(
+        steps=b.steps,
+        lr=b.lr,
+        bn=b.bn_weight,
+        ce=b.ce_weight,
+        tv=b.tv_weight,
+        l2=b.l2_weight,
+        jitter_pixels=b.jitter_pixels,
+        flip=b.flip,
+    )
+    fingerprint = {
+        "teacher": read_teacher_settings(out),
+        "weights": asdict(weights),
+        "batch_size": b.batch_size,
+        "images_per_class": s.images_per_class,
+        "first_seed": s.first_seed,
+    }
+    progress_file = out / "progress.json"
+    image_dir = out / "images"
+    if progress_file.exists() and read_json(progress_file) != fingerprint:
+        log.info("bnstat: settings changed since the last attempt; starting over")
+        shutil.rmtree(image_dir, ignore_errors=True)
+    write_json(progress_file, fingerprint)
+
+    num_classes = len(class_names)
+    seeds = s.first_seed + np.arange(num_classes * s.images_per_class)
+    labels = np.repeat(np.arange(num_classes), s.images_per_class)
+    paths = [
+        image_dir / safe_name(class_names[c]) / f"{seed:06d}.png"
+        for c, seed in zip(labels, seeds, strict=True)
+    ]
+    image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    batches = []
+    for c in range(num_classes):
+        first = c * s.images_per_class
+        for i in range(0, s.images_per_class, b.batch_size):
+            end = min(i + b.batch_size, s.images_per_class)
+            batches.append(list(range(first + i, first + end)))
+    todo = [batch for batch in batches if not all(paths[j].exists() for j in batch)]
+    with (
+        tqdm(
+            total=len(paths),
+            initial=len(paths) - sum(map(len, todo)),
+            desc="bnstat synthesis",
+            unit="img",
+        ) as bar,
+        (out / "synthesis.jsonl").open("a") as log_file,
+    ):
+        last: dict = {}  # the last step's loss parts of the batch being made
+        for batch in todo:
+            c = int(labels[batch[0]])
+            last.clear()
+            images = bnstat.synthesize(
+                model,
+                stats,
+                c,
+                num_images=len(batch),
+                image_shape=image_shape,
+                seed=int(seeds[batch[0]]),
+                weights=weights,
+                device=device,
+                on_step=lambda step, parts: last.update(parts, step=step),  # noqa: B023
+            )
+            paths[batch[0]].parent.mkdir(parents=True, exist_ok=True)
+            for j, img in zip(batch, to_uint8(images), strict=True):
+                save_png(img, paths[j])
+            log_file.write(json.dumps({"class": c, "first_seed": int(seeds[batch[0]]), **last}))
+            log_file.write("\n")
+            log_file.flush()
+            bar.update(len(batch))
+            bar.set_postfix(bn=f"{last['bn']:.3f}", ce=f"{last['ce']:.3f}")
+
+    write_dataset(
+        out,
+        paths=paths,
+        labels=labels,
+        seeds=seeds,
+        class_names=class_names,
+        grid_images_per_class=s.grid_images_per_class,
+        title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
+    )
+    log.info("bnstat: wrote %d images to %s (not differentially private)", len(paths), out)
+    mark_done(out)
+    return out
+
+
+def read_teacher_settings(out: Path) -> dict:
+    """The settings the saved teacher was trained with (part of the images' fingerprint)."""
+    return torch.load(out / "teacher.pt", map_location="cpu", weights_only=False)["settings"]
