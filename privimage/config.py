@@ -281,6 +281,8 @@ class EvaluateConfig:
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
     # Fraction of the synthetic images held out for model selection.
     validation_fraction: float = 0.1
+    # Also train the classifiers on as many real training images (the reference accuracy).
+    real_baseline: bool = True
     # Near-copy criterion (Carlini et al. 2023): an image is flagged when
     # nearest / (alpha * mean of its n nearest training images) < threshold.
     near_copy_neighbours: int = 50

@@ -89,20 +89,32 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
             f"({util['real_test_images']} images) is read once, after all training.",
             "",
         ]
+        real = "mean_real_data_test_accuracy" in util
         rows = [
             [
                 kind,
                 _f(c["test_accuracy"]),
+                *([_f(c["real_data_test_accuracy"])] if real else []),
                 _f(c["validation_accuracy"]),
                 f"{c['epoch']} of {c['epochs_trained']}",
                 f"{c['weight_decay']:g}",
             ]
             for kind, c in util["classifiers"].items()
         ]
-        rows.append(["**mean**", f"**{_f(util['mean_test_accuracy'])}**", "", "", ""])
-        lines += _table(
-            ["classifier", "real test accuracy", "synthetic val. accuracy", "epoch", "wd"], rows
+        rows.append(
+            [
+                "**mean**",
+                f"**{_f(util['mean_test_accuracy'])}**",
+                *([f"**{_f(util['mean_real_data_test_accuracy'])}**"] if real else []),
+                "",
+                "",
+                "",
+            ]
         )
+        header = ["classifier", "real test accuracy"]
+        if real:
+            header.append(f"same, trained on {util['real_train_images']} real images")
+        lines += _table([*header, "synthetic val. accuracy", "epoch", "wd"], rows)
     nn = leak["nearest_neighbour"]
     lines += [
         "## Leakage: how close the synthetic images come to the training set",

@@ -22,7 +22,12 @@ def digits():
 
 def _settings(**kw):
     base = dict(
-        cnn_width=8, cnn_epochs=8, linear_epochs=4, weight_decays=(0.0, 1e-2), progress=False
+        cnn_width=8,
+        cnn_epochs=8,
+        linear_epochs=4,
+        weight_decays=(0.0, 1e-2),
+        batch_size=32,
+        progress=False,
     )
     return ds.DownstreamSettings(**{**base, **kw})
 
@@ -40,28 +45,39 @@ def test_test_split_is_read_only_after_every_classifier_is_trained(digits, monke
     """The order is enforced, not just intended: the seal records when it is opened, and a
     wrapper records each completed training run (the real function does the work)."""
     events = []
-    real_train = ds.train_and_select
+    train_and_select = ds.train_and_select
 
     def recording_train(kind, *args, **kwargs):
-        result = real_train(kind, *args, **kwargs)
+        result = train_and_select(kind, *args, **kwargs)
         events.append(f"trained {kind}")
         return result
 
     monkeypatch.setattr(ds, "train_and_select", recording_train)
-    synthetic, real = digits.subset(np.arange(0, 1200)), digits.subset(np.arange(1200, 1797))
+    # "Synthetic" here: the first 800 digits; the real-data reference: the next 400.
+    synthetic, real = digits.subset(np.arange(0, 800)), digits.subset(np.arange(1200, 1797))
+    real_train = digits.subset(np.arange(800, 1200))
     sealed = ds.SealedSplit(real, on_open=lambda: events.append("opened test"))
     report, models, test = ds.evaluate_downstream(
-        synthetic, sealed, num_classes=10, settings=_settings(), device=torch.device("cpu")
+        synthetic,
+        sealed,
+        num_classes=10,
+        settings=_settings(),
+        device=torch.device("cpu"),
+        real_train=real_train,
     )
-    assert events == ["trained cnn", "trained logreg", "trained mlp", "opened test"]
+    trained = ["trained cnn", "trained logreg", "trained mlp"]
+    assert events == [*trained, *trained, "opened test"]  # synthetic, then real, then test
     assert test is real and sealed.opened
     assert set(report["classifiers"]) == set(models) == {"cnn", "logreg", "mlp"}
-    # Real digits are learnable: every classifier beats chance by far on the real test set.
+    # Real digits are learnable: every classifier beats chance (0.1) by far on the test set.
     for c in report["classifiers"].values():
-        assert c["test_accuracy"] > 0.5
+        assert c["test_accuracy"] > 0.4 and c["real_data_test_accuracy"] > 0.4  # chance: 0.1
     accs = [c["test_accuracy"] for c in report["classifiers"].values()]
     assert report["mean_test_accuracy"] == pytest.approx(np.mean(accs))
-    assert report["synthetic_train_images"] + report["synthetic_validation_images"] == 1200
+    assert report["synthetic_train_images"] + report["synthetic_validation_images"] == 800
+    assert report["real_train_images"] == 400
+    real_accs = [c["real_data_test_accuracy"] for c in report["classifiers"].values()]
+    assert report["mean_real_data_test_accuracy"] == pytest.approx(np.mean(real_accs))
 
 
 def test_selection_picks_the_best_validation_epoch_and_decay(digits):

@@ -122,6 +122,8 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp
     assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
     assert m["fidelity"]["inception_score"] is None
     assert set(m["utility"]["classifiers"]) == {"cnn", "logreg", "mlp"}
+    assert m["utility"]["real_train_images"] == 60  # the real reference: as many real images
+    assert 0 <= m["utility"]["mean_real_data_test_accuracy"] <= 1
     for attack in m["leakage"]["membership_inference"].values():
         assert 0 <= attack["auc"] <= 1 and 0 <= attack["tpr_at_1pct_fpr"] <= 1
     assert m["epsilon_spent"] is None  # not a privimage run: no ledger

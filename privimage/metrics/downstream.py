@@ -217,9 +217,15 @@ def evaluate_downstream(
     num_classes: int,
     settings: DownstreamSettings,
     device: torch.device,
+    real_train: ImageSplit | None = None,
 ) -> tuple[dict, dict[str, Selected], ImageSplit]:
     """Train and select every classifier on synthetic data, then score them on the real
     test split, which is opened here and only here.
+
+    With ``real_train`` (real training images, as many as there are synthetic ones) the
+    same classifiers are also trained on real data, the same way, as the reference that
+    the synthetic data's accuracy is read against; they are scored on the same single
+    opening of the test split.
 
     Returns:
         ``(report, models, test_split)``: ``report`` holds each kind's validation and test
@@ -240,6 +246,18 @@ def evaluate_downstream(
         )
         for kind in settings.kinds
     }
+    on_real: dict[str, Selected] = {}
+    if real_train is not None:
+        r_train_idx, r_val_idx = synthetic_holdout(
+            real_train.labels, settings.validation_fraction, settings.seed
+        )
+        r_train, r_val = real_train.subset(r_train_idx), real_train.subset(r_val_idx)
+        on_real = {
+            kind: train_and_select(
+                kind, r_train, r_val, num_classes=num_classes, settings=settings, device=device
+            )
+            for kind in settings.kinds
+        }
     real_test = test.open()  # the first and only read of the real test split
     report: dict = {"classifiers": {}}
     for kind, sel in chosen.items():
@@ -251,8 +269,20 @@ def evaluate_downstream(
             "epoch": sel.epoch + 1,
             "epochs_trained": settings.cnn_epochs if kind == "cnn" else settings.linear_epochs,
         }
+        if kind in on_real:
+            real_logits = predict_logits(
+                on_real[kind].model, real_test.as_float(), batch_size=512, device=device
+            )
+            report["classifiers"][kind]["real_data_test_accuracy"] = accuracy(
+                real_logits, real_test.labels
+            )
     accs = [c["test_accuracy"] for c in report["classifiers"].values()]
     report["mean_test_accuracy"] = float(np.mean(accs))
+    if on_real:
+        report["mean_real_data_test_accuracy"] = float(
+            np.mean([c["real_data_test_accuracy"] for c in report["classifiers"].values()])
+        )
+        report["real_train_images"] = len(real_train)
     report["synthetic_train_images"] = len(train)
     report["synthetic_validation_images"] = len(val)
     report["real_test_images"] = len(real_test)

