@@ -290,6 +290,10 @@ class EvaluateConfig:
     near_copy_threshold: float = 1 / 3
     # Closest synthetic-training pairs drawn in nearest_pairs.png.
     closest_pairs: int = 16
+    # Gradient inversion (Geiping et al. 2020) against the CNNs: images attacked per model
+    # (0 = off) and Adam steps per image.
+    gradient_attack_images: int = 4
+    gradient_attack_steps: int = 300
 
 
 @dataclass
@@ -375,6 +379,7 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
         "linear_lr",
         "closest_pairs",
         "near_copy_alpha",
+        "gradient_attack_steps",
     ):
         _positive(getattr(ev, key), f"evaluate.{key}")
     unknown = [k for k in ev.classifiers if k not in DOWNSTREAM_CLASSIFIERS]
@@ -389,6 +394,10 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
         raise ConfigError(
             f"evaluate.weight_decays={list(ev.weight_decays)} and evaluate.cnn_weight_decay="
             f"{ev.cnn_weight_decay} must be >= 0 (and the grid non-empty)"
+        )
+    if ev.gradient_attack_images < 0:
+        raise ConfigError(
+            f"evaluate.gradient_attack_images={ev.gradient_attack_images} must be >= 0 (0 = off)"
         )
     if not 0 < ev.validation_fraction < 1:
         raise ConfigError(

