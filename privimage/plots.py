@@ -13,6 +13,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _show(ax, img: torch.Tensor | None) -> None:
+    """One bare cell: no ticks or frame, and the uint8 image ``(C, H, W)`` if given."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if img is None:
+        return
+    arr = img.numpy()
+    if arr.shape[0] == 1:
+        ax.imshow(arr[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(np.transpose(arr, (1, 2, 0)))
+
+
 def save_image_grid(
     rows: Sequence[torch.Tensor],
     path: Path,
@@ -35,17 +50,7 @@ def save_image_grid(
     )
     for r in range(nrows):
         for c in range(ncols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if r < len(rows) and c < len(rows[r]):
-                img = rows[r][c].numpy()
-                if img.shape[0] == 1:
-                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
-                else:
-                    ax.imshow(np.transpose(img, (1, 2, 0)))
+            _show(axes[r][c], rows[r][c] if r < len(rows) and c < len(rows[r]) else None)
         if row_labels is not None and r < len(row_labels):
             axes[r][0].set_ylabel(
                 row_labels[r], rotation=0, ha="right", va="center", fontsize=8, labelpad=6
@@ -106,16 +111,7 @@ def save_pairs(
     for r, images in enumerate((top, bottom)):
         for c in range(n):
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if c < len(images):
-                img = images[c].numpy()
-                if img.shape[0] == 1:
-                    ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
-                else:
-                    ax.imshow(np.transpose(img, (1, 2, 0)))
+            _show(ax, images[c] if c < len(images) else None)
             if r == 1 and captions is not None and c < len(captions):
                 ax.set_xlabel(captions[c], fontsize=7)
         axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)

@@ -237,28 +237,23 @@ def evaluate_downstream(
     missing = sorted(set(range(num_classes)) - set(synthetic.labels.tolist()))
     if missing:
         log.warning("synthetic data has no images of classes %s", missing)
-    train_idx, val_idx = synthetic_holdout(
-        synthetic.labels, settings.validation_fraction, settings.seed
-    )
-    train, val = synthetic.subset(train_idx), synthetic.subset(val_idx)
-    chosen = {
-        kind: train_and_select(
-            kind, train, val, num_classes=num_classes, settings=settings, device=device
+
+    def train_every_kind(split: ImageSplit) -> tuple[dict[str, Selected], int, int]:
+        """Hold out a validation slice of ``split``, train and select every kind on it."""
+        train_idx, val_idx = synthetic_holdout(
+            split.labels, settings.validation_fraction, settings.seed
         )
-        for kind in settings.kinds
-    }
-    on_real: dict[str, Selected] = {}
-    if real_train is not None:
-        r_train_idx, r_val_idx = synthetic_holdout(
-            real_train.labels, settings.validation_fraction, settings.seed
-        )
-        r_train, r_val = real_train.subset(r_train_idx), real_train.subset(r_val_idx)
-        on_real = {
+        train, val = split.subset(train_idx), split.subset(val_idx)
+        selected = {
             kind: train_and_select(
-                kind, r_train, r_val, num_classes=num_classes, settings=settings, device=device
+                kind, train, val, num_classes=num_classes, settings=settings, device=device
             )
             for kind in settings.kinds
         }
+        return selected, len(train), len(val)
+
+    chosen, n_train, n_val = train_every_kind(synthetic)
+    on_real = train_every_kind(real_train)[0] if real_train is not None else {}
     real_test = test.open()  # the first and only read of the real test split
     report: dict = {"classifiers": {}}
     for kind, sel in chosen.items():
@@ -284,8 +279,8 @@ def evaluate_downstream(
             np.mean([c["real_data_test_accuracy"] for c in report["classifiers"].values()])
         )
         report["real_train_images"] = len(real_train)
-    report["synthetic_train_images"] = len(train)
+    report["synthetic_train_images"] = n_train
+    report["synthetic_validation_images"] = n_val
     chosen.update({f"real/{kind}": sel for kind, sel in on_real.items()})
-    report["synthetic_validation_images"] = len(val)
     report["real_test_images"] = len(real_test)
     return report, chosen, real_test

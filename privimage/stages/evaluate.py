@@ -177,11 +177,14 @@ def _neighbour_stats(
     train_pixels: np.ndarray,
     ref_feats: np.ndarray,
     ev: EvaluateConfig,
+    n_near: int,
     device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """Nearest-training-image statistics of one query set (synthetic or held-out)."""
-    n = min(ev.near_copy_neighbours, len(train))
-    dist, idx = nearest(leakage.pixel_vectors(queries.images), train_pixels, n=n, device=device)
+    """Nearest-training-image statistics of one query set (synthetic or held-out), with
+    the ``n_near`` nearest training images behind the near-copy score."""
+    dist, idx = nearest(
+        leakage.pixel_vectors(queries.images), train_pixels, n=n_near, device=device
+    )
     neighbours = train.images[torch.from_numpy(idx[:, 0])]
     feat_dist, _ = nearest(query_feats, ref_feats, n=1, device=device)
     return {
@@ -214,8 +217,9 @@ def gradient_attack(
     for key, split in cases.items():
         model = models[key].model
         recons = []
+        images = split.as_float()
         for i in range(len(split)):
-            x = split.as_float()[i : i + 1].to(device)
+            x = images[i : i + 1].to(device)
             y = split.labels[i : i + 1].to(device)
             target = example_gradient(model.to(device).eval(), x, y)
             r, _ = invert_gradient(
@@ -347,8 +351,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         **feature_opts,
     )
     train_pixels = leakage.pixel_vectors(train.images)
-    synth_nn = _neighbour_stats(synthetic, synth_feats, train, train_pixels, ref_feats, ev, device)
-    held_nn = _neighbour_stats(heldout, heldout_feats, train, train_pixels, ref_feats, ev, device)
+    n_near = min(ev.near_copy_neighbours, len(train))
+    synth_nn = _neighbour_stats(
+        synthetic, synth_feats, train, train_pixels, ref_feats, ev, n_near, device
+    )
+    held_nn = _neighbour_stats(
+        heldout, heldout_feats, train, train_pixels, ref_feats, ev, n_near, device
+    )
     threshold = ev.near_copy_threshold
     similarity = {
         key: {
@@ -357,7 +366,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
         }
         for key in ("pixel_l2", "feature_l2", "ssim", "psnr", "near_copy_score")
     }
-    n_near = min(ev.near_copy_neighbours, len(train))
     near_copies = {
         "criterion": f"nearest / ({ev.near_copy_alpha:g} x mean of {n_near} nearest "
         f"training images), pixel L2, < {threshold:.4g}",
@@ -401,7 +409,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     lap("leakage")
 
     # --- pictures and report ------------------------------------------------------------
-    _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, ev)
+    _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, ev, n_near)
     ledger_path = Path(run_dir) / LEDGER_FILE
     # The ledger speaks for this run's samples only, not for images from elsewhere.
     own_samples = ev.synthetic is None
@@ -460,6 +468,7 @@ def _save_pictures(
     held_nn: dict[str, np.ndarray],
     class_names: list[str],
     ev: EvaluateConfig,
+    n_near: int,
 ) -> None:
     per_row = 10
     if bool((synthetic.labels != UNLABELLED).all()):
@@ -475,7 +484,6 @@ def _save_pictures(
     save_image_grid(rows, out / "samples.png", row_labels=labels, title="synthetic images")
 
     order = np.argsort(synth_nn["near_copy_score"], kind="stable")[: ev.closest_pairs]
-    n_near = min(ev.near_copy_neighbours, len(train))
     nearest_train = train.images[torch.from_numpy(synth_nn["nearest_index"][order])]
     save_pairs(
         synthetic.images[torch.from_numpy(order)],

@@ -55,7 +55,8 @@ NON_PRIVATE_NOTE = (
 
 
 def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch.device):
-    """Train (or reload) the teacher and its class-wise statistics."""
+    """Train (or reload) the teacher; returns it, its class-wise statistics and the
+    settings it was trained with (part of the synthesized images' fingerprint)."""
     b = cfg.bnstat
     settings = {
         "width": b.teacher_width,
@@ -75,7 +76,8 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["settings"] == settings:
             model.load_state_dict(saved["state_dict"])
-            return model.to(device).eval(), bnstat.ClassStatistics.from_dict(saved["statistics"])
+            stats = bnstat.ClassStatistics.from_dict(saved["statistics"])
+            return model.to(device).eval(), stats, settings
         log.info("bnstat: teacher settings changed; training a new teacher")
     x = sensitive.train.as_float()
     model = train_classifier(
@@ -103,7 +105,7 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
         },
         path,
     )
-    return model.eval(), stats
+    return model.eval(), stats, settings
 
 
 def run_bnstat(cfg: Config, run_dir: Path) -> Path:
@@ -121,7 +123,7 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
     ledger.record_non_private(stage=STAGE, name="bnstat", description=NON_PRIVATE_NOTE)
     sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
     class_names = sensitive.class_names
-    model, stats = _teacher(cfg, sensitive, out, device)
+    model, stats, teacher_settings = _teacher(cfg, sensitive, out, device)
     del sensitive  # the synthesis reads only the teacher and the statistics
 
     b, s = cfg.bnstat, cfg.sample
@@ -136,7 +138,7 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
         flip=b.flip,
     )
     fingerprint = {
-        "teacher": read_teacher_settings(out),
+        "teacher": teacher_settings,
         "weights": asdict(weights),
         "batch_size": b.batch_size,
         "images_per_class": s.images_per_class,
@@ -209,8 +211,3 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
     log.info("bnstat: wrote %d images to %s (not differentially private)", len(paths), out)
     mark_done(out)
     return out
-
-
-def read_teacher_settings(out: Path) -> dict:
-    """The settings the saved teacher was trained with (part of the images' fingerprint)."""
-    return torch.load(out / "teacher.pt", map_location="cpu", weights_only=False)["settings"]
