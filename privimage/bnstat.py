@@ -66,6 +66,19 @@ class ClassStatistics:
     def from_dict(cls, d: dict) -> ClassStatistics:
         return cls(mean=d["mean"], var=d["var"], counts=d["counts"])
 
+    @classmethod
+    def from_running_stats(cls, model: nn.Module, num_classes: int) -> ClassStatistics:
+        """Every class gets the BN layers' running (all-class) statistics.
+
+        This is what an attacker who holds only a trained BN model knows; matching them is
+        DeepInversion's model inversion (used by the evaluation's memorisation check).
+        """
+        mean, var = {}, {}
+        for name, layer in bn_layers(model):
+            mean[name] = layer.running_mean.detach().double().cpu().expand(num_classes, -1)
+            var[name] = layer.running_var.detach().double().cpu().expand(num_classes, -1)
+        return cls(mean=mean, var=var, counts=torch.zeros(num_classes, dtype=torch.long))
+
 
 @torch.no_grad()
 def classwise_bn_statistics(
@@ -208,6 +221,9 @@ def synthesize(
         float images in [-1, 1], ``(num_images, *image_shape)``, on the CPU.
     """
     model.to(device).eval()
+    # Only the images are optimised; the flags are restored so a caller's model (the
+    # evaluation's classifiers) can still be differentiated afterwards.
+    flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
@@ -229,4 +245,6 @@ def synthesize(
                 x.clamp_(-1.0, 1.0)
             if on_step is not None:
                 on_step(step, parts)
+    for p, flag in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
     return x.detach().cpu()

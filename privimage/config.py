@@ -294,6 +294,13 @@ class EvaluateConfig:
     # (0 = off) and Adam steps per image.
     gradient_attack_images: int = 4
     gradient_attack_steps: int = 300
+    # Model memorisation: images per class inverted from each CNN (DeepInversion on its
+    # running BN statistics; 0 = off), and the optimisation steps per batch.
+    model_inversion_images_per_class: int = 4
+    model_inversion_steps: int = 200
+    # Weight of the BN-statistics term against the cross-entropy; at 1 the six BN layers
+    # of the CNN drown the class term and inversions are not even classified as their class.
+    model_inversion_bn_weight: float = 0.1
 
 
 @dataclass
@@ -380,8 +387,13 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
         "closest_pairs",
         "near_copy_alpha",
         "gradient_attack_steps",
+        "model_inversion_steps",
     ):
         _positive(getattr(ev, key), f"evaluate.{key}")
+    if ev.model_inversion_bn_weight < 0:
+        raise ConfigError(
+            f"evaluate.model_inversion_bn_weight={ev.model_inversion_bn_weight} must be >= 0"
+        )
     unknown = [k for k in ev.classifiers if k not in DOWNSTREAM_CLASSIFIERS]
     if unknown or len(set(ev.classifiers)) != len(ev.classifiers):
         raise ConfigError(
@@ -395,10 +407,9 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
             f"evaluate.weight_decays={list(ev.weight_decays)} and evaluate.cnn_weight_decay="
             f"{ev.cnn_weight_decay} must be >= 0 (and the grid non-empty)"
         )
-    if ev.gradient_attack_images < 0:
-        raise ConfigError(
-            f"evaluate.gradient_attack_images={ev.gradient_attack_images} must be >= 0 (0 = off)"
-        )
+    for key in ("gradient_attack_images", "model_inversion_images_per_class"):
+        if getattr(ev, key) < 0:
+            raise ConfigError(f"evaluate.{key}={getattr(ev, key)} must be >= 0 (0 = off)")
     if not 0 < ev.validation_fraction < 1:
         raise ConfigError(
             f"evaluate.validation_fraction={ev.validation_fraction} must be in (0, 1)"

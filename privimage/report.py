@@ -230,16 +230,76 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
                 "**The attack did not recover the control's images either** (median PSNR "
                 f"{control['psnr_to_true_image']['median']:.1f} dB): at "
                 "`evaluate.gradient_attack_steps` it is too weak against a trained CNN to "
-                "say anything about the synthetic-data model. Raise the steps (Geiping et "
-                "al. use thousands) before reading the second row as evidence.",
+                "say anything about the synthetic-data model, so do not read the second row "
+                "as evidence of privacy. `bench/gradient_attack.py` measures how the control "
+                "fares with more steps; Geiping et al. use 24,000 steps and restarts.",
                 "",
             ]
         lines += ["![gradient inversion](gradient_attack.png)", ""]
+    lines += _memorisation(leak.get("model_inversion", {}))
     secs = metrics.get("seconds", {})
     if secs:
         lines += ["## Time", ""]
         lines += _table(["part", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
     return "\n".join(lines)
+
+
+def _memorisation(inv: dict) -> list[str]:
+    lines = ["### Model memorisation (model inversion)", ""]
+    if "not_computed" in inv or not inv:
+        return lines + [f"Not computed: {inv.get('not_computed', 'not run')}.", ""]
+    lines += [
+        "Images inverted from each CNN (per class, from noise, towards the class under the "
+        "CNN's own BatchNorm running statistics, as DeepInversion does), and how close each "
+        "comes to its nearest sensitive training image, beside real held-out images. A model "
+        "that memorised training images would give inversions nearer to them than unseen "
+        "real images are; the CNN trained on real data is the control.",
+        "",
+    ]
+    rows = []
+    for key, r in inv.items():
+        if key == "heldout_real":
+            continue
+        who = "real data (control)" if key.startswith("real/") else "synthetic data"
+        rows.append(
+            [
+                f"inverted from CNN trained on {who}",
+                str(r["images"]),
+                _f(r["classified_as_target"]),
+                _f(r["pixel_l2"]["median"], 2),
+                _f(r["pixel_l2"]["p05"], 2),
+                _f(r["ssim"]["median"]),
+                str(r["near_copies"]),
+                _f(r["nearer_than_heldout_median"]),
+            ]
+        )
+    held = inv["heldout_real"]
+    rows.append(
+        [
+            "real held-out images (baseline)",
+            "",
+            "",
+            _f(held["pixel_l2"]["median"], 2),
+            _f(held["pixel_l2"]["p05"], 2),
+            _f(held["ssim"]["median"]),
+            "",
+            "0.5",
+        ]
+    )
+    lines += _table(
+        [
+            "images",
+            "n",
+            "classified as target",
+            "pixel L2 to nearest (median)",
+            "closest 5%",
+            "SSIM to nearest (median)",
+            "near-copies",
+            "nearer than median held-out",
+        ],
+        rows,
+    )
+    return lines + ["![model inversion](model_inversion.png)", ""]
 
 
 def write_report(path: Path, metrics: dict, *, class_names: list[str]) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from privimage import bnstat
 from privimage.classifier import train_classifier
+from privimage.config import EvaluateConfig
 from privimage.models import ResNet
 
 
@@ -86,6 +87,46 @@ def test_synthesis_loss_falls_and_statistics_approach_the_recorded_ones(digits, 
         teacher, stats, 3, num_images=16, image_shape=(1, 8, 8), seed=0, weights=weights
     )
     torch.testing.assert_close(images, again)
+
+
+def test_model_inversion_from_running_statistics(digits):
+    """The evaluation's memorisation check: a trained BN CNN inverted from its running
+    statistics alone gives images it reads as their class, and stays differentiable."""
+    x, y = digits
+    model = train_classifier(
+        x,
+        y,
+        num_classes=10,
+        width=8,
+        epochs=4,
+        batch_size=64,
+        lr=3e-3,
+        device=torch.device("cpu"),
+        seed=0,
+        arch="cnn",
+        augment="none",
+        progress=False,
+    )
+    stats = bnstat.ClassStatistics.from_running_stats(model, 10)
+    layers = bnstat.bn_layers(model)
+    assert list(stats.mean) == [n for n, _ in layers] and len(layers) == 6
+    for name, layer in layers:
+        for c in (0, 9):  # every class gets the all-class running statistics
+            torch.testing.assert_close(stats.mean[name][c], layer.running_mean.double())
+            torch.testing.assert_close(stats.var[name][c], layer.running_var.double())
+    before = [p.requires_grad for p in model.parameters()]
+    weights = bnstat.SynthesisWeights(
+        steps=150, bn=EvaluateConfig().model_inversion_bn_weight, jitter_pixels=0
+    )
+    hits = []
+    for c in (2, 7):
+        images = bnstat.synthesize(
+            model, stats, c, num_images=4, image_shape=(1, 8, 8), seed=c, weights=weights
+        )
+        with torch.no_grad():
+            hits.append((model(images).argmax(1) == c).float().mean())
+    assert float(torch.stack(hits).mean()) >= 0.75, hits
+    assert [p.requires_grad for p in model.parameters()] == before  # flags restored
 
 
 def test_no_batchnorm_no_statistics():

@@ -132,6 +132,17 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp
         assert r["images"] == 1 and r["psnr_to_true_image"]["median"] > 0
     assert (out / "gradient_attack.png").stat().st_size > 0
     assert "Gradient inversion" in (out / "report.md").read_text()
+    inversion = m["leakage"]["model_inversion"]
+    assert set(inversion) == {"real/cnn", "cnn", "heldout_real"}
+    for key in ("real/cnn", "cnn"):
+        r = inversion[key]
+        assert r["images"] == 10 and 0 <= r["nearer_than_heldout_median"] <= 1
+        assert r["pixel_l2"]["median"] > 0 and 0 <= r["classified_as_target"] <= 1
+    # The same held-out baseline as the synthetic images are compared with.
+    held = m["leakage"]["nearest_neighbour"]["pixel_l2"]["heldout_real"]
+    assert inversion["heldout_real"]["pixel_l2"] == held
+    assert (out / "model_inversion.png").stat().st_size > 0
+    assert "Model memorisation" in (out / "report.md").read_text()
     assert m["epsilon_spent"] is None  # not a privimage run: no ledger
     # Copies sit at pixel distance 0, so the synthetic 5th percentile is 0 and the held-out
     # one is not.

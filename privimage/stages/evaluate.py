@@ -16,13 +16,15 @@
   nearest-neighbour criterion; a loss-threshold membership-inference attack on each
   downstream classifier (members: training images, non-members: test images); gradient
   inversion (Geiping et al. 2020) against the CNN trained on real data (positive
-  control) and the one trained on synthetic data.
+  control) and the one trained on synthetic data; a model-memorisation check: images
+  inverted from each CNN (DeepInversion on its BN running statistics) and their nearest
+  training images, against the held-out baseline.
 
 These measurements read sensitive data and are for the data owner's eyes; they are not
 part of the DP release and nothing downstream reads them. Writes ``evaluate/``:
 ``metrics.json``, ``report.md``, ``samples.png``, ``nearest_pairs.png``,
-``nearest_distances.png``, ``gradient_attack.png``, and ``features/`` (cached synthetic
-features).
+``nearest_distances.png``, ``gradient_attack.png``, ``model_inversion.png``, and
+``features/`` (cached synthetic features).
 
 With ``evaluate.synthetic=<folder or .npz>`` any set of images is scored against
 ``cfg.data`` instead of this run's samples (no other stage needs to have run).
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privimage import data
+from privimage import bnstat, data
 from privimage.config import Config, EvaluateConfig
 from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
@@ -172,7 +174,7 @@ def _fidelity(
 
 def _neighbour_stats(
     queries: data.ImageSplit,
-    query_feats: np.ndarray,
+    query_feats: np.ndarray | None,
     train: data.ImageSplit,
     train_pixels: np.ndarray,
     ref_feats: np.ndarray,
@@ -181,15 +183,19 @@ def _neighbour_stats(
     device: torch.device,
 ) -> dict[str, np.ndarray]:
     """Nearest-training-image statistics of one query set (synthetic or held-out), with
-    the ``n_near`` nearest training images behind the near-copy score."""
+    the ``n_near`` nearest training images behind the near-copy score. Without
+    ``query_feats`` the Inception-feature distance is left out."""
     dist, idx = nearest(
         leakage.pixel_vectors(queries.images), train_pixels, n=n_near, device=device
     )
     neighbours = train.images[torch.from_numpy(idx[:, 0])]
-    feat_dist, _ = nearest(query_feats, ref_feats, n=1, device=device)
+    stats = {}
+    if query_feats is not None:
+        feat_dist, _ = nearest(query_feats, ref_feats, n=1, device=device)
+        stats["feature_l2"] = feat_dist[:, 0]
     return {
         "pixel_l2": dist[:, 0],
-        "feature_l2": feat_dist[:, 0],
+        **stats,
         "ssim": leakage.ssim(queries.images, neighbours),
         "psnr": leakage.psnr(queries.images, neighbours),
         "near_copy_score": leakage.near_copy_score(dist, alpha=ev.near_copy_alpha),
@@ -249,6 +255,86 @@ def gradient_attack(
             f"from {who}-trained\nCNN's gradient",
             "nearest sensitive\ntraining image",
         ]
+    return results, rows, labels
+
+
+def model_memorisation(
+    ev: EvaluateConfig,
+    models: dict[str, ds.Selected],
+    train: data.ImageSplit,
+    train_pixels: np.ndarray,
+    held_nn: dict[str, np.ndarray],
+    *,
+    num_classes: int,
+    n_near: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[dict, list[torch.Tensor], list[str]]:
+    """Invert images from each CNN and measure how close they come to training images.
+
+    A classifier that memorised its training images can give them back under model
+    inversion. Each CNN (``"cnn"``, trained on synthetic data; ``"real/cnn"``, the
+    positive control trained on real data) is inverted DeepInversion-style: per class,
+    images are optimised from noise towards the class under the CNN's own running BN
+    statistics (:meth:`~privimage.bnstat.ClassStatistics.from_running_stats`), with the
+    synthesizer's priors. Their nearest sensitive training images are then measured as
+    the synthetic images are, beside the held-out real baseline.
+    """
+    k = ev.model_inversion_images_per_class
+    weights = bnstat.SynthesisWeights(
+        steps=ev.model_inversion_steps, bn=ev.model_inversion_bn_weight, jitter_pixels=0
+    )
+    results, rows, labels = {}, [], []
+    for key in ("real/cnn", "cnn"):
+        if key not in models:
+            continue
+        model = models[key].model
+        stats = bnstat.ClassStatistics.from_running_stats(model, num_classes)
+        images = torch.cat(
+            [
+                bnstat.synthesize(
+                    model,
+                    stats,
+                    c,
+                    num_images=k,
+                    image_shape=tuple(train.images.shape[1:]),
+                    seed=seed + c * k,
+                    weights=weights,
+                    device=device,
+                )
+                for c in range(num_classes)
+            ]
+        )
+        inverted = data.ImageSplit(
+            images=to_uint8(images), labels=torch.arange(num_classes).repeat_interleave(k)
+        )
+        nn_stats = _neighbour_stats(inverted, None, train, train_pixels, None, ev, n_near, device)
+        with torch.no_grad():
+            logits = model.to(device).eval()(images.to(device)).cpu()
+        results[key] = {
+            "images": len(inverted),
+            "classified_as_target": float((logits.argmax(1) == inverted.labels).float().mean()),
+            **{
+                m: leakage.summary(nn_stats[m])
+                for m in ("pixel_l2", "ssim", "psnr", "near_copy_score")
+            },
+            "near_copies": int((nn_stats["near_copy_score"] < ev.near_copy_threshold).sum()),
+            # Share of inversions nearer to a training image than the median held-out
+            # real image is: about 0.5 means no closer than unseen data.
+            "nearer_than_heldout_median": float(
+                (nn_stats["pixel_l2"] < np.median(held_nn["pixel_l2"])).mean()
+            ),
+        }
+        who = "real" if key.startswith("real/") else "synthetic"
+        first = torch.arange(num_classes) * k  # one image per class in the picture
+        rows += [
+            inverted.images[first],
+            train.images[torch.from_numpy(nn_stats["nearest_index"][first.numpy()])],
+        ]
+        labels += [f"inverted from\n{who}-trained CNN", "nearest sensitive\ntraining image"]
+    results["heldout_real"] = {
+        m: leakage.summary(held_nn[m]) for m in ("pixel_l2", "ssim", "psnr", "near_copy_score")
+    }
     return results, rows, labels
 
 
@@ -405,6 +491,29 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
     elif n_attack:
         attack = {"not_computed": "no CNN was trained (unlabelled images or no cnn classifier)"}
+    memorisation: dict = {"not_computed": "evaluate.model_inversion_images_per_class=0"}
+    if ev.model_inversion_images_per_class and "cnn" in models:
+        memorisation, rows, row_labels = model_memorisation(
+            ev,
+            models,
+            train,
+            train_pixels,
+            held_nn,
+            num_classes=len(class_names),
+            n_near=n_near,
+            device=device,
+            seed=cfg.seed,
+        )
+        save_image_grid(
+            rows,
+            out / "model_inversion.png",
+            row_labels=row_labels,
+            title="model inversion (one image per class) and the nearest training image",
+        )
+    elif ev.model_inversion_images_per_class:
+        memorisation = {
+            "not_computed": "no CNN was trained (unlabelled images or no cnn classifier)"
+        }
     del train_pixels
     lap("leakage")
 
@@ -438,6 +547,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "near_copies": near_copies,
             "membership_inference": membership,
             "gradient_attack": attack,
+            "model_inversion": memorisation,
         },
         "seconds": seconds,
         "note": "measured on sensitive data for the data owner; not part of the DP release",
