@@ -10,13 +10,16 @@ RUN ?= runs/make
 DEMO_RUN ?= runs/demo/main
 EXPERIMENT ?= demo
 ARGS ?=
+# `make report` gathers every finished run under RUNS into REPORT_OUT.
+RUNS ?= runs
+REPORT_OUT ?= results
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all clean
+.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all report clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: RUN=$(RUN) DEMO_RUN=$(DEMO_RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides'"
+	@echo "  variables: RUN=$(RUN) DEMO_RUN=$(DEMO_RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides' RUNS=$(RUNS) REPORT_OUT=$(REPORT_OUT)"
 
 $(BIN)/privimage: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,9 +62,11 @@ sample: $(BIN)/privimage ## stage: sample the synthetic dataset (in RUN)
 evaluate: $(BIN)/privimage ## stage: fidelity, utility and leakage of the samples (in RUN; or ARGS=evaluate.synthetic=DIR)
 	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[evaluate] hydra.run.dir=$(RUN) $(ARGS)
 
-
 all: $(BIN)/privimage ## run every stage in RUN (finished stages are skipped)
 	$(BIN)/privimage experiment=$(EXPERIMENT) hydra.run.dir=$(RUN) $(ARGS)
+
+report: $(BIN)/privimage ## one results table (md, csv) and FID/accuracy-vs-epsilon plots of the runs under RUNS
+	$(BIN)/privimage report $(RUNS) --out $(REPORT_OUT)
 
 clean: ## remove runs/ (keeps .venv and the data cache)
 	rm -rf runs

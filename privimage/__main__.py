@@ -71,6 +71,14 @@ def summary_line(m: dict) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:  # `privimage report <runs...>`: no Hydra, no stages
+        from privimage.results import cli
+
+        try:
+            sys.exit(cli(sys.argv[2:]))
+        except PrivImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     register_configs()
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_task)()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,6 +17,8 @@ from privimage.errors import ConfigError
 from privimage.runtime import atomic_write_text, is_done, stage_dir
 
 log = logging.getLogger(__name__)
+
+TIMINGS_FILE = "timings.jsonl"
 
 
 def run_pipeline(cfg: Config, run_dir: Path) -> Path:
@@ -54,5 +57,11 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         log.info("stage %s: starting", name)
         start = time.perf_counter()
         module.run(cfg, run_dir)
-        log.info("stage %s: done in %.1f s", name, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log.info("stage %s: done in %.1f s", name, seconds)
+        # Wall time per finished stage, for `privimage report` (a resumed stage appends
+        # the time of the attempt that finished it); one writer under torchrun.
+        if int(os.environ.get("RANK", "0")) == 0:
+            with (run_dir / TIMINGS_FILE).open("a") as f:
+                f.write(json.dumps({"stage": name, "seconds": round(seconds, 1)}) + "\n")
     return run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -89,3 +90,31 @@ def test_rerun_skips_finished_stages(smoke_run):
     changed = [p for p in before if after[p] != before[p] and p.name != "config.yaml"]
     assert not changed, changed
     assert (run / "privacy.json").read_text() == ledger_before
+
+
+def test_report_gathers_the_run_into_one_table(smoke_run, tmp_path, capsys):
+    """`privimage report` on a real run: one row whose figures are the run's own files'."""
+    from privimage.results import cli, find_runs
+
+    _, run = smoke_run
+    timings = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
+    assert [t["stage"] for t in timings] == ["query", "pretrain", "finetune", "sample", "evaluate"]
+    # The run is found from a folder above it, as a sweep's root would be given.
+    assert find_runs([run.parent]) == [run]
+    out = tmp_path / "results"
+    assert cli([str(run), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    row = rows[0]
+    m = json.loads((run / "evaluate" / "metrics.json").read_text())
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert row["method"] == "smoke" and row["data"] == "mnist5k"
+    assert row["differentially_private"] == "True"
+    assert float(row["epsilon_spent"]) == ledger["epsilon_spent"]
+    assert float(row["fid"]) == m["fid"] and float(row["accuracy"]) == m["downstream_accuracy"]
+    assert float(row["seconds"]) == pytest.approx(sum(t["seconds"] for t in timings), abs=0.1)
+    assert "| smoke | mnist5k | yes |" in (out / "results.md").read_text()
+    for plot in ("fid_vs_epsilon.png", "accuracy_vs_epsilon.png"):
+        assert (out / plot).stat().st_size > 0
+    assert "smoke" in capsys.readouterr().out
