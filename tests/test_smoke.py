@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,10 +100,15 @@ def test_report_gathers_the_run_into_one_table(smoke_run, tmp_path, capsys):
     _, run = smoke_run
     timings = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
     assert [t["stage"] for t in timings] == ["query", "pretrain", "finetune", "sample", "evaluate"]
-    # The run is found from a folder above it, as a sweep's root would be given.
-    assert find_runs([run.parent]) == [run]
+    # The run is found from a folder above it, as a sweep's root would be given: a copy of
+    # the files the report reads, one level down in a folder of its own.
+    job = tmp_path / "sweep" / "job0"
+    for name in ("config.yaml", "privacy.json", "timings.jsonl", "evaluate/metrics.json"):
+        (job / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run / name, job / name)
+    assert find_runs([tmp_path / "sweep"]) == [job] == find_runs([job])
     out = tmp_path / "results"
-    assert cli([str(run), "--out", str(out)]) == 0
+    assert cli([str(tmp_path / "sweep"), "--out", str(out)]) == 0
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1
