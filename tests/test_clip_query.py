@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -301,3 +303,14 @@ def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
         run_pipeline(typed_config(overrides, cache_dir), missing)
     assert "\n" not in str(info.value)
     assert not (missing / "privacy.json").exists()
+
+
+def test_other_stages_import_without_open_clip():
+    """open_clip is needed by query.method=clip only; the stages load without it."""
+    code = (
+        "import sys; sys.modules['open_clip'] = None\n"  # makes `import open_clip` fail
+        "import privimage.stages, privimage.pipeline, privimage.results\n"
+        "try:\n    import privimage.clip_query\nexcept ImportError:\n    print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-1500:]

@@ -24,7 +24,6 @@ import torch
 
 from privimage import data, privacy, selection_score
 from privimage.classifier import accuracy, predict_logits, train_classifier
-from privimage.clip_query import load_clip
 from privimage.config import Config
 from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
@@ -138,6 +137,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     public = data.load(cfg.public, cache_dir=cache)
     if cfg.query.method == "clip":
+        # Imported here: open_clip is needed only by this query method, so every other
+        # stage and method runs on machines without it.
+        from privimage.clip_query import load_clip
+
         # Weights come from a local file only; a missing one stops here, before any
         # sensitive data is read.
         scorer = load_clip(cfg.query.clip_model, cfg.query.clip_weights, device=device)
