@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from privimage.metrics import leakage
 from privimage.metrics.neighbours import nearest
 from privimage.models import ResNet
 from privimage.runtime import cache_root, resolve_device
+from privimage.stages.sample_bnstat import synthesis_weights, train_teacher
 
 # One change at a time around the defaults: name -> (field, value).
 VARIATIONS = {
@@ -66,11 +66,17 @@ VARIATIONS = {
 }
 
 
-def _load_yaml(group: str, name: str, schema):
+def load_group(group: str, name: str, schema):
+    """``conf/<group>/<name>.yaml`` merged onto its schema, as a run would see it."""
     merged = OmegaConf.merge(
         OmegaConf.structured(schema), OmegaConf.load(Path(config_dir()) / group / f"{name}.yaml")
     )
     return OmegaConf.to_object(merged)
+
+
+def default_cache() -> Path:
+    """The cache folder a run would use (``cache_dir`` of ``conf/config.yaml``)."""
+    return cache_root(OmegaConf.load(Path(config_dir()) / "config.yaml").cache_dir)
 
 
 def _student_accuracy(x, y, val_x, val_y, *, num_classes, args, device) -> float:
@@ -112,15 +118,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    data_cfg: DataConfig = _load_yaml("data", args.data, DataConfig)
+    data_cfg: DataConfig = load_group("data", args.data, DataConfig)
     data_cfg.path = args.data_path or data_cfg.path
-    defaults: BNStatConfig = _load_yaml("bnstat", "default", BNStatConfig)
+    defaults: BNStatConfig = load_group("bnstat", "default", BNStatConfig)
     args.hflip = args.data != "mnist5k" and data_cfg.channels == 3
     teacher_epochs = args.teacher_epochs or defaults.teacher_epochs
 
-    ds = load(
-        data_cfg, cache_dir=cache_root(os.environ.get("PRIVIMAGE_CACHE", "~/.cache/privimage"))
-    )
+    ds = load(data_cfg, cache_dir=default_cache())
     train = ds.train
     teach_idx, val_idx = stratified_split(
         train.labels.numpy(), args.validation_fraction, seed=args.seed
@@ -135,31 +139,22 @@ def main() -> None:
     )
 
     t0 = time.perf_counter()
-    teacher = ResNet(
-        in_channels=data_cfg.channels, num_classes=num_classes, width=defaults.teacher_width
-    )
     if args.teacher and Path(args.teacher).exists():
         saved = torch.load(args.teacher, map_location="cpu", weights_only=False)
+        teacher = ResNet(
+            in_channels=data_cfg.channels, num_classes=num_classes, width=defaults.teacher_width
+        )
         teacher.load_state_dict(saved["state_dict"])
         teacher = teacher.to(device).eval()
         stats = bnstat.ClassStatistics.from_dict(saved["statistics"])
     else:
-        teacher = train_classifier(
+        teacher, stats = train_teacher(
+            dataclasses.replace(defaults, teacher_epochs=teacher_epochs, teacher_hflip=args.hflip),
             x,
             teach.labels,
             num_classes=num_classes,
-            width=defaults.teacher_width,
-            epochs=teacher_epochs,
-            batch_size=defaults.teacher_batch_size,
-            lr=defaults.teacher_lr,
             device=device,
             seed=args.seed,
-            hflip=args.hflip,
-            model=teacher,
-            desc="teacher",
-        )
-        stats = bnstat.classwise_bn_statistics(
-            teacher, x, teach.labels, num_classes=num_classes, device=device
         )
         if args.teacher:
             state = {k: v.cpu() for k, v in teacher.state_dict().items()}
@@ -193,16 +188,7 @@ def main() -> None:
     )
     print(f"student on {len(real_idx)} real images: validation accuracy {real_acc:.3f}")
 
-    base = bnstat.SynthesisWeights(
-        steps=defaults.steps,
-        lr=defaults.lr,
-        bn=defaults.bn_weight,
-        ce=defaults.ce_weight,
-        tv=defaults.tv_weight,
-        l2=defaults.l2_weight,
-        jitter_pixels=defaults.jitter_pixels,
-        flip=defaults.flip,
-    )
+    base = synthesis_weights(defaults)
     teach_pixels = leakage.pixel_vectors(teach.images)
     names = args.only or list(VARIATIONS)
     rows = []

@@ -20,16 +20,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from bnstat_sweep import default_cache, load_group
 
-from privimage.__main__ import config_dir
 from privimage.classifier import train_classifier
 from privimage.config import DataConfig, EvaluateConfig
 from privimage.data import load
@@ -37,16 +34,7 @@ from privimage.diffusion import to_uint8
 from privimage.metrics import leakage
 from privimage.metrics.downstream import build_downstream
 from privimage.metrics.inversion import example_gradient, invert_gradient
-from privimage.runtime import cache_root, resolve_device
-
-
-def _data_config(name: str, path: str | None) -> DataConfig:
-    file = Path(config_dir()) / "data" / f"{name}.yaml"
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(file))
-    )
-    cfg.path = path or cfg.path
-    return cfg
+from privimage.runtime import resolve_device
 
 
 def main() -> None:
@@ -62,11 +50,10 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    data_cfg = _data_config(args.data, args.data_path)
+    data_cfg = load_group("data", args.data, DataConfig)
+    data_cfg.path = args.data_path or data_cfg.path
     ev = EvaluateConfig()
-    ds = load(
-        data_cfg, cache_dir=cache_root(os.environ.get("PRIVIMAGE_CACHE", "~/.cache/privimage"))
-    )
+    ds = load(data_cfg, cache_dir=default_cache())
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(ds.train), args.train_images, replace=False))
     train = ds.train.subset(idx)

