@@ -27,6 +27,9 @@ AUGMENTATIONS = ("shift", "strong")
 SYNTHESIZERS = ("diffusion", "bnstat")
 # The stages each synthesizer runs (bnstat makes its images in the sample stage).
 SYNTHESIZER_STAGES = {"diffusion": STAGES, "bnstat": ("sample", "evaluate")}
+# What the UNet is pretrained on: the query's semantic subset (PrivImage), the whole public
+# training split (PDP-Diffusion), or nothing at all (DPDM: DP training from scratch).
+PUBLIC_SUBSETS = ("semantic", "all", "none")
 
 
 @dataclass
@@ -147,7 +150,13 @@ class QueryConfig:
 class PretrainConfig:
     """Non-private pretraining on the selected public subset (Accelerate, 1..n processes)."""
 
+    # semantic (the query's selection, relabelled: PrivImage), all (every public training
+    # image, unconditional: PDP-Diffusion) or none (the UNet's initial weights: DPDM).
+    public_subset: str = "semantic"
     epochs: int = 5
+    # Compute budget in images seen (optimizer steps x batch_size); wins over epochs when
+    # set, so methods that pretrain on subsets of different sizes get the same compute.
+    images_seen: int | None = None
     # Images per optimizer step over all processes and accumulation steps together, so
     # a run means the same thing on 1 or 8 GPUs; each process takes an equal share.
     batch_size: int = 64
@@ -172,6 +181,9 @@ class PretrainConfig:
 class FinetuneConfig:
     """DP-SGD fine-tuning on the sensitive training split (Opacus)."""
 
+    # false: plain training without clipping or noise, the same steps and batch size (the
+    # non-private upper bound); the ledger then says the run is NOT differentially private.
+    dp: bool = True
     epochs: float = 5.0
     # Expected logical batch size; the Poisson sampling rate is batch_size / N.
     batch_size: int = 256
@@ -326,6 +338,10 @@ class Config:
     device: str = "auto"
     # Preprocessed datasets, trained query classifiers and FID reference statistics.
     cache_dir: str = "~/.cache/privimage"
+    # When set, the stages that do not depend on the privacy budget (query, pretrain) are
+    # stored here by content and copied into every later run with the same inputs, so the
+    # runs of an epsilon sweep compute them once (conf/sweep/ sets it to the sweep folder).
+    reuse_dir: str | None = None
 
 
 def register_configs() -> None:
@@ -523,6 +539,20 @@ def validate(cfg: Config) -> None:
     _positive(cfg.query.score_images_per_class, "query.score_images_per_class")
     _validate_diffusion(cfg)
     _positive(cfg.pretrain.epochs, "pretrain.epochs")
+    if cfg.pretrain.images_seen is not None:
+        _positive(cfg.pretrain.images_seen, "pretrain.images_seen", " (or null to use epochs)")
+    if cfg.pretrain.public_subset not in PUBLIC_SUBSETS:
+        raise ConfigError(
+            f"pretrain.public_subset={cfg.pretrain.public_subset!r}; choose one of "
+            f"{list(PUBLIC_SUBSETS)}"
+        )
+    if cfg.pretrain.public_subset != "semantic" and "query" in cfg.stages:
+        # The query would spend privacy budget on a selection nothing reads.
+        rest = [s for s in cfg.stages if s != "query"]
+        raise ConfigError(
+            f"pretrain.public_subset={cfg.pretrain.public_subset} does not use the semantic "
+            f"query, which would spend privacy budget for nothing; set stages=[{','.join(rest)}]"
+        )
     _positive(cfg.pretrain.batch_size, "pretrain.batch_size")
     _positive(cfg.pretrain.gradient_accumulation_steps, "pretrain.gradient_accumulation_steps")
     _positive(cfg.pretrain.checkpoint_every_steps, "pretrain.checkpoint_every_steps")

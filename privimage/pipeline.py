@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from privimage import data
+from privimage import data, reuse
 from privimage.config import STAGES, Config
 from privimage.errors import ConfigError
 from privimage.runtime import atomic_write_text, is_done, stage_dir
@@ -56,12 +56,17 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
             continue
         log.info("stage %s: starting", name)
         start = time.perf_counter()
-        module.run(cfg, run_dir)
+        record: dict = {"stage": name}
+        if cfg.reuse_dir and name in reuse.SHAREABLE and world == 1:
+            how, key = reuse.run_shared(cfg, run_dir, name, module)
+            record.update(how=how, key=key)
+        else:
+            module.run(cfg, run_dir)
         seconds = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", name, seconds)
         # Wall time per finished stage, for `privimage report` (a resumed stage appends
         # the time of the attempt that finished it); one writer under torchrun.
         if int(os.environ.get("RANK", "0")) == 0:
             with (run_dir / TIMINGS_FILE).open("a") as f:
-                f.write(json.dumps({"stage": name, "seconds": round(seconds, 1)}) + "\n")
+                f.write(json.dumps({**record, "seconds": round(seconds, 1)}) + "\n")
     return run_dir

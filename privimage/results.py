@@ -1,12 +1,13 @@
 """``privimage report <runs...>``: finished runs gathered into one results table.
 
-Reads, per run directory (any folder holding ``evaluate/metrics.json``; folders given are
-searched, so a multirun sweep's root will do): ``config.yaml`` (method name, data,
-synthesizer), ``evaluate/metrics.json`` (fidelity, utility, leakage), ``privacy.json``
-(target and spent ε, δ) and ``timings.jsonl`` (wall seconds per stage). Writes to
-``--out``: ``results.csv``, ``results.md`` and, when any run spent ε,
-``fid_vs_epsilon.png`` and ``accuracy_vs_epsilon.png`` with one line per method (runs
-without differential privacy drawn as dashed horizontal lines, for reference).
+Reads, per run directory (any folder holding ``evaluate/metrics.json``; folders given
+are searched, so a multirun sweep's root will do): ``config.yaml`` (the method, read
+from the settings that define it, the preset name, data), ``evaluate/metrics.json``
+(fidelity, utility, leakage), ``privacy.json`` (target and spent ε, δ) and
+``timings.jsonl`` (wall seconds per stage). Writes to ``--out``: ``results.csv``,
+``results.md`` and, when any run spent ε, ``fid_vs_epsilon.png`` and
+``accuracy_vs_epsilon.png`` with one line per method (runs without differential privacy
+drawn as dashed horizontal lines, for reference).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ METRICS = Path("evaluate") / "metrics.json"
 # (column, header in results.md, digits); the CSV keeps full precision.
 COLUMNS = [
     ("method", "method", None),
+    ("name", "preset", None),
     ("data", "data", None),
     ("differentially_private", "DP", None),
     ("target_epsilon", "target ε", 2),
@@ -71,6 +73,18 @@ def _get(d: dict, *keys):
     return d
 
 
+def method_of(cfg: dict) -> str | None:
+    """The method a run's saved ``config.yaml`` describes (from its settings, not its name)."""
+    if not cfg:
+        return None
+    if cfg.get("synthesizer") == "bnstat":
+        return "bnstat"
+    if _get(cfg, "finetune", "dp") is False:
+        return "nonprivate"
+    subset = _get(cfg, "pretrain", "public_subset") or "semantic"
+    return {"semantic": "privimage", "all": "pdp_diffusion", "none": "dpdm"}.get(subset)
+
+
 def run_row(run_dir: Path) -> dict:
     """One row of the table from one run directory's files."""
     m = json.loads((run_dir / METRICS).read_text())
@@ -87,7 +101,8 @@ def run_row(run_dir: Path) -> dict:
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {
-        "method": cfg.get("name") or run_dir.name,
+        "method": method_of(cfg) or run_dir.name,
+        "name": cfg.get("name"),
         "data": _get(cfg, "data", "source"),
         "differentially_private": private,
         "target_epsilon": ledger.get("target_epsilon") if private else None,

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
@@ -121,17 +122,28 @@ def run(cfg: Config, run_dir: Path) -> Path:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
-    sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
-    n = len(sensitive.train)
-    privacy.check_delta(delta=cfg.privacy.delta, num_records=n)
-    sample_rate, steps = dp_sgd_schedule(num_records=n, batch_size=ft.batch_size, epochs=ft.epochs)
-
     ledger = privacy.Ledger(
         Path(run_dir) / LEDGER_FILE,
         target_epsilon=cfg.privacy.target_epsilon,
         delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
     )
+    if not ft.dp:
+        # Recorded before the sensitive data is opened, like every mechanism.
+        ledger.record_non_private(
+            stage=STAGE,
+            name="non_private_training",
+            description="fine-tuning on the sensitive data without clipping or noise "
+            "(finetune.dp=false): no epsilon describes this run's output",
+        )
+    sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
+    n = len(sensitive.train)
+    privacy.check_delta(delta=cfg.privacy.delta, num_records=n)
+    sample_rate, steps = dp_sgd_schedule(num_records=n, batch_size=ft.batch_size, epochs=ft.epochs)
+    if not ft.dp:
+        _run_non_private(cfg, sensitive.train, steps=steps, pretrain_dir=pretrain_dir, out=out)
+        return out
+
     prior = [m for m in ledger.history if m.stage != STAGE]
     if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
         # The query spent budget on the sensitive data; calibrating without it would
@@ -380,3 +392,78 @@ def _train(
                     break
     bar.close()
     stats.close()
+
+
+def _run_non_private(
+    cfg: Config, train: data.ImageSplit, *, steps: int, pretrain_dir: Path, out: Path
+) -> None:
+    """The non-private upper bound: the DP run's steps and batch size, no clipping or noise.
+
+    Batch ``t`` is ``batch_size`` images drawn without replacement by a generator seeded
+    with ``(seed, t)``, and its diffusion noise comes from the same seed, so a resume
+    needs only the weights, the optimizer and the step (checkpointed atomically like the
+    DP path) and reproduces an uninterrupted run.
+    """
+    from privimage.stages.pretrain import step_generator
+
+    ft = cfg.finetune
+    device = resolve_device(cfg.device)
+    model, trained_with = load_unet(pretrain_dir / "unet")
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    model.to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr)
+    settings = {"steps": steps, "batch_size": ft.batch_size, "lr": ft.lr, "seed": cfg.seed}
+    ckpt_path = out / CHECKPOINT
+    ckpt = _load_checkpoint(ckpt_path, device)
+    start = 0
+    if ckpt is not None:
+        _check_checkpoint(ckpt, {"settings": settings}, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+    del ckpt
+    null_label = null_class(model)
+    images, labels = train.as_float(), train.labels
+    stats_path = out / "stats.jsonl"
+    truncate_jsonl(stats_path, max_step=start)
+    stats = StatsWriter(stats_path)
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="finetune (no DP)"):
+        rng = np.random.default_rng([cfg.seed, step])
+        idx = torch.from_numpy(rng.choice(len(images), ft.batch_size, replace=False))
+        g = step_generator(seed=cfg.seed + 2, step=step, process=0, micro=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for part in idx.split(ft.physical_batch_size):
+            y = drop_labels(
+                labels[part], probability=ft.label_dropout, null_label=null_label, generator=g
+            )
+            per_example = training_loss(
+                model,
+                images[part].to(device),
+                y.to(device),
+                spec=cfg.diffusion,
+                generator=g,
+                noise_draws=ft.noise_multiplicity,
+            )
+            (per_example.sum() / len(idx)).backward()
+            loss_sum += float(per_example.detach().sum())
+        optimizer.step()
+        ema_update(ema, model, decay=ft.ema_decay, step=step)
+        stats.write(step=step + 1, loss=loss_sum / len(idx), epsilon=None)
+        if (step + 1) % ft.checkpoint_every_steps == 0 or step + 1 == steps:
+            atomic_torch_save(
+                {
+                    "step": step + 1,
+                    "settings": settings,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                },
+                ckpt_path,
+            )
+    stats.close()
+    save_unet(ema, out / "unet", diffusion=cfg.diffusion)
+    mark_done(out)
+    ckpt_path.unlink(missing_ok=True)

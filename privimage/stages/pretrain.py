@@ -2,10 +2,15 @@
 
 The public images chosen by the query are relabelled to their sensitive classes, so the
 class-conditional UNet learns "what class c looks like" from public data before it ever
-sees sensitive data. Public data costs no privacy, so this is a plain Accelerate loop
-on one process or many (``torchrun --nproc_per_node N -m privimage ...``), with mixed
-precision where the hardware has it, gradient accumulation, label dropout for
-classifier-free guidance and an EMA of the weights.
+sees sensitive data (``pretrain.public_subset=semantic``, PrivImage). The baselines:
+``all`` pretrains unconditionally on the whole public training split (PDP-Diffusion) and
+``none`` writes the initial weights untouched (DPDM); ``pretrain.images_seen`` gives
+methods with subsets of different sizes the same compute.
+
+Public data costs no privacy, so this is a plain Accelerate loop on one process or many
+(``torchrun --nproc_per_node N -m privimage ...``), with mixed precision where the
+hardware has it, gradient accumulation, label dropout for classifier-free guidance and
+an EMA of the weights.
 
 Seeds are data here too: the epoch's shuffle is a function of ``(seed, epoch)`` and
 every micro-batch's diffusion noise a function of ``(seed, step, process, micro-batch)``.
@@ -13,7 +18,8 @@ So the run is resumable from Accelerate's ``save_state`` checkpoint with nothing
 to restore, and each process takes its own disjoint share of every global batch.
 
 Writes ``pretrain/``: ``unet/`` (EMA weights, ``save_pretrained`` + ``diffusion.json``),
-``stats.jsonl``, ``loss.png``, ``grid.png`` (samples per class), ``processes.json``
+``classes.json`` (the sensitive class names in label order), ``stats.jsonl``,
+``loss.png``, ``grid.png`` (samples per class), ``processes.json``
 (world size and what each process saw), ``logs/`` with a tracker; ``checkpoint/``
 exists only while a run is unfinished.
 """
@@ -55,6 +61,7 @@ from privimage.runtime import (
 log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
+CLASSES_FILE = "classes.json"
 CHECKPOINT = "checkpoint"
 
 
@@ -162,19 +169,23 @@ def _find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _save_grid(cfg: Config, ema: torch.nn.Module, selection: dict, path: Path) -> None:
+def _save_grid(cfg: Config, ema: torch.nn.Module, class_names: list[str], path: Path) -> None:
     """A look at what pretraining learned: a few samples per class from the EMA weights.
 
     Seeds ``0 .. n-1`` for every class, so grids of runs are comparable image by image.
+    A model pretrained unconditionally (``public_subset=all``) gets one row, drawn with
+    the null label.
     """
     n = cfg.pretrain.grid_images_per_class
-    names = [c["name"] for c in selection["classes"]]
-    labels = torch.arange(len(names)).repeat_interleave(n)
+    if cfg.pretrain.public_subset == "all":
+        rows, row_labels = ["unconditional"], torch.full((n,), len(class_names))
+    else:
+        rows, row_labels = class_names, torch.arange(len(class_names)).repeat_interleave(n)
     x = sample_batch(
         ema.eval(),
         spec=cfg.diffusion,
-        seeds=list(range(n)) * len(names),
-        labels=labels,
+        seeds=list(range(n)) * len(rows),
+        labels=row_labels,
         image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
         num_steps=cfg.sample.num_inference_steps,
         solver=sampler_name(cfg),
@@ -183,16 +194,61 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, selection: dict, path: Path) -
     )
     images = to_uint8(x.cpu())
     save_image_grid(
-        [images[labels == c] for c in range(len(names))],
+        [images[i * n : (i + 1) * n] for i in range(len(rows))],
         path,
-        row_labels=names,
+        row_labels=rows,
         title=f"pretrained on public data (EMA), guidance {cfg.sample.guidance_scale:g}",
     )
 
 
+def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
+    """The pretraining images, their labels, and the number of sensitive classes.
+
+    ``semantic``: the query's selection relabelled to the sensitive classes (the class
+    count comes from the query's released output; the sensitive data is never opened).
+    ``all``: every public training image with the null label (unconditional: the public
+    labels mean nothing to the sensitive classes). ``none``: no images. For the last two
+    only the sensitive dataset's class list is read, which is public by assumption (the
+    task's label set), not its images.
+    """
+    subset = cfg.pretrain.public_subset
+    if subset == "semantic":
+        query_dir = require_upstream(run_dir, "query", STAGE)
+        index = np.load(query_dir / "public_index.npy")
+        labels = torch.from_numpy(np.load(query_dir / "public_labels.npy"))
+        if len(index) == 0:
+            raise PrivImageError(
+                f"the query selected no public images ({query_dir}/selection.json)"
+            )
+        class_names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
+        return index, labels, class_names
+    class_names = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).class_names
+    if subset == "none":
+        return np.empty(0, np.int64), torch.empty(0, dtype=torch.long), class_names
+    index = np.arange(len(public.train))
+    return index, torch.full((len(index),), len(class_names), dtype=torch.long), class_names
+
+
+def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
+    """The sensitive class names in label order, as the finished pretraining recorded them."""
+    folder = require_upstream(run_dir, STAGE, needed_by)
+    if (folder / CLASSES_FILE).exists():
+        return read_json(folder / CLASSES_FILE)["classes"]
+    # Runs pretrained before classes.json existed had a query, which names them too.
+    selection = require_upstream(run_dir, "query", needed_by) / "selection.json"
+    return [c["name"] for c in read_json(selection)["classes"]]
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """Optimizer steps: ``images_seen / batch_size`` when set (matched compute), else epochs."""
+    p = cfg.pretrain
+    if p.images_seen is not None:
+        return math.ceil(p.images_seen / p.batch_size)
+    return p.epochs * steps_per_epoch
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
-    """Pretrain on the query's public subset; see the module docstring for outputs."""
-    query_dir = require_upstream(run_dir, "query", STAGE)
+    """Pretrain on the chosen public images; see the module docstring for outputs."""
     out = stage_dir(run_dir, STAGE)
     p = cfg.pretrain
 
@@ -217,20 +273,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
     main = accelerator.is_main_process
 
     public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir), progress=main)
-    index = np.load(query_dir / "public_index.npy")
-    labels = torch.from_numpy(np.load(query_dir / "public_labels.npy"))
-    if len(index) == 0:
-        raise PrivImageError(f"the query selected no public images ({query_dir}/selection.json)")
+    index, labels, class_names = _public_subset(cfg, run_dir, public)
     if p.max_images is not None and len(index) > p.max_images:
         keep = np.random.default_rng(cfg.seed).permutation(len(index))[: p.max_images]
         index, labels = index[keep], labels[keep]
     # Index before converting: the selection is a small part of a large public set.
     images = data.ImageSplit(public.train.images[torch.from_numpy(index)], labels).as_float()
-    # The class count comes from the query's released output: pretraining never opens
-    # the sensitive data.
-    num_classes = len(read_json(query_dir / "selection.json")["classes"])
-    steps_per_epoch = _check_batch(cfg, len(images), world)
-    total_steps = p.epochs * steps_per_epoch
+    num_classes = len(class_names)
+    if len(images):
+        steps_per_epoch = _check_batch(cfg, len(images), world)
+        steps = total_steps(cfg, steps_per_epoch)
+    else:  # public_subset=none: the initial weights are the output
+        steps_per_epoch, steps = 1, 0
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     model = build_unet(
@@ -248,7 +302,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             count_parameters(model) / 1e6,
             cfg.diffusion.formulation,
             len(images),
-            total_steps,
+            steps,
             p.batch_size,
             world,
             accelerator.mixed_precision,
@@ -262,6 +316,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "batch_size": p.batch_size,
             "gradient_accumulation_steps": p.gradient_accumulation_steps,
             "epochs": p.epochs,
+            "images_seen": p.images_seen,
+            "public_subset": p.public_subset,
             "lr": p.lr,
             "label_dropout": p.label_dropout,
             "ema_decay": p.ema_decay,
@@ -275,9 +331,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         if main:
-            log.info(
-                "resuming pretraining at step %d/%d from %s", state.step, total_steps, checkpoint
-            )
+            log.info("resuming pretraining at step %d/%d from %s", state.step, steps, checkpoint)
     if tracker is not None:
         accelerator.init_trackers("pretrain", config={"lr": p.lr, "batch_size": p.batch_size})
 
@@ -285,14 +339,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if main:
         truncate_jsonl(out / "stats.jsonl", max_step=state.step)
         stats = StatsWriter(out / "stats.jsonl")
-    bar = tqdm(total=total_steps, initial=state.step, desc="pretrain (public)", disable=not main)
+    bar = tqdm(total=steps, initial=state.step, desc="pretrain (public)", disable=not main)
     accum = p.gradient_accumulation_steps
     seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
     first_ids: list[int] = []
     order, order_epoch = None, -1
     started, started_step = time.perf_counter(), state.step
     model.train()
-    for step in range(state.step, total_steps):
+    for step in range(state.step, steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
             order, order_epoch = (
@@ -330,7 +384,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         ema_update(ema, accelerator.unwrap_model(model), decay=p.ema_decay, step=step)
         state.step = step + 1
         bar.update(1)
-        if state.step % p.log_every_steps == 0 or state.step == total_steps:
+        if state.step % p.log_every_steps == 0 or state.step == steps:
             # A collective: every process reaches it at the same steps.
             mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
             if not math.isfinite(mean_loss):
@@ -344,7 +398,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 stats.write(step=state.step, epoch=epoch, loss=mean_loss, images_per_s=rate)
             if tracker is not None:
                 accelerator.log({"loss": mean_loss, "images_per_s": rate}, step=state.step)
-        if state.step % p.checkpoint_every_steps == 0 and state.step < total_steps:
+        if state.step % p.checkpoint_every_steps == 0 and state.step < steps:
             _save_checkpoint(accelerator, out)
     bar.close()
 
@@ -355,12 +409,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if main:
         save_unet(ema, out / "unet", diffusion=cfg.diffusion)
         stats.close()
+        # The class names, in label order, for the stages after fine-tuning.
+        write_json(out / CLASSES_FILE, {"public_subset": p.public_subset, "classes": class_names})
         write_json(
             out / "processes.json",
             {
                 "world_size": world,
                 "mixed_precision": accelerator.mixed_precision,
-                "steps": total_steps,
+                "steps": steps,
                 "processes": [
                     {
                         "rank": int(r[0]),
@@ -372,9 +428,12 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 ],
             },
         )
-        save_loss_curve(out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)")
-        if p.grid_images_per_class > 0:
-            _save_grid(cfg, ema, read_json(query_dir / "selection.json"), out / "grid.png")
+        if steps > 0:
+            save_loss_curve(
+                out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)"
+            )
+        if p.grid_images_per_class > 0 and steps > 0:
+            _save_grid(cfg, ema, class_names, out / "grid.png")
         for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
         mark_done(out)

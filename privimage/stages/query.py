@@ -260,6 +260,27 @@ def run(cfg: Config, run_dir: Path) -> Path:
     return out
 
 
+def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
+    """Take over a finished query of another run with the same inputs (privimage.reuse).
+
+    The copied selection is that run's release, reproduced exactly; this run records the
+    same mechanism in its own ledger (refused there if over this run's budget) before
+    the files arrive, as if it had made the release itself.
+    """
+    ledger = privacy.Ledger(
+        Path(run_dir) / LEDGER_FILE,
+        target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )
+    mechanism = privacy.query_mechanism(
+        noise_multiplier=query_noise_multiplier(cfg), top_k=cfg.query.top_k
+    )
+    ledger.begin(mechanism)
+    copy_in()
+    ledger.complete(mechanism)
+
+
 def _score_selection(
     cfg: Config,
     public: data.ImageDataset,

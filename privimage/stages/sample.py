@@ -37,6 +37,7 @@ from privimage.runtime import (
     stage_dir,
     write_json,
 )
+from privimage.stages import pretrain
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
         return run_bnstat(cfg, run_dir)
     finetune_dir = require_upstream(run_dir, "finetune", STAGE)
-    query_dir = require_upstream(run_dir, "query", STAGE)
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    class_names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
+    class_names = pretrain.class_names(run_dir, needed_by=STAGE)
     num_classes = len(class_names)
     solver = sampler_name(cfg)
 
