@@ -10,16 +10,18 @@ RUN ?= runs/make
 DEMO_RUN ?= runs/demo/main
 EXPERIMENT ?= demo
 ARGS ?=
+# `make sweep` runs EXPERIMENT at every epsilon of conf/sweep/epsilon.yaml (or EPSILONS=1,4).
+EPSILONS ?=
 # `make report` gathers every finished run under RUNS into REPORT_OUT.
 RUNS ?= runs
 REPORT_OUT ?= results
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all report clean
+.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all sweep report bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: RUN=$(RUN) DEMO_RUN=$(DEMO_RUN) EXPERIMENT=$(EXPERIMENT) ARGS='hydra overrides' RUNS=$(RUNS) REPORT_OUT=$(REPORT_OUT)"
+	@echo "  variables: RUN=$(RUN) DEMO_RUN=$(DEMO_RUN) EXPERIMENT=$(EXPERIMENT) EPSILONS=$(EPSILONS) ARGS='hydra overrides' RUNS=$(RUNS) REPORT_OUT=$(REPORT_OUT)"
 
 $(BIN)/privimage: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +42,8 @@ test-fast: $(BIN)/privimage ## run the tests without the slow ones
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
 
 lint: $(BIN)/privimage ## ruff lint and format check
-	$(BIN)/ruff check privimage tests bench
-	$(BIN)/ruff format --check privimage tests bench
+	$(BIN)/ruff check privimage tests bench notebooks
+	$(BIN)/ruff format --check privimage tests bench notebooks
 
 format: $(BIN)/privimage ## ruff format and autofix
 	$(BIN)/ruff format privimage tests bench
@@ -65,8 +67,14 @@ evaluate: $(BIN)/privimage ## stage: fidelity, utility and leakage of the sample
 all: $(BIN)/privimage ## run every stage in RUN (finished stages are skipped)
 	$(BIN)/privimage experiment=$(EXPERIMENT) hydra.run.dir=$(RUN) $(ARGS)
 
+sweep: $(BIN)/privimage ## EXPERIMENT at epsilon 1, 5, 10 (Hydra multirun; query and pretraining computed once)
+	$(BIN)/privimage experiment=$(EXPERIMENT) sweep=epsilon $(if $(EPSILONS),privacy.epsilon=$(EPSILONS)) $(ARGS)
+
 report: $(BIN)/privimage ## one results table (md, csv) and FID/accuracy-vs-epsilon plots of the runs under RUNS
 	$(BIN)/privimage report $(RUNS) --out $(REPORT_OUT)
+
+bench: $(BIN)/privimage ## PrivImage vs PDP-Diffusion vs DPDM on CIFAR-10 at epsilon 10 and 1 (~1 h CPU) -> docs/results.md
+	$(BIN)/python bench/paper_claim.py $(ARGS)
 
 clean: ## remove runs/ (keeps .venv and the data cache)
 	rm -rf runs

@@ -115,12 +115,12 @@ def test_report_gathers_the_run_into_one_table(smoke_run, tmp_path, capsys):
     row = rows[0]
     m = json.loads((run / "evaluate" / "metrics.json").read_text())
     ledger = json.loads((run / "privacy.json").read_text())
-    assert row["method"] == "smoke" and row["data"] == "mnist5k"
+    assert row["method"] == "privimage" and row["name"] == "smoke" and row["data"] == "mnist5k"
     assert row["differentially_private"] == "True"
     assert float(row["epsilon_spent"]) == ledger["epsilon_spent"]
     assert float(row["fid"]) == m["fid"] and float(row["accuracy"]) == m["downstream_accuracy"]
     assert float(row["seconds"]) == pytest.approx(sum(t["seconds"] for t in timings), abs=0.1)
-    assert "| smoke | mnist5k | yes |" in (out / "results.md").read_text()
+    assert "| privimage | smoke | mnist5k | yes |" in (out / "results.md").read_text()
     for plot in ("fid_vs_epsilon.png", "accuracy_vs_epsilon.png"):
         assert (out / plot).stat().st_size > 0
     assert "smoke" in capsys.readouterr().out
