@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.docs.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     jobs = [(f"{m}_cifar10", eps) for eps in args.epsilons for m in args.methods]
@@ -124,6 +126,8 @@ def main() -> None:
     rows = [run_row(r) for r in find_runs([args.out])]
     rows.sort(key=lambda r: (r["method"], -(r["target_epsilon"] or 0)))
     write_results(rows, args.out / "report")
+    # The table beside the page, for notebooks/02_compare_methods.ipynb.
+    shutil.copyfile(args.out / "report" / "results.csv", args.docs.with_suffix(".csv"))
     table = render_markdown(rows).removeprefix("# Results\n\n")
     lines = verdict(rows, args.epsilons)
     print(table)
@@ -181,7 +185,6 @@ the paper's compute: absolute figures are far from the published ones.
 Plots: `{args.out.name}/report/fid_vs_epsilon.png`, `accuracy_vs_epsilon.png`.
 
 {published}"""
-    args.docs.parent.mkdir(parents=True, exist_ok=True)
     args.docs.write_text(doc)
     print(f"paper_claim: wrote {args.docs} and {args.out / 'report'}")
 

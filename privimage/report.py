@@ -31,10 +31,12 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
     lines = ["# Evaluation report", ""]
     eps = metrics.get("epsilon_spent")
     if metrics.get("differentially_private") is False:
+        why = "; ".join(metrics.get("non_private_steps") or []) or (
+            f"synthesizer `{metrics.get('synthesizer')}`: it fits the sensitive data without noise"
+        )
         lines.append(
             f"**Privacy: none. These images carry no differential-privacy guarantee** "
-            f"(synthesizer `{metrics.get('synthesizer')}`: it fits the sensitive data without "
-            "noise). Read the leakage measurements below with that in mind."
+            f"({why}). Read the leakage measurements below with that in mind."
         )
     elif eps is not None:
         lines.append(

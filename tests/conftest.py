@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,14 @@ def compose_config(overrides: list[str] | None = None):
 
 def typed_config(overrides: list[str], cache: Path) -> Config:
     return to_config(compose_config([*overrides, f"cache_dir={cache}", "device=cpu"]))
+
+
+def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m privimage <args>`` from the repository root, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "privimage", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import REPO, compose_config, typed_config
+from conftest import compose_config, run_cli, typed_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -107,7 +105,7 @@ def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
     cfg = typed_config(
         [
             "experiment=smoke",
-            "stages=[pretrain,finetune]",
+            "stages=[pretrain,finetune,sample,evaluate]",
             "pretrain.public_subset=none",
             "finetune.dp=false",
             "finetune.checkpoint_every_steps=1",
@@ -131,6 +129,10 @@ def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
         not torch.equal(a, b)
         for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
     )
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert metrics["differentially_private"] is False
+    report = (tmp_path / "evaluate" / "report.md").read_text()
+    assert "no differential-privacy guarantee" in report and "finetune.dp=false" in report
 
 
 def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
@@ -138,22 +140,13 @@ def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
     in the first job only, the second copies them in (and records the query's spend);
     `privimage report` on the sweep folder has one row per epsilon."""
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "privimage",
-            "experiment=smoke",
-            "sweep=epsilon",
-            "privacy.epsilon=4,8",
-            f"hydra.sweep.dir={sweep}",
-            f"cache_dir={cache_dir}",
-            "device=cpu",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    result = run_cli(
+        "experiment=smoke",
+        "sweep=epsilon",
+        "privacy.epsilon=4,8",
+        f"hydra.sweep.dir={sweep}",
+        f"cache_dir={cache_dir}",
+        "device=cpu",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {e: sweep / f"privacy.epsilon={e}" for e in (4, 8)}
@@ -183,13 +176,7 @@ def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
     assert (jobs[4] / weights).read_bytes() != (jobs[8] / weights).read_bytes()
 
     out = tmp_path / "report"
-    report = subprocess.run(
-        [sys.executable, "-m", "privimage", "report", str(sweep), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = run_cli("report", str(sweep), "--out", str(out), timeout=120)
     assert report.returncode == 0, report.stderr
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -528,9 +528,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "epsilon_spent": ledger["epsilon_spent"] if ledger else None,
         "target_epsilon": ledger["target_epsilon"] if ledger else None,
         "delta": ledger["delta"] if ledger else None,
-        # False when the ledger records a non-private synthesizer (bnstat); None when the
-        # images come from elsewhere and nothing is known.
+        # False when the ledger records a non-private step (bnstat, finetune.dp=false);
+        # None when the images come from elsewhere and nothing is known.
         "differentially_private": ledger.get("differentially_private", True) if ledger else None,
+        "non_private_steps": [e["description"] for e in (ledger or {}).get("non_private", [])],
         "synthesizer": cfg.synthesizer if own_samples else None,
         "synthetic": synthetic_source,
         "fidelity": fidelity,
