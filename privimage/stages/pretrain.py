@@ -169,7 +169,7 @@ def _find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _save_grid(cfg: Config, ema: torch.nn.Module, class_names: list[str], path: Path) -> None:
+def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) -> None:
     """A look at what pretraining learned: a few samples per class from the EMA weights.
 
     Seeds ``0 .. n-1`` for every class, so grids of runs are comparable image by image.
@@ -178,9 +178,9 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, class_names: list[str], path: 
     """
     n = cfg.pretrain.grid_images_per_class
     if cfg.pretrain.public_subset == "all":
-        rows, row_labels = ["unconditional"], torch.full((n,), len(class_names))
+        rows, row_labels = ["unconditional"], torch.full((n,), len(names))
     else:
-        rows, row_labels = class_names, torch.arange(len(class_names)).repeat_interleave(n)
+        rows, row_labels = names, torch.arange(len(names)).repeat_interleave(n)
     x = sample_batch(
         ema.eval(),
         spec=cfg.diffusion,
@@ -220,13 +220,13 @@ def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
             raise PrivImageError(
                 f"the query selected no public images ({query_dir}/selection.json)"
             )
-        class_names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
-        return index, labels, class_names
-    class_names = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).class_names
+        names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
+        return index, labels, names
+    names = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).class_names
     if subset == "none":
-        return np.empty(0, np.int64), torch.empty(0, dtype=torch.long), class_names
+        return np.empty(0, np.int64), torch.empty(0, dtype=torch.long), names
     index = np.arange(len(public.train))
-    return index, torch.full((len(index),), len(class_names), dtype=torch.long), class_names
+    return index, torch.full((len(index),), len(names), dtype=torch.long), names
 
 
 def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
@@ -273,13 +273,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
     main = accelerator.is_main_process
 
     public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir), progress=main)
-    index, labels, class_names = _public_subset(cfg, run_dir, public)
+    index, labels, names = _public_subset(cfg, run_dir, public)
     if p.max_images is not None and len(index) > p.max_images:
         keep = np.random.default_rng(cfg.seed).permutation(len(index))[: p.max_images]
         index, labels = index[keep], labels[keep]
     # Index before converting: the selection is a small part of a large public set.
     images = data.ImageSplit(public.train.images[torch.from_numpy(index)], labels).as_float()
-    num_classes = len(class_names)
+    num_classes = len(names)
     if len(images):
         steps_per_epoch = _check_batch(cfg, len(images), world)
         steps = total_steps(cfg, steps_per_epoch)
@@ -410,7 +410,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         save_unet(ema, out / "unet", diffusion=cfg.diffusion)
         stats.close()
         # The class names, in label order, for the stages after fine-tuning.
-        write_json(out / CLASSES_FILE, {"public_subset": p.public_subset, "classes": class_names})
+        write_json(out / CLASSES_FILE, {"public_subset": p.public_subset, "classes": names})
         write_json(
             out / "processes.json",
             {
@@ -433,7 +433,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)"
             )
         if p.grid_images_per_class > 0 and steps > 0:
-            _save_grid(cfg, ema, class_names, out / "grid.png")
+            _save_grid(cfg, ema, names, out / "grid.png")
         for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
         mark_done(out)
