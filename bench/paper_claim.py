@@ -55,7 +55,7 @@ def run_one(preset: str, epsilon: float | None, out: Path, extra: list[str]) -> 
         *extra,
     ]
     if not (run_dir / "evaluate" / "DONE").exists():
-        print(f"paper_claim: {' '.join(command[2:])}", flush=True)
+        print(f"paper_claim: {' '.join(command[3:])}", flush=True)
         start = time.perf_counter()
         with open(out / f"{name}.log", "a") as log:
             result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

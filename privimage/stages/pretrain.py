@@ -230,13 +230,15 @@ def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
 
 
 def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
-    """The sensitive class names in label order, as the finished pretraining recorded them."""
-    folder = require_upstream(run_dir, STAGE, needed_by)
-    if (folder / CLASSES_FILE).exists():
-        return read_json(folder / CLASSES_FILE)["classes"]
+    """The sensitive class names in label order, as pretraining or the query recorded them."""
+    recorded = stage_dir(run_dir, STAGE) / CLASSES_FILE
+    if recorded.exists():
+        return read_json(recorded)["classes"]
     # Runs pretrained before classes.json existed had a query, which names them too.
-    selection = require_upstream(run_dir, "query", needed_by) / "selection.json"
-    return [c["name"] for c in read_json(selection)["classes"]]
+    selection = stage_dir(run_dir, "query") / "selection.json"
+    if selection.exists():
+        return [c["name"] for c in read_json(selection)["classes"]]
+    return read_json(require_upstream(run_dir, STAGE, needed_by) / CLASSES_FILE)["classes"]
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
