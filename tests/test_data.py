@@ -7,6 +7,7 @@ are skipped when ``../shared/data`` lacks the archive.
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -259,6 +260,31 @@ def test_tar_source_matches_folder(tmp_path: Path) -> None:
             progress=False,
         )
         assert len(capped.train) == 5 and torch.equal(capped.test.images, folder.test.images)
+
+
+def test_cache_key_follows_content_not_place_or_mtime(tmp_path: Path) -> None:
+    # Shared data is re-mounted with new mtimes each session; that must not throw away
+    # the preprocessed data, query classifiers and shared stages keyed on it.
+    def folder_key(name: str) -> str:
+        return data.content_key(DataConfig(source="folder", path=str(tmp_path / name)))
+
+    def tar_key(name: str) -> str:
+        return data.content_key(DataConfig(source="tar", path=str(tmp_path / name)))
+
+    _write_tree(tmp_path / "a", split_dirs=False)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(tmp_path / "a", arcname="data")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.copyfile(tmp_path / "a.tar", tmp_path / "b.tar")
+    for path in [tmp_path / "b.tar", *(tmp_path / "b").rglob("*")]:
+        os.utime(path, ns=(10**18, 10**18))
+    assert folder_key("a") == folder_key("b") and tar_key("a.tar") == tar_key("b.tar")
+
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / "b" / "cat" / "0.png")
+    with open(tmp_path / "b.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    assert folder_key("a") != folder_key("b"), "a changed image must change the key"
+    assert tar_key("a.tar") != tar_key("b.tar"), "a changed archive must change the key"
 
 
 @pytest.mark.skipif(not CIFAR10.is_file(), reason=f"{CIFAR10} is absent (shared data)")

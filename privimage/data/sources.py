@@ -10,9 +10,7 @@ keeps, in the forms ``datasets.Image`` encodes (encoded bytes, arrays, PIL image
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -61,7 +59,7 @@ class Source:
         """Raise DataError (one line) when the source cannot be read; decodes nothing."""
 
     def fingerprint(self, cfg: DataConfig) -> dict:
-        """JSON-able identity of the source's content (paths, sizes, mtimes, versions)."""
+        """JSON-able identity of the source's content (sizes and digests, package versions)."""
         raise NotImplementedError
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
@@ -112,7 +110,7 @@ class Mnist5k(Source):
         self._file()
 
     def fingerprint(self, cfg: DataConfig) -> dict:
-        return archives.file_stamp(self._file())
+        return archives.file_digest(self._file())
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
         self._file()
@@ -214,7 +212,7 @@ class _TarSource(Source):
         archives.check_tar(self.archive(cfg), self.name)
 
     def fingerprint(self, cfg: DataConfig) -> dict:
-        return archives.file_stamp(self.archive(cfg))
+        return archives.file_digest(self.archive(cfg))
 
     def is_metadata(self, name: str) -> bool:
         """Small text members the layout needs (read during the listing pass)."""
@@ -403,9 +401,8 @@ class Folder(Source):
 
     def fingerprint(self, cfg: DataConfig) -> dict:
         root = self._root(cfg)
-        stamp = archives.tree_stamp(root, archives.list_tree(root))
-        digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
-        return {"path": str(root.resolve()), "files": len(stamp), "stamp": digest}
+        images = [n for n in archives.list_tree(root) if is_image_name(n)]
+        return archives.tree_digest(root, images)
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
         root = self._root(cfg)
@@ -447,13 +444,9 @@ class Hub(Source):
         # load_dataset also takes local folders and files: notice when they change.
         local = Path(cfg.path).expanduser()
         if local.is_dir():
-            stamp = [
-                (n, (local / n).stat().st_size, (local / n).stat().st_mtime_ns)
-                for n in archives.list_tree(local)
-            ]
-            spec["local"] = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+            spec["local"] = archives.tree_digest(local, archives.list_tree(local))
         elif local.is_file():
-            spec["local"] = archives.file_stamp(local)
+            spec["local"] = archives.file_digest(local)
         return spec
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
