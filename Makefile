@@ -73,7 +73,7 @@ sweep: $(BIN)/privimage ## EXPERIMENT at epsilon 1, 5, 10 (Hydra multirun; query
 report: $(BIN)/privimage ## one results table (md, csv) and FID/accuracy-vs-epsilon plots of the runs under RUNS
 	$(BIN)/privimage report $(RUNS) --out $(REPORT_OUT)
 
-bench: $(BIN)/privimage ## PrivImage vs PDP-Diffusion vs DPDM on CIFAR-10 at epsilon 10 and 1 (~1 h CPU) -> docs/results.md
+bench: $(BIN)/privimage ## PrivImage vs PDP-Diffusion vs DPDM on CIFAR-10 at epsilon 10 and 1 (~80 min on 2 CPU cores, +20 min the first time for the query classifier) -> docs/results.md
 	$(BIN)/python bench/paper_claim.py $(ARGS)
 
 clean: ## remove runs/ (keeps .venv and the data cache)

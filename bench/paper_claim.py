@@ -10,7 +10,8 @@ user's would; the stages that do not depend on epsilon are shared through
 
 Prints the results table and who won at each epsilon, and writes ``--out``/report/
 (``privimage report``'s table and plots) and ``docs/results.md`` with the command,
-commit and wall times. Sized to take about an hour on a 2-core CPU; runs already
+commit and wall times. About 80 min on a 2-core CPU with the query classifier cached
+(it takes about 20 min more the first time); runs already
 finished in ``--out`` are skipped, so an interrupted benchmark resumes.
 
     python bench/paper_claim.py                       # the whole benchmark
@@ -40,6 +41,34 @@ DP_METHODS = ("privimage", "pdp_diffusion", "dpdm")
 PUBLISHED = Path(__file__).with_name("paper_claim_published.md")
 
 
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
+def git_dirty() -> bool:
+    return bool(git("status", "--porcelain", "--untracked-files=no"))
+
+
+def commits(out: Path) -> str:
+    """Markdown list of the commits each run was made at (from ``<run>.commit``)."""
+    by_commit: dict[str, list[str]] = {}
+    for record in sorted(out.glob("*.commit")):
+        made = " then ".join(c for c in dict.fromkeys(record.read_text().splitlines()) if c)
+        by_commit.setdefault(made, []).append(record.stem)
+    return "\n".join(f"- `{c}`: {', '.join(runs)}" for c, runs in by_commit.items())
+
+
+def shared_counts(out: Path) -> str:
+    """How often each shareable stage was computed in ``out`` (once each is the aim)."""
+    keys: dict[str, set[str]] = {}
+    for timings in out.glob("*/timings.jsonl"):
+        for line in timings.read_text().splitlines():
+            t = json.loads(line)
+            if t.get("how") == "computed":
+                keys.setdefault(t["stage"], set()).add(t["key"])
+    return ", ".join(f"{stage} {len(k)}×" for stage, k in sorted(keys.items()))
+
+
 def run_one(preset: str, epsilon: float | None, out: Path, extra: list[str]) -> dict:
     """One pipeline run through the CLI (skipped when already evaluated); its row."""
     name = preset if epsilon is None else f"{preset}_eps{epsilon:g}"
@@ -55,6 +84,11 @@ def run_one(preset: str, epsilon: float | None, out: Path, extra: list[str]) -> 
         *extra,
     ]
     if not (run_dir / "evaluate" / "DONE").exists():
+        # Which code made the run (a resumed run may span commits: one line each).
+        with open(out / f"{name}.commit", "a") as f:
+            f.write(
+                git("rev-parse", "--short", "HEAD") + (" (dirty)" if git_dirty() else "") + "\n"
+            )
         print(f"paper_claim: {' '.join(command[3:])}", flush=True)
         start = time.perf_counter()
         with open(out / f"{name}.log", "a") as log:
@@ -121,6 +155,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(DP_METHODS), choices=DP_METHODS)
     parser.add_argument("--no-nonprivate", action="store_true", help="skip the upper bound")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--remark", default="", help="a sentence for the page about this run")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,15 +187,10 @@ def main() -> None:
     print(table)
     print("\n".join(lines))
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    ).stdout.strip()
+    remark = args.remark
+    commit = git("rev-parse", "--short", "HEAD") + (
+        " (with uncommitted changes)" if git_dirty() else ""
+    )
     costs = []
     for r in rows:
         seconds = stage_seconds(Path(r["run"]))
@@ -169,15 +199,21 @@ def main() -> None:
     published = PUBLISHED.read_text() if PUBLISHED.exists() else ""
     doc = f"""# Results: PrivImage against its baselines on CIFAR-10
 
-Measured by `bench/paper_claim.py` on {time.strftime("%Y-%m-%d")}, commit `{commit}`
-{"(with uncommitted changes)" if dirty else ""}, on {os.cpu_count()} CPU cores
-({platform.processor() or platform.machine()}), no GPU. All runs together took
-{compute_seconds(args.out) / 60:.0f} min of stage wall time, each shared stage counted once
-(this invocation: {wall / 60:.0f} min; runs already finished in the output folder are
-skipped, so a resumed benchmark reports only what it redid here).
+Written by `bench/paper_claim.py` on {time.strftime("%Y-%m-%d")} at commit {commit},
+on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU.
+All runs together took {compute_seconds(args.out) / 60:.0f} min of stage wall time, each
+shared stage counted once (this invocation: {wall / 60:.0f} min; runs already finished in
+the output folder are skipped, so a resumed benchmark reports only what it redid here).
+The runs were made at:
+
+{commits(args.out) or "- (not recorded)"}
+
+Shareable stages computed (distinct content keys; `reuse_dir` makes each 1× when their
+inputs are unchanged; pretraining once per public subset): {shared_counts(args.out)}.
+{args.remark}
 
 ```bash
-python bench/paper_claim.py {" ".join(sys.argv[1:])}
+python bench/paper_claim.py {" ".join(a for a in sys.argv[1:] if a not in ("--remark", remark))}
 ```
 
 Setting: CIFAR-10 (50,000 training images, sensitive) and Tiny-ImageNet-200 at 32×32
