@@ -21,7 +21,6 @@ finished in ``--out`` are skipped, so an interrupted benchmark resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -33,7 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from privimage.results import find_runs, render_markdown, run_row, write_results  # noqa: E402
+from privimage.results import (  # noqa: E402
+    find_runs,
+    read_timings,
+    render_markdown,
+    run_row,
+    write_results,
+)
 
 DP_METHODS = ("privimage", "pdp_diffusion", "dpdm")
 
@@ -58,14 +63,11 @@ def commits(out: Path) -> str:
     return "\n".join(f"- `{c}`: {', '.join(runs)}" for c, runs in by_commit.items())
 
 
-def shared_counts(out: Path) -> str:
-    """How often each shareable stage was computed in ``out`` (once each is the aim)."""
+def shared_counts(timings: dict[str, list[dict]]) -> str:
+    """How often each shareable stage was computed (once each is the aim)."""
     keys: dict[str, set[str]] = {}
-    for timings in out.glob("*/timings.jsonl"):
-        for line in timings.read_text().splitlines():
-            t = json.loads(line)
-            if t.get("how") == "computed":
-                keys.setdefault(t["stage"], set()).add(t["key"])
+    for t in (t for ts in timings.values() for t in ts if t.get("how") == "computed"):
+        keys.setdefault(t["stage"], set()).add(t["key"])
     return ", ".join(f"{stage} {len(k)}×" for stage, k in sorted(keys.items()))
 
 
@@ -99,30 +101,20 @@ def run_one(preset: str, epsilon: float | None, out: Path, extra: list[str]) -> 
     return run_row(run_dir)
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
+def stage_seconds(own: list[dict], timings: dict[str, list[dict]]) -> dict[str, float]:
     """Wall seconds per stage, counting a reused stage at what it cost where it was computed."""
-    own = [json.loads(line) for line in (run_dir / "timings.jsonl").read_text().splitlines()]
-    computed = {}
-    for timings in run_dir.parent.glob("*/timings.jsonl"):
-        for line in timings.read_text().splitlines():
-            t = json.loads(line)
-            if t.get("how") == "computed":
-                computed[t["key"]] = t["seconds"]
+    computed = {
+        t["key"]: t["seconds"] for ts in timings.values() for t in ts if t.get("how") == "computed"
+    }
     return {
         t["stage"]: computed.get(t["key"], t["seconds"]) if t.get("how") else t["seconds"]
         for t in own
     }
 
 
-def compute_seconds(out: Path) -> float:
-    """Wall seconds of every stage run in ``out``, each shared stage counted once."""
-    total = 0.0
-    for timings in out.glob("*/timings.jsonl"):
-        for line in timings.read_text().splitlines():
-            t = json.loads(line)
-            if t.get("how") != "reused":
-                total += t["seconds"]
-    return total
+def compute_seconds(timings: dict[str, list[dict]]) -> float:
+    """Wall seconds of every stage run, each shared stage counted once."""
+    return sum(t["seconds"] for ts in timings.values() for t in ts if t.get("how") != "reused")
 
 
 def verdict(rows: list[dict], epsilons: list[float]) -> list[str]:
@@ -170,6 +162,7 @@ def main() -> None:
     wall = time.perf_counter() - start
 
     rows = [run_row(r) for r in find_runs([args.out])]
+    timings = {str(t.parent): read_timings(t.parent) for t in args.out.glob("*/timings.jsonl")}
     rows.sort(key=lambda r: (r["method"], -(r["target_epsilon"] or 0)))
     write_results(rows, args.out / "report")
     # The table beside the page, for notebooks/02_compare_methods.ipynb.
@@ -193,7 +186,7 @@ def main() -> None:
     )
     costs = []
     for r in rows:
-        seconds = stage_seconds(Path(r["run"]))
+        seconds = stage_seconds(timings[r["run"]], timings)
         parts = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         costs.append(f"| {r['method']} | {r['target_epsilon'] or 'no DP'} | {parts} |")
     published = PUBLISHED.read_text() if PUBLISHED.exists() else ""
@@ -201,7 +194,7 @@ def main() -> None:
 
 Written by `bench/paper_claim.py` on {time.strftime("%Y-%m-%d")} at commit {commit},
 on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU.
-All runs together took {compute_seconds(args.out) / 60:.0f} min of stage wall time, each
+All runs together took {compute_seconds(timings) / 60:.0f} min of stage wall time, each
 shared stage counted once (this invocation: {wall / 60:.0f} min; runs already finished in
 the output folder are skipped, so a resumed benchmark reports only what it redid here).
 The runs were made at:
@@ -209,7 +202,7 @@ The runs were made at:
 {commits(args.out) or "- (not recorded)"}
 
 Shareable stages computed (distinct content keys; `reuse_dir` makes each 1× when their
-inputs are unchanged; pretraining once per public subset): {shared_counts(args.out)}.
+inputs are unchanged; pretraining once per public subset): {shared_counts(timings)}.
 {args.remark}
 
 ```bash

@@ -85,6 +85,15 @@ def method_of(cfg: dict) -> str | None:
     return {"semantic": "privimage", "all": "pdp_diffusion", "none": "dpdm"}.get(subset)
 
 
+def read_timings(run_dir: Path) -> list[dict]:
+    """The run's ``timings.jsonl`` records (stage, seconds, and for a shared stage how and
+    key), oldest first; empty when the run has none."""
+    timings = run_dir / TIMINGS_FILE
+    if not timings.exists():
+        return []
+    return [json.loads(line) for line in timings.read_text().splitlines()]
+
+
 def run_row(run_dir: Path) -> dict:
     """One row of the table from one run directory's files."""
     m = json.loads((run_dir / METRICS).read_text())
@@ -92,12 +101,8 @@ def run_row(run_dir: Path) -> dict:
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     ledger_file = run_dir / LEDGER_FILE
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
-    seconds: dict[str, float] = {}
-    timings = run_dir / TIMINGS_FILE
-    if timings.exists():
-        for line in timings.read_text().splitlines():
-            t = json.loads(line)
-            seconds[t["stage"]] = t["seconds"]  # the attempt that finished the stage
+    # The last record of a stage is the attempt that finished it.
+    seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir)}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {

@@ -13,12 +13,16 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from privimage import privacy
 from privimage.errors import PrivImageError
+
+if TYPE_CHECKING:
+    from privimage.config import Config
 
 DONE = "DONE"
 LEDGER_FILE = "privacy.json"
@@ -145,3 +149,13 @@ def seed_everything(seed: int) -> None:
 
 def cache_root(cache_dir: str) -> Path:
     return Path(os.path.expanduser(cache_dir))
+
+
+def run_ledger(cfg: Config, run_dir: Path) -> privacy.Ledger:
+    """The run's one privacy ledger (``privacy.json``) under the run's budget and accountant."""
+    return privacy.Ledger(
+        Path(run_dir) / LEDGER_FILE,
+        target_epsilon=cfg.privacy.target_epsilon,
+        delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )

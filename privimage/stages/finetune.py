@@ -56,6 +56,7 @@ from privimage.runtime import (
     mark_done,
     require_upstream,
     resolve_device,
+    run_ledger,
     seed_everything,
     stage_dir,
     truncate_jsonl,
@@ -122,12 +123,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
 
-    ledger = privacy.Ledger(
-        Path(run_dir) / LEDGER_FILE,
-        target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-    )
+    ledger = run_ledger(cfg, run_dir)
     if not ft.dp:
         # Recorded before the sensitive data is opened, like every mechanism.
         ledger.record_non_private(
@@ -141,7 +137,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
     privacy.check_delta(delta=cfg.privacy.delta, num_records=n)
     sample_rate, steps = dp_sgd_schedule(num_records=n, batch_size=ft.batch_size, epochs=ft.epochs)
     if not ft.dp:
-        _run_non_private(cfg, sensitive.train, steps=steps, pretrain_dir=pretrain_dir, out=out)
+        _run_non_private(
+            cfg, sensitive.train, steps=steps, pretrain_dir=pretrain_dir, out=out, device=device
+        )
         return out
 
     prior = [m for m in ledger.history if m.stage != STAGE]
@@ -395,7 +393,13 @@ def _train(
 
 
 def _run_non_private(
-    cfg: Config, train: data.ImageSplit, *, steps: int, pretrain_dir: Path, out: Path
+    cfg: Config,
+    train: data.ImageSplit,
+    *,
+    steps: int,
+    pretrain_dir: Path,
+    out: Path,
+    device: torch.device,
 ) -> None:
     """The non-private upper bound: the DP run's steps and batch size, no clipping or noise.
 
@@ -407,7 +411,6 @@ def _run_non_private(
     from privimage.stages.pretrain import step_generator
 
     ft = cfg.finetune
-    device = resolve_device(cfg.device)
     model, trained_with = load_unet(pretrain_dir / "unet")
     check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
     model.to(device).train()

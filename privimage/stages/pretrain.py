@@ -202,10 +202,10 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
 
 
 def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
-    """The pretraining images, their labels, and the number of sensitive classes.
+    """The pretraining images, their labels, and the sensitive class names.
 
     ``semantic``: the query's selection relabelled to the sensitive classes (the class
-    count comes from the query's released output; the sensitive data is never opened).
+    names come from the query's released output; the sensitive data is never opened).
     ``all``: every public training image with the null label (unconditional: the public
     labels mean nothing to the sensitive classes). ``none``: no images. For the last two
     only the sensitive dataset's class list is read, which is public by assumption (the
@@ -238,7 +238,11 @@ def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
     selection = stage_dir(run_dir, "query") / "selection.json"
     if selection.exists():
         return [c["name"] for c in read_json(selection)["classes"]]
-    return read_json(require_upstream(run_dir, STAGE, needed_by) / CLASSES_FILE)["classes"]
+    folder = require_upstream(run_dir, STAGE, needed_by)  # explains an unfinished pretraining
+    raise PrivImageError(
+        f"stage {needed_by!r} needs the class names, but {folder} has no {CLASSES_FILE} and "
+        f"there is no query; rerun pretraining (delete {folder})"
+    )
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:

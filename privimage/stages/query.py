@@ -30,11 +30,11 @@ from privimage.errors import ConfigError
 from privimage.models import build_classifier
 from privimage.plots import save_image_grid
 from privimage.runtime import (
-    LEDGER_FILE,
     atomic_torch_save,
     cache_root,
     mark_done,
     resolve_device,
+    run_ledger,
     save_npy,
     stage_dir,
     write_json,
@@ -110,6 +110,13 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     return model.to(device).eval(), top1
 
 
+def query_mechanism(cfg: Config) -> privacy.Mechanism:
+    """The semantic query as the ledger records it (the same for a run and its adopters)."""
+    return privacy.query_mechanism(
+        noise_multiplier=query_noise_multiplier(cfg), top_k=cfg.query.top_k
+    )
+
+
 def query_noise_multiplier(cfg: Config) -> float:
     """The query's noise multiplier: given directly, or calibrated to its epsilon share.
 
@@ -176,14 +183,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         classes_per_sensitive_class=cfg.query.classes_per_sensitive_class,
         fraction_of_public_classes=cfg.query.fraction_of_public_classes,
     )
-    sigma = query_noise_multiplier(cfg)
-    mechanism = privacy.query_mechanism(noise_multiplier=sigma, top_k=k)
-    ledger = privacy.Ledger(
-        Path(run_dir) / LEDGER_FILE,
-        target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-    )
+    mechanism = query_mechanism(cfg)
+    ledger = run_ledger(cfg, run_dir)
     # Refuses here, before the sensitive images are looked at, if over budget.
     ledger.begin(mechanism)
 
@@ -267,15 +268,8 @@ def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
     same mechanism in its own ledger (refused there if over this run's budget) before
     the files arrive, as if it had made the release itself.
     """
-    ledger = privacy.Ledger(
-        Path(run_dir) / LEDGER_FILE,
-        target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-    )
-    mechanism = privacy.query_mechanism(
-        noise_multiplier=query_noise_multiplier(cfg), top_k=cfg.query.top_k
-    )
+    ledger = run_ledger(cfg, run_dir)
+    mechanism = query_mechanism(cfg)
     ledger.begin(mechanism)
     copy_in()
     ledger.complete(mechanism)

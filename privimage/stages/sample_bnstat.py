@@ -26,19 +26,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from privimage import bnstat, data, privacy
+from privimage import bnstat, data
 from privimage.classifier import train_classifier
 from privimage.config import BNStatConfig, Config
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
 from privimage.models import ResNet
 from privimage.runtime import (
-    LEDGER_FILE,
     atomic_torch_save,
     cache_root,
     mark_done,
     read_json,
     resolve_device,
+    run_ledger,
     stage_dir,
     write_json,
 )
@@ -149,12 +149,7 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    ledger = privacy.Ledger(
-        Path(run_dir) / LEDGER_FILE,
-        target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-    )
+    ledger = run_ledger(cfg, run_dir)
     # Recorded before the sensitive data is read, like every mechanism.
     ledger.record_non_private(stage=STAGE, name="bnstat", description=NON_PRIVATE_NOTE)
     sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
