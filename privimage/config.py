@@ -102,6 +102,10 @@ class PrivacyConfig:
     # Must be below 1/N for N sensitive training images; 1e-5 suits N up to 1e5.
     delta: float = 1e-5
     accountant: str = "rdp"
+    # TESTS ONLY. The DP noise and Poisson masks are drawn from fresh OS entropy unless
+    # this is true; then they follow ``seed`` and the run is NOT differentially private
+    # against anyone who knows its config (the ledger records noise_secret: false).
+    reproducible_noise: bool = False
 
 
 @dataclass
@@ -138,10 +142,11 @@ class QueryConfig:
     batch_size: int = 128
     lr: float = 2e-3
     grid_images_per_class: int = 8
-    # Selection score (query/selection_score.json): a judge classifier trained without DP
-    # on the sensitive training split rates sample images of each public class. A
-    # measurement for the data owner, like the evaluation stage; nothing downstream reads it.
-    score_selection: bool = True
+    # Selection score (query/selection_score.json), opt-in: a judge classifier trained
+    # WITHOUT DP on the sensitive training split rates sample images of each public class.
+    # A measurement for the data owner, like the evaluation stage: recorded in the ledger
+    # as a non-private measurement, never released, and nothing downstream reads it.
+    score_selection: bool = False
     score_classifier_epochs: int = 5
     score_images_per_class: int = 50
 

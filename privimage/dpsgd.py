@@ -1,4 +1,4 @@
-"""DP-SGD on stock Opacus, with noise multiplicity and a reproducible random stream.
+"""DP-SGD on stock Opacus, with noise multiplicity and random streams of our own.
 
 Three things are added to what ``PrivacyEngine.make_private`` gives, each through a
 public Opacus extension point rather than a copy of Opacus code:
@@ -16,6 +16,9 @@ public Opacus extension point rather than a copy of Opacus code:
   torch RNG unless told otherwise; :func:`make_private` gives the sampler a dedicated
   ``torch.Generator`` so a checkpoint can save and restore the exact position of the
   sampling stream (resume then replays the very batches an uninterrupted run would see).
+  The caller seeds it, and the noise generator, with secret OS entropy
+  (:mod:`privimage.io.seeding`): Opacus' ``secure_mode`` would need ``torchcsprng``, which
+  has no build for current torch.
 * **Contiguous activations** (:func:`privimage.models.make_opacus_safe`), so per-sample
   gradients stay exact after diffusers' attention blocks.
 """

@@ -1,4 +1,6 @@
-"""Run the requested stages in order, skipping those whose ``DONE`` marker exists."""
+"""Run the requested stages in order, skipping those whose ``DONE`` marker exists, then
+rebuild ``release/`` (privimage.io.release) from what the finished stages declare
+releasable."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import yaml
 from privimage import data, reuse
 from privimage.config import STAGES, Config
 from privimage.errors import ConfigError
+from privimage.io.release import write_release
 from privimage.runtime import atomic_write_text, is_done, stage_dir
 
 log = logging.getLogger(__name__)
@@ -69,4 +72,46 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         if int(os.environ.get("RANK", "0")) == 0:
             with (run_dir / TIMINGS_FILE).open("a") as f:
                 f.write(json.dumps({**record, "seconds": round(seconds, 1)}) + "\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_release(run_dir, release_declarations(cfg), summary=release_summary(cfg))
     return run_dir
+
+
+def release_declarations(cfg: Config) -> dict:
+    """Every stage's declared outputs (its ``RELEASE``, or ``release_outputs(cfg)``)."""
+    from privimage.stages import STAGE_MODULES
+
+    declared = {}
+    for name, module in STAGE_MODULES.items():
+        if hasattr(module, "release_outputs"):
+            declared[name] = module.release_outputs(cfg)
+        else:
+            declared[name] = getattr(module, "RELEASE", {})
+    return declared
+
+
+def release_summary(cfg: Config) -> dict[str, str]:
+    """What RELEASE.md says was done, from the settings (never from the data)."""
+    from privimage.results import method_of
+
+    method = method_of(asdict(cfg)) or cfg.synthesizer
+    summary = {
+        "method": f"{method} (synthesizer {cfg.synthesizer})",
+        "sensitive data": f"{cfg.data.source}, {cfg.data.resolution}x{cfg.data.resolution}, "
+        f"{cfg.data.channels} channel(s)",
+    }
+    if cfg.synthesizer == "diffusion":
+        summary["public data"] = cfg.public.source
+        summary["pretraining subset"] = cfg.pretrain.public_subset
+        summary["DP fine-tuning"] = (
+            f"{cfg.finetune.epochs:g} epochs at batch {cfg.finetune.batch_size}, clipping "
+            f"norm {cfg.finetune.max_grad_norm:g}, {cfg.finetune.noise_multiplicity} noise "
+            "draws per example"
+            if cfg.finetune.dp
+            else "none (finetune.dp=false)"
+        )
+    summary["budget"] = (
+        f"target epsilon {cfg.privacy.target_epsilon:g} at delta {cfg.privacy.delta:g}, "
+        f"{cfg.privacy.accountant} accountant"
+    )
+    return summary

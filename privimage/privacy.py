@@ -56,7 +56,10 @@ MAX_NOISE_MULTIPLIER = 1e6
 # trip on the last bits of floating-point noise when the calibrated mechanism is recorded.
 _BUDGET_RTOL = 1e-9
 
-_STATUSES = ("started", "completed")
+# "abandoned": an attempt that drew secret noise and was then restarted from scratch. It
+# stays in the history (composed with the rerun): its outputs may have been seen, and the
+# rerun's fresh noise makes the two attempts two releases.
+_STATUSES = ("started", "completed", "abandoned")
 
 
 @dataclass(frozen=True)
@@ -630,14 +633,22 @@ class Ledger:
 
         {"accountant": "rdp", "delta": 1e-05, "target_epsilon": 10.0,
          "epsilon_spent": 9.99,
-         "mechanisms": [{...Mechanism.to_dict(), "status": "started" | "completed",
+         "noise_secret": true, "differentially_private": true,
+         "mechanisms": [{...Mechanism.to_dict(), "noise_secret": true,
+                         "status": "started" | "completed" | "abandoned",
                          "epsilon_after": 0.37, "time": "2025-01-01T00:00:00+00:00"}],
-         "events": [{"event": "begin" | "resume" | "restart" | "complete",
+         "non_private": [...], "measurements": [...],
+         "events": [{"event": "begin" | "resume" | "restart" | "complete" | ...,
                      ...Mechanism.to_dict(), "epsilon_spent": 0.37, "time": ...}]}
 
-    ``mechanisms`` is the current account, one entry per ``(stage, name)``;
+    ``mechanisms`` is the current account: one live entry per ``(stage, name)``, plus the
+    abandoned attempts of it (see :meth:`begin`), which are composed like any other;
     ``events`` is the append-only journal of how it got there (entries are only ever
-    added), so a resumed or restarted stage stays visible. ``epsilon_after`` is the
+    added), so a resumed or restarted stage stays visible. ``noise_secret`` is false as
+    soon as one mechanism drew its noise from the run's seed (``reproducible_noise``):
+    then no epsilon holds against anyone who knows the config. ``measurements`` lists
+    what was computed from the sensitive data outside any mechanism for the data owner
+    (e.g. the selection judge): not released, so not accounted. ``epsilon_after`` is the
     epsilon of the history up to and including that entry; ``epsilon_spent`` is the whole
     history, started entries included (a started entry is a mechanism that may have
     touched data). Both are recomputed from the whole history on every write, and every
@@ -670,6 +681,7 @@ class Ledger:
         self._entries: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._non_private: list[dict[str, Any]] = []
+        self._measurements: list[dict[str, Any]] = []
         if self.path.exists():
             self._load()
             self._epsilon_spent = self._history_epsilon(self.history)
@@ -713,11 +725,40 @@ class Ledger:
         self._entries = [dict(e) for e in entries]
         self._events = [dict(e) for e in data.get("events", [])]
         self._non_private = [dict(e) for e in data.get("non_private", [])]
+        self._measurements = [dict(e) for e in data.get("measurements", [])]
 
     @property
     def history(self) -> list[Mechanism]:
-        """Every recorded mechanism, started or completed, in the order they began."""
+        """Every recorded mechanism (started, completed or abandoned), in the order they
+        began: what the accountant composes."""
         return [Mechanism.from_dict(e) for e in self._entries]
+
+    @property
+    def noise_secret(self) -> bool:
+        """True when every mechanism drew its randomness from secret OS entropy.
+
+        Entries without the field come from ledgers written before the noise was secret,
+        when it always followed the seed, so they count as not secret.
+        """
+        return all(e.get("noise_secret", False) for e in self._entries)
+
+    def prior(self, key: tuple[str, str], *, resuming: bool) -> list[Mechanism]:
+        """The history a new or resumed attempt of mechanism ``key`` composes with.
+
+        Args:
+            key: ``(stage, name)`` of the mechanism about to begin.
+            resuming: True when the attempt continues the live started entry from its
+                checkpoint (and so its random streams): that entry is the same
+                mechanism, not a prior one. False for a fresh attempt: a live started
+                entry with secret noise is then abandoned and stays in the history.
+        """
+        index = self._find(key)
+        prior = []
+        for i, entry in enumerate(self._entries):
+            if i == index and (resuming or not entry.get("noise_secret", False)):
+                continue  # continued, or replaced by an identical replay
+            prior.append(Mechanism.from_dict(entry))
+        return prior
 
     @property
     def epsilon_spent(self) -> float:
@@ -730,8 +771,9 @@ class Ledger:
         return None if index is None else self._entries[index]["status"]
 
     def _find(self, key: tuple[str, str]) -> int | None:
+        """Index of the live (not abandoned) entry of ``key``."""
         for i, entry in enumerate(self._entries):
-            if (entry["stage"], entry["name"]) == key:
+            if (entry["stage"], entry["name"]) == key and entry["status"] != "abandoned":
                 return i
         return None
 
@@ -740,11 +782,15 @@ class Ledger:
 
     # ---- writing ----------------------------------------------------------------------
 
-    def begin(self, mechanism: Mechanism, *, resume_from_step: int = 0) -> None:
+    def begin(
+        self, mechanism: Mechanism, *, noise_secret: bool = True, resume_from_step: int = 0
+    ) -> None:
         """Record ``mechanism`` as started; call it BEFORE the mechanism touches sensitive data.
 
         Args:
             mechanism: The mechanism with its planned parameters.
+            noise_secret: Whether its randomness comes from secret OS entropy (false
+                under ``privacy.reproducible_noise``: then it follows the seed).
             resume_from_step: Nonzero when a crashed stage continues from a checkpoint
                 taken after that many steps. The planned mechanism must then be exactly
                 the one already started: the steps before the checkpoint are part of it,
@@ -775,13 +821,15 @@ class Ledger:
                     "checkpoint to restart it from step 0"
                 )
             event = "resume"
+            others = self.prior(mechanism.key, resuming=True)
         else:
-            # A started-but-not-completed entry without a checkpoint is a stage that
-            # crashed early. It is rerun from scratch and its partial output is never
-            # released, so only the rerun's output reaches the world and the old entry is
-            # replaced rather than composed with the new one.
+            # A started-but-not-completed entry without a checkpoint is an attempt that
+            # crashed. With secret noise the rerun draws fresh noise, so the two attempts
+            # are two releases (whatever the first let out may have been seen): the old
+            # entry is kept as abandoned and composed. With seeded noise the rerun replays
+            # the very same mechanism, and the old entry is replaced.
             event = "begin" if index is None else "restart"
-        others = [m for m in self.history if m.key != mechanism.key]
+            others = self.prior(mechanism.key, resuming=False)
         would_be = self._history_epsilon([*others, mechanism])
         if not _within_budget(would_be, self.target_epsilon):
             raise PrivacyBudgetError(
@@ -789,12 +837,25 @@ class Ledger:
                 f"privacy.target_epsilon={self.target_epsilon:g} (delta={self.delta:g}); "
                 "refused before touching sensitive data"
             )
-        entry = {**mechanism.to_dict(), "status": "started", "epsilon_after": None, "time": _now()}
-        if index is None:
+        entry = {
+            **mechanism.to_dict(),
+            "noise_secret": bool(noise_secret),
+            "status": "started",
+            "epsilon_after": None,
+            "time": _now(),
+        }
+        extra: dict[str, Any] = {"noise_secret": bool(noise_secret)}
+        if resume_from_step:
+            extra["from_step"] = int(resume_from_step)
+            self._entries[index] = entry
+        elif index is None:
             self._entries.append(entry)
+        elif self._entries[index].get("noise_secret", False):
+            self._entries[index]["status"] = "abandoned"
+            self._entries.append(entry)
+            extra["abandoned_attempt"] = True
         else:
             self._entries[index] = entry
-        extra = {"from_step": int(resume_from_step)} if resume_from_step else {}
         self._write(event=(event, mechanism, extra))
 
     def complete(self, mechanism: Mechanism) -> None:
@@ -820,6 +881,7 @@ class Ledger:
             raise RuntimeError(f"{mechanism.stage}/{mechanism.name} is already completed")
         self._entries[index] = {
             **mechanism.to_dict(),
+            "noise_secret": self._entries[index].get("noise_secret", False),
             "status": "completed",
             "epsilon_after": None,
             "time": _now(),
@@ -852,6 +914,27 @@ class Ledger:
         self._events.append({"event": "non_private", **entry})
         self._write()
 
+    def record_measurement(self, *, stage: str, name: str, description: str) -> None:
+        """Record a non-private measurement of the sensitive data kept by the data owner.
+
+        Unlike :meth:`record_non_private`, its result is never released (it stays
+        outside ``release/``), so it spends no budget and the release stays
+        differentially private; it is listed so that the run's one record says
+        everything that read the sensitive data. Recording ``(stage, name)`` again is a
+        no-op.
+        """
+        if any((e["stage"], e["name"]) == (stage, name) for e in self._measurements):
+            return
+        entry = {"stage": stage, "name": name, "description": description, "time": _now()}
+        self._measurements.append(entry)
+        self._events.append({"event": "measurement", **entry})
+        self._write()
+
+    @property
+    def measurements(self) -> list[dict[str, Any]]:
+        """Non-private measurements for the data owner (see :meth:`record_measurement`)."""
+        return [dict(e) for e in self._measurements]
+
     @property
     def events(self) -> list[dict[str, Any]]:
         """The append-only journal: every begin, resume, restart and completion."""
@@ -878,9 +961,11 @@ class Ledger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "epsilon_spent": self._epsilon_spent,
+            "noise_secret": self.noise_secret,
             "differentially_private": not self._non_private,
             "mechanisms": self._entries,
             "non_private": self._non_private,
+            "measurements": self._measurements,
             "events": self._events,
         }
         text = json.dumps(data, indent=2) + "\n"

@@ -49,6 +49,8 @@ def stage_key(cfg: Config, stage: str) -> str:
             # The query's noise is calibrated at the run's delta when query.epsilon is set.
             "delta": cfg.privacy.delta,
             "accountant": cfg.privacy.accountant,
+            # Whether the shared copy's noise was secret; a run adopting it records that.
+            "reproducible_noise": cfg.privacy.reproducible_noise,
         }
     elif stage == "pretrain":
         semantic = cfg.pretrain.public_subset == "semantic"

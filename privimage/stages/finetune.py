@@ -8,12 +8,23 @@ they meet the target (epsilon, delta) under one accountant; the privacy ledger r
 the mechanism before the first step touches data and again when training ends, and
 Opacus' own accountant, which counts the steps the optimizer really took, must agree.
 
+Secret randomness: the Poisson masks and the DP noise come from generators seeded with
+fresh OS entropy when the mechanism begins (:mod:`privimage.io.seeding`), never from
+``cfg.seed``, so nobody holding the run's config or files can regenerate them. The
+diffusion noise of the loss and label dropout stay seeded: the guarantee holds for any
+fixed value of them.
+
 Crash-safe: every ``checkpoint_every_steps`` logical steps the model, EMA, optimizer,
 Opacus accountant and all three random streams (Poisson masks, DP noise, diffusion
-noise) are saved atomically to ``finetune/checkpoint.pt``. Running the same command
-after a crash (even ``kill -9``) resumes there and replays the lost steps with the same
-random streams, so the finished model, ``stats.jsonl`` and ledger equal those of an
-uninterrupted run: no step is lost and none is counted twice.
+noise) are saved atomically to ``finetune/checkpoint.pt``, which is private and deleted
+when the stage finishes. Running the same command after a crash (even ``kill -9``)
+resumes there and continues the checkpointed streams, drawing no new entropy, so the run
+releases one instance of the mechanism, and under ``privacy.reproducible_noise`` the
+finished model, ``stats.jsonl`` and ledger equal those of an uninterrupted run. A
+checkpoint is only resumed by the same mechanism on the same sensitive data (content key)
+from the same pretrained weights (SHA-256). Without a checkpoint a started attempt is
+abandoned; with secret noise the ledger keeps charging it (the rerun's fresh noise makes
+it a second release) and the rerun is calibrated on top of it.
 
 Writes ``finetune/``: ``unet/`` (EMA weights, ``save_pretrained``), ``stats.jsonl``
 (one line per logical step: loss, epsilon spent so far).
@@ -37,9 +48,12 @@ from tqdm.auto import tqdm
 
 from privimage import data, privacy
 from privimage.config import Config
+from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
+from privimage.io.release import Output
+from privimage.io.seeding import dp_entropy, torch_generator
 from privimage.models import (
     check_same_diffusion,
     ema_update,
@@ -66,6 +80,12 @@ log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 CHECKPOINT = "checkpoint.pt"
+MECHANISM = "finetune/dp_sgd"
+
+# The DP model is released as release/model/ (privimage.io.release); stats.jsonl (exact
+# losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
+# completed dp_sgd mechanism, so its model is withheld.
+RELEASE = {"unet": Output(mechanism=MECHANISM, inputs=("pretrain/unet",), dest="model")}
 
 
 def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
@@ -109,6 +129,28 @@ def _check_checkpoint(ckpt: dict, expected: dict, path: Path) -> None:
             )
 
 
+def weights_digest(unet_dir: Path) -> str:
+    """SHA-256 of a saved UNet's weight files: the identity of the model a checkpoint
+    continues."""
+    weights = sorted(Path(unet_dir).glob("*.safetensors")) or sorted(Path(unet_dir).glob("*.bin"))
+    if not weights:
+        raise PrivImageError(f"no weights in {unet_dir}; rerun the pretrain stage")
+    return ",".join(f"{w.name}:{file_digest(w)['sha256']}" for w in weights)
+
+
+def _budget_after_abandoned(ledger: privacy.Ledger, exc: PrivacyBudgetError) -> PrivImageError:
+    """The error for a restart that cannot fit beside the attempts it abandoned."""
+    abandoned = [e for e in ledger.events if e.get("abandoned_attempt")]
+    if not abandoned:
+        return exc
+    return PrivacyBudgetError(
+        f"{len(abandoned)} earlier fine-tuning attempt(s) drew secret noise and were restarted "
+        f"without their checkpoint, so each is charged in full ({ledger.path}) and what is "
+        f"left of privacy.target_epsilon={ledger.target_epsilon:g} is too little ({exc}); "
+        "start a new run directory"
+    )
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Fine-tune with DP-SGD (resuming from a checkpoint if one exists); see module docstring."""
     pretrain_dir = require_upstream(run_dir, "pretrain", STAGE)
@@ -142,7 +184,15 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
         return out
 
-    prior = [m for m in ledger.history if m.stage != STAGE]
+    reproducible = cfg.privacy.reproducible_noise
+    ckpt_path = out / CHECKPOINT
+    ckpt = _load_checkpoint(ckpt_path, device)
+    key = ("finetune", "dp_sgd")
+    # A resumed attempt continues the started mechanism; a fresh one composes with every
+    # earlier attempt whose secret noise it cannot replay.
+    prior = ledger.prior(key, resuming=ckpt is not None)
+    if ckpt is None and ledger.status(*key) == "completed":
+        prior = [m for m in prior if m.key != key]  # begin() refuses it below
     if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
         # The query spent budget on the sensitive data; calibrating without it would
         # overspend. This happens when a run folder is copied or edited by hand.
@@ -150,14 +200,17 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"{Path(run_dir) / 'query'} is finished but {Path(run_dir) / LEDGER_FILE} records "
             "no query spend; restore the run's privacy.json (or delete query/ and rerun it)"
         )
-    sigma = privacy.calibrate_noise_multiplier(
-        target_epsilon=cfg.privacy.target_epsilon,
-        delta=cfg.privacy.delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        prior=prior,
-        accountant=cfg.privacy.accountant,
-    )
+    try:
+        sigma = privacy.calibrate_noise_multiplier(
+            target_epsilon=cfg.privacy.target_epsilon,
+            delta=cfg.privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            prior=prior,
+            accountant=cfg.privacy.accountant,
+        )
+    except PrivacyBudgetError as exc:
+        raise _budget_after_abandoned(ledger, exc) from None
     mechanism = privacy.dpsgd_mechanism(
         noise_multiplier=sigma,
         sample_rate=sample_rate,
@@ -165,20 +218,19 @@ def run(cfg: Config, run_dir: Path) -> Path:
         max_grad_norm=ft.max_grad_norm,
     )
 
-    ckpt_path = out / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, device)
+    identity = {
+        "mechanism": mechanism.to_dict(),
+        "noise_multiplicity": ft.noise_multiplicity,
+        "num_records": n,
+        "seed": cfg.seed,
+        "reproducible_noise": reproducible,
+        # The same sensitive images and the same starting model, not just the same shapes.
+        "data_key": data.content_key(cfg.data),
+        "pretrained_weights": weights_digest(pretrain_dir / "unet"),
+    }
     start = 0
     if ckpt is not None:
-        _check_checkpoint(
-            ckpt,
-            {
-                "mechanism": mechanism.to_dict(),
-                "noise_multiplicity": ft.noise_multiplicity,
-                "num_records": n,
-                "seed": cfg.seed,
-            },
-            ckpt_path,
-        )
+        _check_checkpoint(ckpt, identity, ckpt_path)
         start = int(ckpt["step"])
     already_completed = ledger.status(*mechanism.key) == "completed"
     if already_completed and start < steps:
@@ -186,7 +238,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if not already_completed:
         # Refuses before any sensitive gradient is computed if the budget would be
         # exceeded; on resume, also if the mechanism differs from the one started.
-        ledger.begin(mechanism, resume_from_step=start)
+        ledger.begin(mechanism, noise_secret=not reproducible, resume_from_step=start)
     log.info(
         "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
         "delta %.1e%s",
@@ -214,11 +266,24 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
 
-    streams = {
-        "sampler": torch.Generator().manual_seed(cfg.seed + 3),
-        "noise": torch.Generator(device=device).manual_seed(cfg.seed + 1),
-        "diffusion": torch.Generator().manual_seed(cfg.seed + 2),
-    }
+    if ckpt is not None:
+        # Resume continues the checkpointed streams (restored below): no new entropy.
+        streams = {
+            "sampler": torch.Generator(),
+            "noise": torch.Generator(device=device),
+            "diffusion": torch.Generator(),
+        }
+    else:
+        # Secret: fresh OS entropy, kept only in the private checkpoint.
+        streams = {
+            name: torch_generator(
+                dp_entropy(purpose=f"{MECHANISM}/{name}", seed=cfg.seed, reproducible=reproducible),
+                device=dev,
+            )
+            for name, dev in (("sampler", "cpu"), ("noise", device))
+        }
+        # Not DP randomness: the loss's timesteps and noise, label dropout.
+        streams["diffusion"] = torch.Generator().manual_seed(cfg.seed + 2)
     loader = DataLoader(
         TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
         batch_size=ft.batch_size,
@@ -250,10 +315,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         atomic_torch_save(
             {
                 "step": step,
-                "mechanism": mechanism.to_dict(),
-                "noise_multiplicity": ft.noise_multiplicity,
-                "num_records": n,
-                "seed": cfg.seed,
+                **identity,
                 "model": dp_model._module.state_dict(),
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.original_optimizer.state_dict(),

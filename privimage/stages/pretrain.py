@@ -45,6 +45,7 @@ from privimage import data
 from privimage.config import Config, sampler_name
 from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
 from privimage.errors import ConfigError, PrivImageError
+from privimage.io.release import Output
 from privimage.models import build_unet, count_parameters, ema_update, save_unet
 from privimage.plots import save_image_grid, save_loss_curve
 from privimage.runtime import (
@@ -63,6 +64,20 @@ log = logging.getLogger(__name__)
 STAGE = "pretrain"
 CLASSES_FILE = "classes.json"
 CHECKPOINT = "checkpoint"
+
+
+def release_outputs(cfg: Config) -> dict[str, Output]:
+    """The pretrained model's lineage (privimage.io.release); not itself released.
+
+    It is computed from public images only: the query's noisy selection of them
+    (PrivImage), all of them, or none (the seeded initial weights). The sensitive class
+    names it reads are public by assumption.
+    """
+    if cfg.pretrain.public_subset == "semantic":
+        inputs = ("query/public_index.npy", "query/public_labels.npy", "public")
+    else:
+        inputs = ("public",)
+    return {"unet": Output(inputs=inputs)}
 
 
 class TrainState:

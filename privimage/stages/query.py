@@ -8,9 +8,13 @@ classes, and those public images are relabelled to the sensitive class.
 
 Writes ``query/``: ``selection.json``, ``selection.png``, ``public_index.npy``,
 ``public_labels.npy``, ``histogram_noisy.npy``; records one Gaussian mechanism in the
-run's privacy ledger. With ``query.score_selection`` also ``selection_score.json``: how
-well the selection matches, judged by a classifier trained (without DP, as a measurement
-for the data owner) on the sensitive data, against a random selection of the same shape.
+run's privacy ledger. The histogram noise comes from fresh OS entropy
+(:mod:`privimage.io.seeding`), never from the seed in the run's config.
+
+With ``query.score_selection`` (opt-in) also ``selection_score.json``: how well the
+selection matches, judged by a classifier trained (without DP, as a measurement for the
+data owner) on the sensitive data, against a random selection of the same shape. The
+ledger lists it as a non-private measurement; it is not releasable (:data:`RELEASE`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.config import Config
 from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
+from privimage.io.release import Output
+from privimage.io.seeding import dp_entropy, numpy_generator
 from privimage.models import build_classifier
 from privimage.plots import save_image_grid
 from privimage.runtime import (
@@ -43,6 +49,18 @@ from privimage.runtime import (
 log = logging.getLogger(__name__)
 
 STAGE = "query"
+MECHANISM = "query/gaussian_histogram"
+
+# What of query/ may be shared (privimage.io.release). Everything here is the noisy
+# histogram or a function of it and the public data; selection_score.json is not.
+_FROM_HISTOGRAM = ("query/histogram_noisy.npy", "public")
+RELEASE = {
+    "histogram_noisy.npy": Output(mechanism=MECHANISM, dest="selection/histogram_noisy.npy"),
+    **{
+        name: Output(inputs=_FROM_HISTOGRAM, dest=f"selection/{name}")
+        for name in ("selection.json", "public_index.npy", "public_labels.npy", "selection.png")
+    },
+}
 
 
 def _classifier_key(cfg: Config) -> str:
@@ -185,8 +203,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     mechanism = query_mechanism(cfg)
     ledger = run_ledger(cfg, run_dir)
+    reproducible = cfg.privacy.reproducible_noise
     # Refuses here, before the sensitive images are looked at, if over budget.
-    ledger.begin(mechanism)
+    ledger.begin(mechanism, noise_secret=not reproducible)
 
     logits = semantic_logits(sensitive.train.as_float())
     topk = logits.topk(k, dim=1).indices.numpy()
@@ -196,10 +215,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         num_sensitive_classes=sensitive.num_classes,
         num_public_classes=public.num_classes,
     )
-    rng = np.random.default_rng(cfg.seed)
+    # Secret: drawn now from OS entropy and kept nowhere, so the noise cannot be
+    # regenerated from anything the run writes (unless privacy.reproducible_noise).
+    rng = numpy_generator(dp_entropy(purpose=MECHANISM, seed=cfg.seed, reproducible=reproducible))
     noisy = privacy.add_gaussian_noise(
         counts, noise_multiplier=mechanism.noise_multiplier, top_k=k, rng=rng
     )
+    del rng
     selection = privacy.select_public_classes(noisy, classes_per_sensitive_class=per_class)
     ledger.complete(mechanism)
     # The exact counts are sensitive and never written; only the noisy ones are released.
@@ -249,6 +271,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     _save_selection_grid(cfg, public, selection, sensitive.class_names, out / "selection.png")
     if cfg.query.score_selection:
+        _record_judge(ledger)  # before the judge reads the sensitive data
         score = _score_selection(cfg, public, sensitive, selection, device)
         write_json(out / "selection_score.json", score)
         log.info(
@@ -270,9 +293,24 @@ def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
     """
     ledger = run_ledger(cfg, run_dir)
     mechanism = query_mechanism(cfg)
-    ledger.begin(mechanism)
+    # The key of the shared query includes reproducible_noise, so the copy's noise was
+    # secret exactly when this run's would be.
+    ledger.begin(mechanism, noise_secret=not cfg.privacy.reproducible_noise)
     copy_in()
     ledger.complete(mechanism)
+    if cfg.query.score_selection:
+        _record_judge(ledger)
+
+
+def _record_judge(ledger: privacy.Ledger) -> None:
+    """The selection judge in the ledger: it reads the sensitive data outside any mechanism."""
+    ledger.record_measurement(
+        stage=STAGE,
+        name="selection_judge",
+        description="selection_score.json: a judge classifier trained WITHOUT DP on the "
+        "sensitive training split (query.score_selection=true); for the data owner, never "
+        "released",
+    )
 
 
 def _score_selection(

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from privimage.config import Config, sampler_name
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import sample_batch, to_uint8
+from privimage.io.release import Output
 from privimage.models import check_same_diffusion, load_unet
 from privimage.plots import save_image_grid
 from privimage.runtime import (
@@ -42,6 +43,14 @@ from privimage.stages import pretrain
 log = logging.getLogger(__name__)
 
 STAGE = "sample"
+
+# Post-processing of the DP model with public seeds (privimage.io.release): released as
+# release/synthetic/. BN-statistics images have no DP model behind them and are withheld.
+_FROM_MODEL = ("finetune/unet", "public")
+RELEASE = {
+    name: Output(inputs=_FROM_MODEL, dest=f"synthetic/{name}")
+    for name in ("images", "samples.npz", "dataset", "grid.png")
+}
 
 
 def class_seeds(*, num_classes: int, images_per_class: int, first_seed: int) -> np.ndarray:

@@ -1,0 +1,263 @@
+"""The release boundary: ``release/`` holds only what may leave the data owner's hands.
+
+A run folder mixes what a differential-privacy guarantee covers with what it does not:
+the evaluation, the selection judge, checkpoints and per-step losses are all computed from
+the sensitive data outside the ledger's mechanisms. Zipping the run folder would release
+them. So every stage *declares* its outputs (an :class:`Output` per file or folder, in the
+stage module's ``RELEASE``, or ``release_outputs(cfg)`` where it depends on the config)
+with where each comes from:
+
+* ``mechanism``: the output of a DP mechanism of the ledger (``"stage/name"``), e.g. the
+  noisy histogram or the DP-SGD model;
+* ``inputs``: what else it is computed from, each ``"public"`` (public data, the config,
+  seeds) or another declared output (``"stage/path"``): post-processing, which costs no
+  privacy when every input is releasable.
+
+:func:`write_release` resolves that lineage for every declared output. An output is
+releasable when its mechanism (if any) is completed in the run's ledger and all its
+inputs are releasable, and when the ledger records no non-private use of the sensitive
+data. Only those are copied (hard-linked) into ``release/``, beside the ledger, a
+``MANIFEST.json`` (every file with its SHA-256, the output it copies and its lineage) and
+a ``RELEASE.md`` stating (epsilon, delta) and what was done. Anything not declared is
+never released.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privimage.data.archives import file_digest
+
+RELEASE_DIR = "release"
+MANIFEST = "MANIFEST.json"
+README = "RELEASE.md"
+LEDGER_FILE = "privacy.json"
+PUBLIC = "public"
+
+# What stays behind, said in RELEASE.md so nobody goes looking for it in release/.
+NOT_RELEASED = (
+    "`evaluate/` (fidelity, utility and leakage measured on the sensitive data, with "
+    "pictures of real training images)",
+    "`query/selection_score.json` (a judge trained without DP on the sensitive data)",
+    "`finetune/stats.jsonl` and the logs (exact losses of sensitive batches)",
+    "checkpoints (model, optimizer and the secret random streams)",
+    "`config.yaml` and `.hydra/` (paths on the data owner's machines)",
+)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output of a stage (a file or folder in its folder) and where it comes from.
+
+    Attributes:
+        mechanism: ``"stage/name"`` of the ledger mechanism this is the output of, or
+            None for post-processing.
+        inputs: What else it is computed from: ``"public"`` or ``"stage/path"`` of
+            another declared output.
+        dest: Where it goes inside ``release/``; None keeps it out of ``release/`` (an
+            intermediate, such as the pretrained model, declared only for the lineage).
+    """
+
+    mechanism: str | None = None
+    inputs: tuple[str, ...] = ()
+    dest: str | None = None
+
+
+def _lineage(
+    node: str, outputs: dict[str, Output], ledger: dict, seen: tuple[str, ...] = ()
+) -> tuple[set[str], str | None]:
+    """The mechanisms ``node`` derives from, and why it is not releasable (None if it is)."""
+    if node == PUBLIC:
+        return set(), None
+    if node in seen:
+        return set(), f"{node} derives from itself"
+    output = outputs.get(node)
+    if output is None:
+        return set(), f"{node} is not a declared releasable output"
+    mechanisms: set[str] = set()
+    if output.mechanism is not None:
+        completed = {
+            f"{m['stage']}/{m['name']}"
+            for m in ledger.get("mechanisms", [])
+            if m.get("status") == "completed"
+        }
+        if output.mechanism not in completed:
+            return set(), f"{node} needs {output.mechanism}, not completed in the ledger"
+        mechanisms.add(output.mechanism)
+    for parent in output.inputs:
+        more, why = _lineage(parent, outputs, ledger, (*seen, node))
+        if why is not None:
+            return set(), why
+        mechanisms |= more
+    return mechanisms, None
+
+
+def _sha256(path: Path) -> str:
+    return file_digest(path)["sha256"]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Finished outputs are replaced, never modified in place, so a hard link is as safe
+    # as a copy; copies across file systems.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+
+
+def write_release(
+    run_dir: Path, declarations: dict[str, dict[str, Output]], *, summary: dict[str, str]
+) -> Path:
+    """(Re)build ``run_dir/release/`` from the finished stages' releasable outputs.
+
+    Args:
+        run_dir: The run folder.
+        declarations: Per stage, its declared outputs (path inside the stage folder to
+            :class:`Output`).
+        summary: A few ``what: value`` lines for RELEASE.md (method, data, model).
+
+    Returns:
+        The release folder. It is built beside the old one and swapped in, so a crash
+        leaves the old or the new release, never a mix.
+    """
+    run_dir = Path(run_dir)
+    ledger_path = run_dir / LEDGER_FILE
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    outputs = {
+        f"{stage}/{path}": output
+        for stage, declared in declarations.items()
+        if (run_dir / stage / "DONE").exists()
+        for path, output in declared.items()
+        if (run_dir / stage / path).exists()
+    }
+    private_use = [e["description"] for e in ledger.get("non_private", [])]
+    tmp = run_dir / f".{RELEASE_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files: list[dict[str, Any]] = []
+    withheld: list[str] = []
+    for node, output in outputs.items():
+        if output.dest is None:
+            continue
+        mechanisms, why = _lineage(node, outputs, ledger)
+        if private_use:
+            why = "the ledger records a non-private use of the sensitive data"
+        if why is not None:
+            withheld.append(f"`{node}`: {why}")
+            continue
+        source = run_dir / node
+        for src in _files(source):
+            rel = src.relative_to(source) if source.is_dir() else Path()
+            dst = tmp / output.dest / rel
+            _link_or_copy(src, dst)
+            files.append(
+                {
+                    "path": dst.relative_to(tmp).as_posix(),
+                    "sha256": _sha256(dst),
+                    "bytes": dst.stat().st_size,
+                    "copy_of": (Path(node) / rel).as_posix(),
+                    "mechanisms": sorted(mechanisms),
+                }
+            )
+    if ledger_path.exists():
+        shutil.copy2(ledger_path, tmp / LEDGER_FILE)
+        files.append(
+            {
+                "path": LEDGER_FILE,
+                "sha256": _sha256(tmp / LEDGER_FILE),
+                "bytes": (tmp / LEDGER_FILE).stat().st_size,
+                "copy_of": LEDGER_FILE,
+                "mechanisms": [],
+            }
+        )
+    manifest = {
+        "differentially_private": bool(ledger) and not private_use,
+        "noise_secret": bool(ledger.get("noise_secret", False)),
+        "epsilon_spent": ledger.get("epsilon_spent"),
+        "delta": ledger.get("delta"),
+        "files": files,
+        "withheld": withheld,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / README).write_text(render_release_md(manifest, ledger, summary))
+    final = run_dir / RELEASE_DIR
+    old = run_dir / f".{RELEASE_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def privacy_headline(ledger: dict) -> str:
+    """One line on what guarantee a run's outputs carry (RELEASE.md, the report, the CLI)."""
+    if not ledger:
+        return "no privacy ledger: nothing here is covered by a differential-privacy guarantee"
+    if ledger.get("non_private"):
+        return "NOT differentially private: the ledger records a non-private use of the data"
+    eps, delta = ledger.get("epsilon_spent"), ledger.get("delta")
+    if not ledger.get("noise_secret", False):
+        return (
+            f"NOT differentially private against anyone who knows the run's config: its DP "
+            f"noise was derived from the seed (privacy.reproducible_noise=true; epsilon "
+            f"{eps:.3f} holds only against someone who does not know the seed)"
+        )
+    return (
+        f"({eps:.3f}, {delta:g})-differentially private with respect to one sensitive "
+        f"training image (target epsilon {ledger.get('target_epsilon')})"
+    )
+
+
+def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> str:
+    """RELEASE.md: the guarantee, what was done, what is here and what is not."""
+    lines = ["# privimage release", "", f"**{privacy_headline(ledger)}.**", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.items()]
+    mechanisms = ledger.get("mechanisms", [])
+    if mechanisms:
+        lines += [
+            "",
+            f"Mechanisms on the sensitive data, composed by one `{ledger.get('accountant')}` "
+            "accountant (all in `privacy.json`):",
+            "",
+        ]
+        for m in mechanisms:
+            lines.append(
+                f"- `{m['stage']}/{m['name']}` ({m['status']}): noise multiplier "
+                f"{m['noise_multiplier']:.4g}, sampling rate {m['sample_rate']:.4g}, "
+                f"{m['steps']} step(s), sensitivity {m['sensitivity']:.4g}, noise "
+                f"{'secret (OS entropy)' if m.get('noise_secret') else 'DERIVED FROM THE SEED'}"
+            )
+    lines += ["", "## Contents", ""]
+    by_top: dict[str, int] = {}
+    for f in manifest["files"]:
+        top = f["path"].split("/")[0]
+        by_top[top] = by_top.get(top, 0) + 1
+    if list(by_top) == [LEDGER_FILE] or not by_top:
+        lines.append("Only the ledger: no output of this run is covered by the guarantee.")
+    for top, count in by_top.items():
+        lines.append(f"- `{top}`: {count} file(s)")
+    lines += [f"- `{MANIFEST}`: every file with its SHA-256, source and lineage", ""]
+    if manifest["withheld"]:
+        lines += ["Withheld (not covered by the guarantee):", ""]
+        lines += [f"- {w}" for w in manifest["withheld"]] + [""]
+    lines += ["Never released (computed from the sensitive data outside the ledger):", ""]
+    lines += [f"- {item}" for item in NOT_RELEASED]
+    lines += [f"- {m['description']}" for m in ledger.get("measurements", [])] + [""]
+    lines += [
+        "Threat model: the adversary knows the code, the config and seed, the public data "
+        "and everything in this folder, but not the DP mechanisms' secret random draws; "
+        "the number of sensitive images and their class names are treated as public.",
+        "",
+    ]
+    return "\n".join(lines)
