@@ -47,7 +47,7 @@ def _task(cfg: DictConfig) -> None:
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
         print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")
-    print(f"privimage: outputs in {run_dir}")
+    print(f"privimage: outputs in {run_dir}; share only {run_dir / 'release'}")
 
 
 def summary_line(m: dict) -> str:
@@ -63,6 +63,11 @@ def summary_line(m: dict) -> str:
     )
     if m.get("differentially_private") is False:
         line += ", NOT differentially private"
+    elif m.get("noise_secret") is False:
+        line += (
+            f", epsilon {m['epsilon_spent']:.3f} but NOT differentially private against anyone "
+            "who knows the config (privacy.reproducible_noise=true)"
+        )
     elif m.get("epsilon_spent") is not None:
         line += (
             f", epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"

@@ -25,6 +25,8 @@ public Opacus extension point rather than a copy of Opacus code:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer
@@ -170,7 +172,23 @@ def make_private(
         RDP accountant counts the steps the optimizer actually took, as a cross-check of
         the privacy ledger).
     """
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PrivacyEngine(accountant="rdp")
+    for w in caught:
+        if "Secure RNG turned off" in str(w.message):
+            # Opacus' advice (turn secure_mode on) cannot be followed here: it needs
+            # torchcsprng, which has no build for current torch. Say what holds instead.
+            warnings.warn(
+                "Opacus secure_mode is off: the DP noise and Poisson masks come from torch "
+                "generators seeded with secret OS entropy (unless privacy.reproducible_noise)"
+                ", which are not CSPRNGs, and the noise is not hardened against floating-point "
+                "attacks (README, Threat model)",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -38,10 +38,17 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
             f"**Privacy: none. These images carry no differential-privacy guarantee** "
             f"({why}). Read the leakage measurements below with that in mind."
         )
+    elif eps is not None and metrics.get("noise_secret") is False:
+        lines.append(
+            f"**Privacy: NOT differentially private against anyone who knows this run's "
+            f"config.** Its DP noise was derived from the seed (`privacy.reproducible_noise="
+            f"true`, for tests); ε = {eps:.3f} holds only against someone who does not know it."
+        )
     elif eps is not None:
         lines.append(
             f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
-            f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`."
+            f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`; the noise was "
+            "drawn from secret OS entropy."
         )
     else:
         lines.append("Privacy: no ledger (these images do not come from a privimage run).")
@@ -50,7 +57,8 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
         f"{len(class_names)} classes.",
         "",
         "These measurements read the sensitive data; they are for the data owner and are "
-        "not part of the differentially private release.",
+        "not part of the differentially private release: keep `evaluate/` private and share "
+        "only the run's `release/` folder.",
         "",
         "![synthetic images](samples.png)",
         "",

@@ -452,9 +452,11 @@ def _check_file(path, ledger):
         "delta",
         "target_epsilon",
         "epsilon_spent",
+        "noise_secret",
         "differentially_private",
         "mechanisms",
         "non_private",
+        "measurements",
         "events",
     }
     assert data["differentially_private"] is True and data["non_private"] == []
@@ -520,21 +522,23 @@ def test_ledger_begin_refuses_over_budget_before_writing(tmp_path):
     assert len(ledger.history) == 1
 
 
-def test_ledger_replaces_a_crashed_stage_and_never_double_counts(tmp_path):
+def test_ledger_replaces_a_crashed_seeded_attempt_and_never_double_counts(tmp_path):
+    """Seeded noise (reproducible_noise): the rerun replays the very same draws."""
     path = tmp_path / "privacy.json"
     ledger = Ledger(path, **BUDGET)
-    ledger.begin(query_mechanism(noise_multiplier=10.0, top_k=1))
+    ledger.begin(query_mechanism(noise_multiplier=10.0, top_k=1), noise_secret=False)
     ledger.complete(query_mechanism(noise_multiplier=10.0, top_k=1))
     first = _calibrated_dpsgd(ledger)
-    ledger.begin(first)  # ... and the process crashes here
+    ledger.begin(first, noise_secret=False)  # ... and the process crashes here
 
     rerun = Ledger(path, **BUDGET)
     assert rerun.status("finetune", "dp_sgd") == "started"
     second = _calibrated_dpsgd(rerun, steps=120)
-    rerun.begin(second)  # would overspend if the crashed entry were still counted
+    rerun.begin(second, noise_secret=False)  # would overspend if the crash still counted
     data = _check_file(path, rerun)
     assert [e["event"] for e in data["events"]] == ["begin", "complete", "begin", "restart"]
     assert rerun.history == [query_mechanism(noise_multiplier=10.0, top_k=1), second]
+    assert data["noise_secret"] is False
     rerun.complete(second)
     spent = rerun.epsilon_spent
 
@@ -542,6 +546,53 @@ def test_ledger_replaces_a_crashed_stage_and_never_double_counts(tmp_path):
         rerun.begin(second)
     again = Ledger(path, **BUDGET)
     assert len(again.history) == 2 and again.epsilon_spent == pytest.approx(spent)
+
+
+def test_ledger_composes_a_crashed_secret_attempt_with_its_rerun(tmp_path):
+    """Secret noise: a rerun draws fresh noise, so the crashed attempt is a second release."""
+    path = tmp_path / "privacy.json"
+    query = query_mechanism(noise_multiplier=10.0, top_k=1)
+    ledger = Ledger(path, **BUDGET)
+    ledger.begin(query)
+    ledger.complete(query)
+    first = _calibrated_dpsgd(ledger)
+    ledger.begin(first)  # ... and the process crashes here, with no checkpoint
+
+    rerun = Ledger(path, **BUDGET)
+    key = ("finetune", "dp_sgd")
+    assert rerun.prior(key, resuming=True) == [query]
+    assert rerun.prior(key, resuming=False) == [query, first]
+    # The same mechanism again does not fit beside the abandoned one ...
+    with pytest.raises(PrivacyBudgetError, match="refused before touching"):
+        rerun.begin(first)
+    # ... one calibrated on top of it does, and both are charged.
+    second = dpsgd_mechanism(
+        noise_multiplier=calibrate_noise_multiplier(
+            target_epsilon=BUDGET["target_epsilon"],
+            delta=BUDGET["delta"],
+            sample_rate=first.sample_rate,
+            steps=first.steps,
+            prior=rerun.prior(key, resuming=False),
+        ),
+        sample_rate=first.sample_rate,
+        steps=first.steps,
+        max_grad_norm=1.0,
+    )
+    assert second.noise_multiplier > first.noise_multiplier
+    rerun.begin(second)
+    rerun.complete(second)
+    data = _check_file(path, rerun)
+    assert [e["status"] for e in data["mechanisms"]] == ["completed", "abandoned", "completed"]
+    assert rerun.history == [query, first, second]
+    assert data["epsilon_spent"] == pytest.approx(
+        epsilon_spent([query, first, second], delta=BUDGET["delta"])
+    )
+    assert data["epsilon_spent"] <= BUDGET["target_epsilon"] * (1 + 1e-9)
+    assert data["noise_secret"] is True
+    assert [e["event"] for e in data["events"]][-2:] == ["restart", "complete"]
+    assert data["events"][-2]["abandoned_attempt"] is True
+    reopened = Ledger(path, **BUDGET)
+    assert reopened.status(*key) == "completed" and len(reopened.history) == 3
 
 
 def test_ledger_resume_continues_the_same_mechanism_and_journals_it(tmp_path):

@@ -52,6 +52,10 @@ def test_query_selection_is_disjoint_and_relabelled(smoke_run):
     score = json.loads((run / "query" / "selection_score.json").read_text())
     assert 0.0 <= score["score"] <= 1.0 and 0.0 < score["random_baseline"] <= 1.0
     assert len(score["per_class"]) == 10 and "not part of the DP release" in score["note"]
+    # The judge read the sensitive data outside any mechanism: listed, not charged.
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert [m["name"] for m in ledger["measurements"]] == ["selection_judge"]
+    assert ledger["differentially_private"] is True
 
 
 def test_privacy_ledger_lists_every_mechanism_within_budget(smoke_run):
@@ -88,8 +92,15 @@ def test_rerun_skips_finished_stages(smoke_run):
     ledger_before = (run / "privacy.json").read_text()
     run_pipeline(cfg, run)
     after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    changed = [p for p in before if after[p] != before[p] and p.name != "config.yaml"]
+    manifest = (run / "release" / "MANIFEST.json").read_text()
+    # release/ is rebuilt by every invocation (from the same finished outputs).
+    changed = [
+        p
+        for p in before
+        if after[p] != before[p] and p.name != "config.yaml" and "release" not in p.parts
+    ]
     assert not changed, changed
+    assert (run / "release" / "MANIFEST.json").read_text() == manifest
     assert (run / "privacy.json").read_text() == ledger_before
 
 
@@ -124,3 +135,63 @@ def test_report_gathers_the_run_into_one_table(smoke_run, tmp_path, capsys):
     for plot in ("fid_vs_epsilon.png", "accuracy_vs_epsilon.png"):
         assert (out / plot).stat().st_size > 0
     assert "smoke" in capsys.readouterr().out
+
+
+# What each releasable output may be a copy of: the DP mechanisms' outputs and what is
+# computed from them and public data alone. Written out here, not read from the code's
+# declarations, so a wrongly declared output fails this test.
+ALLOWED_SOURCES = {
+    "query/histogram_noisy.npy": {"query/gaussian_histogram"},
+    "query/selection.json": {"query/gaussian_histogram"},
+    "query/selection.png": {"query/gaussian_histogram"},
+    "query/public_index.npy": {"query/gaussian_histogram"},
+    "query/public_labels.npy": {"query/gaussian_histogram"},
+    "finetune/unet": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "sample/images": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "sample/samples.npz": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "sample/dataset": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "sample/grid.png": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "privacy.json": set(),
+}
+
+
+def _allowed(copy_of: str) -> set[str] | None:
+    for source, mechanisms in ALLOWED_SOURCES.items():
+        if copy_of == source or copy_of.startswith(source + "/"):
+            return mechanisms
+    return None
+
+
+def test_release_holds_only_dp_outputs_and_public_data(smoke_run):
+    """Walk every file in release/: each is a byte-exact copy of an output derived from the
+    ledger's completed DP mechanisms or public data, and nothing else is there."""
+    _, run = smoke_run
+    release = run / "release"
+    manifest = json.loads((release / "MANIFEST.json").read_text())
+    ledger = json.loads((run / "privacy.json").read_text())
+    completed = {f"{m['stage']}/{m['name']}" for m in ledger["mechanisms"]}
+    assert {m["status"] for m in ledger["mechanisms"]} == {"completed"}
+    listed = {f["path"]: f for f in manifest["files"]}
+    on_disk = {
+        p.relative_to(release).as_posix()
+        for p in release.rglob("*")
+        if p.is_file() and p.name not in ("MANIFEST.json", "RELEASE.md")
+    }
+    assert on_disk == set(listed), on_disk ^ set(listed)
+    for path, entry in listed.items():
+        allowed = _allowed(entry["copy_of"])
+        assert allowed is not None, f"{path} copies {entry['copy_of']}, which is not releasable"
+        assert set(entry["mechanisms"]) <= allowed & completed, path
+        assert (release / path).read_bytes() == (run / entry["copy_of"]).read_bytes(), path
+    sources = {entry["copy_of"].split("/")[0] for entry in listed.values()}
+    assert sources == {"query", "finetune", "sample", "privacy.json"}
+    assert not any(s.startswith(("evaluate", "pretrain")) for s in sources)
+    # What a user needs is there and loads: the DP model, the data, the noisy selection.
+    assert isinstance(UNet2DModel.from_pretrained(release / "model"), UNet2DModel)
+    with np.load(release / "synthetic" / "samples.npz") as f:
+        assert len(f["images"]) == len(list((release / "synthetic" / "images").rglob("*.png")))
+    assert (release / "selection" / "histogram_noisy.npy").exists()
+    text = (release / "RELEASE.md").read_text()
+    assert f"({ledger['epsilon_spent']:.3f}, 1e-05)-differentially private" in text
+    assert "selection_score.json" in text and "evaluate/" in text  # said to stay behind
+    assert manifest["noise_secret"] is True and manifest["differentially_private"] is True

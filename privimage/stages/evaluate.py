@@ -531,6 +531,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # False when the ledger records a non-private step (bnstat, finetune.dp=false);
         # None when the images come from elsewhere and nothing is known.
         "differentially_private": ledger.get("differentially_private", True) if ledger else None,
+        # False when the DP noise followed the seed (privacy.reproducible_noise): then no
+        # epsilon holds against anyone who knows the config.
+        "noise_secret": ledger.get("noise_secret", False) if ledger else None,
         "non_private_steps": [e["description"] for e in (ledger or {}).get("non_private", [])],
         "synthesizer": cfg.synthesizer if own_samples else None,
         "synthetic": synthetic_source,

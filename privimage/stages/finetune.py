@@ -211,6 +211,16 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
     except PrivacyBudgetError as exc:
         raise _budget_after_abandoned(ledger, exc) from None
+    abandoned = [m for m in prior if m.key == key]
+    if abandoned:
+        log.warning(
+            "fine-tuning restarts from step 0 after %d attempt(s) without a checkpoint; their "
+            "secret noise cannot be replayed, so each is charged in full and this attempt "
+            "gets noise multiplier %.4g (the first had %.4g)",
+            len(abandoned),
+            sigma,
+            abandoned[0].noise_multiplier,
+        )
     mechanism = privacy.dpsgd_mechanism(
         noise_multiplier=sigma,
         sample_rate=sample_rate,

@@ -1,0 +1,238 @@
+"""The DP randomness is secret: nothing in the run folder or its config regenerates it.
+
+The attack these tests repeat was run on a real smoke run before the fix: the noisy
+histogram minus ``default_rng(seed).normal(...)`` gave back the exact sensitive vote
+counts, and fine-tuning again with the config's seed reproduced the released model bit
+for bit. Under the default both must fail; under ``privacy.reproducible_noise=true`` (the
+tests' switch) both succeed, which shows the attack is real and the switch works.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import typed_config
+from diffusers import UNet2DModel
+
+from privimage.errors import ConfigError, PrivacyBudgetError
+from privimage.io import seeding
+from privimage.pipeline import run_pipeline
+from privimage.stages import finetune
+
+QUERY = ["experiment=smoke", "stages=[query]", "query.score_selection=false"]
+# Six logical steps at q = 1/6, a checkpoint after every step.
+FINETUNE = [
+    "experiment=smoke",
+    "stages=[finetune]",
+    "finetune.noise_multiplicity=1",
+    "finetune.checkpoint_every_steps=1",
+]
+REPRODUCIBLE = "privacy.reproducible_noise=true"
+
+
+def _seed_noise(shape, *, seed, std):
+    """Every way this project ever derived the query noise from the seed."""
+    old = np.random.default_rng(seed).normal(0.0, std, size=shape)
+    entropy = seeding.dp_entropy(purpose="query/gaussian_histogram", seed=seed, reproducible=True)
+    new = seeding.numpy_generator(entropy).normal(0.0, std, size=shape)
+    return {"seed (before the fix)": old, "reproducible_noise": new}
+
+
+def _distance_to_integers(x):
+    return float(np.abs(x - np.round(x)).max())
+
+
+def _query(tmp_path, name, cache_dir, *extra):
+    run = tmp_path / name
+    cfg = typed_config([*QUERY, *extra], cache_dir)
+    run_pipeline(cfg, run)
+    selection = json.loads((run / "query" / "selection.json").read_text())
+    ledger = json.loads((run / "privacy.json").read_text())
+    return cfg, np.load(run / "query" / "histogram_noisy.npy"), selection, ledger
+
+
+def test_the_query_noise_cannot_be_subtracted_from_a_default_run(tmp_path, cache_dir):
+    cfg, noisy, selection, ledger = _query(tmp_path, "default", cache_dir)
+    assert ledger["noise_secret"] is True
+    assert [m["noise_secret"] for m in ledger["mechanisms"]] == [True]
+    for how, noise in _seed_noise(noisy.shape, seed=cfg.seed, std=selection["noise_std"]).items():
+        # Exact counts would be integers; the noise std is 10, so a wrong guess is off by
+        # about 0.5 on the worst of 620 cells.
+        assert _distance_to_integers(noisy - noise) > 0.1, how
+    _, again, _, _ = _query(tmp_path, "default-again", cache_dir)
+    assert not np.allclose(noisy, again), "two runs with one config drew the same noise"
+
+
+def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
+    cfg, noisy, selection, ledger = _query(tmp_path, "seeded", cache_dir, REPRODUCIBLE)
+    noise = _seed_noise(noisy.shape, seed=cfg.seed, std=selection["noise_std"])
+    counts = noisy - noise["reproducible_noise"]
+    # The attack works here: the exact histogram, one vote per training image (top-1).
+    assert _distance_to_integers(counts) < 1e-9
+    assert round(counts.sum()) == 600
+    assert ledger["noise_secret"] is False and ledger["mechanisms"][0]["noise_secret"] is False
+    release = (tmp_path / "seeded" / "release" / "RELEASE.md").read_text()
+    assert "NOT differentially private against anyone who knows the run's config" in release
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir):
+    """Query and pretraining once; each scenario fine-tunes a copy of this run."""
+    run_dir = tmp_path_factory.mktemp("secret-base")
+    cfg = typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir)
+    run_pipeline(cfg, run_dir)
+    return run_dir
+
+
+def _copy(pretrained, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(pretrained, target)
+    return target
+
+
+def _finetune(run_dir, cache_dir, *extra):
+    run_pipeline(typed_config([*FINETUNE, *extra], cache_dir), run_dir)
+    return UNet2DModel.from_pretrained(run_dir / "finetune" / "unet").state_dict()
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_sgd_differs_between_default_runs_and_not_under_reproducible_noise(
+    pretrained, tmp_path, cache_dir
+):
+    first = _finetune(_copy(pretrained, tmp_path, "a"), cache_dir)
+    second = _finetune(_copy(pretrained, tmp_path, "b"), cache_dir)
+    assert not _same(first, second), "the DP-SGD noise or masks follow the config"
+    seeded = _finetune(_copy(pretrained, tmp_path, "c"), cache_dir, REPRODUCIBLE)
+    seeded_again = _finetune(_copy(pretrained, tmp_path, "d"), cache_dir, REPRODUCIBLE)
+    assert _same(seeded, seeded_again)
+    assert not _same(first, seeded)
+    ledger = json.loads((tmp_path / "c" / "privacy.json").read_text())
+    assert ledger["noise_secret"] is False  # one seeded mechanism is enough
+
+
+class Crash(Exception):
+    """Stands in for kill -9 right after a checkpoint was written."""
+
+
+def _crash_after_checkpoint(monkeypatch, step):
+    saved = finetune.atomic_torch_save
+
+    def save_then_crash(obj, path):
+        saved(obj, path)
+        if obj.get("step") == step:
+            raise Crash
+
+    monkeypatch.setattr(finetune, "atomic_torch_save", save_then_crash)
+
+
+def _crashed(pretrained, tmp_path, cache_dir, monkeypatch, *extra):
+    run_dir = _copy(pretrained, tmp_path, "crashed")
+    with monkeypatch.context() as m:
+        _crash_after_checkpoint(m, step=2)
+        with pytest.raises(Crash):
+            _finetune(run_dir, cache_dir, *extra)
+    assert (run_dir / "finetune" / finetune.CHECKPOINT).exists()
+    return run_dir
+
+
+def test_resume_continues_the_checkpointed_secret_streams(
+    pretrained, tmp_path, cache_dir, monkeypatch
+):
+    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    ckpt = torch.load(crashed / "finetune" / finetune.CHECKPOINT, weights_only=True)
+    assert ckpt["reproducible_noise"] is False and ckpt["step"] == 2
+    copies = [crashed, _copy(crashed, tmp_path, "crashed-copy")]
+
+    draws = []
+
+    def spy(**kwargs):
+        draws.append(kwargs)
+        return seeding.dp_entropy(**kwargs)
+
+    monkeypatch.setattr(finetune, "dp_entropy", spy)
+    resumed = [_finetune(run, cache_dir) for run in copies]
+    assert draws == [], "a resumed run drew new DP randomness instead of the checkpoint's"
+    # Both continued the very streams in the checkpoint, so they agree exactly; had either
+    # drawn fresh entropy they would not.
+    assert _same(*resumed)
+    for run in copies:
+        ledger = json.loads((run / "privacy.json").read_text())
+        sgd = [m for m in ledger["mechanisms"] if m["name"] == "dp_sgd"]
+        assert [(m["status"], m["noise_secret"]) for m in sgd] == [("completed", True)]
+        events = [
+            (e["event"], e.get("from_step")) for e in ledger["events"] if e["stage"] == "finetune"
+        ]
+        assert events == [("begin", None), ("resume", 2), ("complete", None)]
+        assert not (run / "finetune" / finetune.CHECKPOINT).exists()
+    # And they are not what the config's seed would give.
+    seeded = _finetune(_copy(pretrained, tmp_path, "seeded"), cache_dir, REPRODUCIBLE)
+    assert not _same(resumed[0], seeded)
+
+
+def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
+    pretrained, tmp_path, cache_dir, monkeypatch
+):
+    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    first = json.loads((crashed / "privacy.json").read_text())
+    sigma_first = next(m for m in first["mechanisms"] if m["name"] == "dp_sgd")["noise_multiplier"]
+    (crashed / "finetune" / finetune.CHECKPOINT).unlink()
+    _finetune(crashed, cache_dir)
+    ledger = json.loads((crashed / "privacy.json").read_text())
+    sgd = [m for m in ledger["mechanisms"] if m["name"] == "dp_sgd"]
+    assert [m["status"] for m in sgd] == ["abandoned", "completed"]
+    assert sgd[0]["noise_multiplier"] == sigma_first
+    # Calibrated on top of the abandoned attempt: more noise, the same total budget.
+    assert sgd[1]["noise_multiplier"] > sigma_first
+    assert ledger["epsilon_spent"] <= ledger["target_epsilon"] * (1 + 1e-9)
+    assert ledger["epsilon_spent"] > first["epsilon_spent"] * 0.99
+    restart = [e for e in ledger["events"] if e["event"] == "restart"]
+    assert len(restart) == 1 and restart[0]["abandoned_attempt"] is True
+
+
+def test_under_reproducible_noise_a_restart_replays_the_same_mechanism(
+    pretrained, tmp_path, cache_dir, monkeypatch
+):
+    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch, REPRODUCIBLE)
+    (crashed / "finetune" / finetune.CHECKPOINT).unlink()
+    restarted = _finetune(crashed, cache_dir, REPRODUCIBLE)
+    ledger = json.loads((crashed / "privacy.json").read_text())
+    assert [m["status"] for m in ledger["mechanisms"] if m["name"] == "dp_sgd"] == ["completed"]
+    straight = _finetune(_copy(pretrained, tmp_path, "straight"), cache_dir, REPRODUCIBLE)
+    assert _same(restarted, straight)
+
+
+def test_a_checkpoint_is_not_resumed_on_other_weights_or_other_data(
+    pretrained, tmp_path, cache_dir, monkeypatch
+):
+    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    ledger_before = (crashed / "privacy.json").read_text()
+    # Same shapes, other sensitive images: the split seed picks other training digits.
+    with pytest.raises(ConfigError, match="data_key"):
+        _finetune(crashed, cache_dir, "data.split_seed=1")
+    unet = crashed / "pretrain" / "unet"
+    model = UNet2DModel.from_pretrained(unet)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(unet)
+    with pytest.raises(ConfigError, match="pretrained_weights"):
+        _finetune(crashed, cache_dir)
+    assert (crashed / "privacy.json").read_text() == ledger_before
+
+
+def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_path):
+    from privimage.privacy import Ledger, dpsgd_mechanism
+
+    ledger = Ledger(tmp_path / "privacy.json", target_epsilon=1.0, delta=1e-5, accountant="rdp")
+    attempt = dpsgd_mechanism(noise_multiplier=5.0, sample_rate=0.01, steps=10, max_grad_norm=1)
+    ledger.begin(attempt)
+    ledger.begin(attempt)  # no checkpoint: the first attempt is abandoned and still counts
+    error = finetune._budget_after_abandoned(ledger, PrivacyBudgetError("nothing left"))
+    assert "1 earlier fine-tuning attempt(s)" in str(error) and "charged in full" in str(error)
+    assert "new run directory" in str(error) and "\n" not in str(error)
