@@ -907,12 +907,7 @@ class Ledger:
         ``differentially_private: false`` and a ``non_private`` entry, that no epsilon
         describes this run's output. Recording the same ``(stage, name)`` again is a no-op.
         """
-        if any((e["stage"], e["name"]) == (stage, name) for e in self._non_private):
-            return
-        entry = {"stage": stage, "name": name, "description": description, "time": _now()}
-        self._non_private.append(entry)
-        self._events.append({"event": "non_private", **entry})
-        self._write()
+        self._note(self._non_private, "non_private", stage, name, description)
 
     def record_measurement(self, *, stage: str, name: str, description: str) -> None:
         """Record a non-private measurement of the sensitive data kept by the data owner.
@@ -923,11 +918,15 @@ class Ledger:
         everything that read the sensitive data. Recording ``(stage, name)`` again is a
         no-op.
         """
-        if any((e["stage"], e["name"]) == (stage, name) for e in self._measurements):
+        self._note(self._measurements, "measurement", stage, name, description)
+
+    def _note(self, into: list, event: str, stage: str, name: str, description: str) -> None:
+        """Append a described use of the data to ``into`` and the journal, once per key."""
+        if any((e["stage"], e["name"]) == (stage, name) for e in into):
             return
         entry = {"stage": stage, "name": name, "description": description, "time": _now()}
-        self._measurements.append(entry)
-        self._events.append({"event": "measurement", **entry})
+        into.append(entry)
+        self._events.append({"event": event, **entry})
         self._write()
 
     @property

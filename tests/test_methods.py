@@ -133,6 +133,11 @@ def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
     assert metrics["differentially_private"] is False
     report = (tmp_path / "evaluate" / "report.md").read_text()
     assert "no differential-privacy guarantee" in report and "finetune.dp=false" in report
+    # Nothing of it may be shared as DP: release/ holds the ledger and says why.
+    released = sorted(p.name for p in (tmp_path / "release").rglob("*") if p.is_file())
+    assert released == ["MANIFEST.json", "RELEASE.md", "privacy.json"]
+    release_md = (tmp_path / "release" / "RELEASE.md").read_text()
+    assert "NOT differentially private" in release_md and "Only the ledger" in release_md
 
 
 def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):

@@ -79,6 +79,35 @@ def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
     assert "NOT differentially private against anyone who knows the run's config" in release
 
 
+def test_a_query_stopped_after_its_draw_finishes_from_it(tmp_path, cache_dir, monkeypatch):
+    """Interrupted in the selection judge: the rerun finishes from the saved noisy
+    histogram, so the query is released (and charged) once, not twice with fresh noise."""
+    from privimage.stages import query
+
+    run = tmp_path / "judged"
+    cfg = typed_config([*QUERY, "query.score_selection=true"], cache_dir)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(query, "_score_selection", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(cfg, run)
+    drawn = np.load(run / "query" / "histogram_noisy.npy")
+    assert not (run / "query" / "DONE").exists()
+    run_pipeline(cfg, run)
+    assert np.array_equal(np.load(run / "query" / "histogram_noisy.npy"), drawn)
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert [m["status"] for m in ledger["mechanisms"]] == ["completed"]
+    assert [e["event"] for e in ledger["events"]] == ["begin", "complete", "measurement"]
+    assert (run / "query" / "selection_score.json").exists()
+    # Asked with other settings, the saved draw is not reused: the ledger refuses instead.
+    with pytest.raises(PrivacyBudgetError):
+        (run / "query" / "DONE").unlink()
+        run_pipeline(typed_config([*QUERY, "query.noise_multiplier=20"], cache_dir), run)
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, cache_dir):
     """Query and pretraining once; each scenario fine-tunes a copy of this run."""

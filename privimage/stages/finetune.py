@@ -125,7 +125,7 @@ def _check_checkpoint(ckpt: dict, expected: dict, path: Path) -> None:
             raise ConfigError(
                 f"{path} was written with {key}={ckpt.get(key)!r}, this run has {value!r}; "
                 "restore the original settings to resume, or delete the checkpoint to "
-                "restart fine-tuning from step 0"
+                "restart fine-tuning from step 0 (the abandoned attempt stays charged)"
             )
 
 

@@ -39,6 +39,7 @@ from privimage.runtime import (
     atomic_torch_save,
     cache_root,
     mark_done,
+    read_json,
     resolve_device,
     run_ledger,
     save_npy,
@@ -203,29 +204,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     mechanism = query_mechanism(cfg)
     ledger = run_ledger(cfg, run_dir)
-    reproducible = cfg.privacy.reproducible_noise
-    # Refuses here, before the sensitive images are looked at, if over budget.
-    ledger.begin(mechanism, noise_secret=not reproducible)
-
-    logits = semantic_logits(sensitive.train.as_float())
-    topk = logits.topk(k, dim=1).indices.numpy()
-    counts = privacy.topk_histogram(
-        topk,
-        sensitive.train.labels.numpy(),
-        num_sensitive_classes=sensitive.num_classes,
-        num_public_classes=public.num_classes,
-    )
-    # Secret: drawn now from OS entropy and kept nowhere, so the noise cannot be
-    # regenerated from anything the run writes (unless privacy.reproducible_noise).
-    rng = numpy_generator(dp_entropy(purpose=MECHANISM, seed=cfg.seed, reproducible=reproducible))
-    noisy = privacy.add_gaussian_noise(
-        counts, noise_multiplier=mechanism.noise_multiplier, top_k=k, rng=rng
-    )
-    del rng
+    noisy = _drawn_release(cfg, ledger, mechanism, out)
+    if noisy is None:
+        noisy = _noisy_histogram(cfg, ledger, mechanism, out, semantic_logits, sensitive, public)
     selection = privacy.select_public_classes(noisy, classes_per_sensitive_class=per_class)
-    ledger.complete(mechanism)
-    # The exact counts are sensitive and never written; only the noisy ones are released.
-    del counts
 
     public_labels_np = public.train.labels.numpy()
     index_parts, label_parts, classes_json = [], [], []
@@ -251,7 +233,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     save_npy(out / "public_index.npy", public_index.astype(np.int64))
     save_npy(out / "public_labels.npy", public_relabel)
-    save_npy(out / "histogram_noisy.npy", noisy)
     write_json(
         out / "selection.json",
         {
@@ -261,9 +242,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "noise_multiplier": mechanism.noise_multiplier,
             "noise_std": mechanism.noise_multiplier * float(np.sqrt(k)),
             "classes_per_sensitive_class": per_class,
-            "semantic_function": cfg.query.method
-            if cfg.query.method == "classifier"
-            else f"clip:{cfg.query.clip_model}",
+            "semantic_function": _semantic_function(cfg),
             "query_classifier_public_test_top1": public_top1,
             "selected_public_images": int(len(public_index)),
             "classes": classes_json,
@@ -282,6 +261,82 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
     mark_done(out)
     return out
+
+
+DRAW = "draw.json"  # what the saved noisy histogram was drawn from (not released)
+
+
+def _draw_identity(cfg: Config, mechanism: privacy.Mechanism) -> dict:
+    return {
+        "mechanism": mechanism.to_dict(),
+        "data": data.content_key(cfg.data),
+        "public": data.content_key(cfg.public),
+        "semantic_function": _semantic_function(cfg),
+    }
+
+
+def _drawn_release(
+    cfg: Config, ledger: privacy.Ledger, mechanism: privacy.Mechanism, out: Path
+) -> np.ndarray | None:
+    """The noisy histogram an interrupted attempt of this run already drew, if any.
+
+    The histogram is saved before the mechanism is marked completed, so an attempt that
+    stopped afterwards (in the judge, or while writing the selection) left its release on
+    disk: finishing from it is post-processing and spends nothing twice, where a rerun
+    with fresh secret noise would be a second release.
+    """
+    status = ledger.status(*mechanism.key)
+    saved, draw = out / "histogram_noisy.npy", out / DRAW
+    if status is None or not (saved.exists() and draw.exists()):
+        return None
+    if read_json(draw) != _draw_identity(cfg, mechanism):
+        return None  # another question was asked; Ledger.begin decides what that costs
+    log.info("query: finishing from the noisy histogram already drawn in %s", saved)
+    if status == "started":
+        ledger.complete(mechanism)
+    return np.load(saved)
+
+
+def _noisy_histogram(
+    cfg: Config,
+    ledger: privacy.Ledger,
+    mechanism: privacy.Mechanism,
+    out: Path,
+    semantic_logits,
+    sensitive: data.ImageDataset,
+    public: data.ImageDataset,
+) -> np.ndarray:
+    """The Gaussian mechanism itself: votes, exact histogram, secret noise, saved at once."""
+    reproducible = cfg.privacy.reproducible_noise
+    # Refuses here, before the sensitive images are looked at, if over budget.
+    ledger.begin(mechanism, noise_secret=not reproducible)
+    k = cfg.query.top_k
+    logits = semantic_logits(sensitive.train.as_float())
+    topk = logits.topk(k, dim=1).indices.numpy()
+    counts = privacy.topk_histogram(
+        topk,
+        sensitive.train.labels.numpy(),
+        num_sensitive_classes=sensitive.num_classes,
+        num_public_classes=public.num_classes,
+    )
+    # Secret: drawn now from OS entropy and kept nowhere, so the noise cannot be
+    # regenerated from anything the run writes (unless privacy.reproducible_noise).
+    rng = numpy_generator(dp_entropy(purpose=MECHANISM, seed=cfg.seed, reproducible=reproducible))
+    noisy = privacy.add_gaussian_noise(
+        counts, noise_multiplier=mechanism.noise_multiplier, top_k=k, rng=rng
+    )
+    # The exact counts are sensitive and never written; only the noisy ones are released.
+    del rng, counts
+    save_npy(out / "histogram_noisy.npy", noisy)
+    write_json(out / DRAW, _draw_identity(cfg, mechanism))
+    ledger.complete(mechanism)
+    return noisy
+
+
+def _semantic_function(cfg: Config) -> str:
+    if cfg.query.method == "classifier":
+        return "classifier"
+    return f"clip:{cfg.query.clip_model}"
 
 
 def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
