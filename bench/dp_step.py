@@ -145,6 +145,8 @@ def bench_preset(
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             noise_multiplicity=noise_multiplicity,
+            # Seeded for a timing only, on random inputs: real DP training must seed these
+            # from secret entropy (privimage.io.seeding), as the finetune stage does.
             sampler_generator=torch.Generator().manual_seed(3),
             noise_generator=torch.Generator(device=device).manual_seed(4),
         )

@@ -59,6 +59,12 @@ def save_unet(model: UNet2DModel, path: Path, *, diffusion: DiffusionConfig) -> 
     """
     path = Path(path)
     model.save_pretrained(path)
+    # diffusers keeps the folder a model was loaded from as ``_name_or_path`` and writes
+    # it back: a path on the data owner's machine that a released model must not carry.
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (path / DIFFUSION_FILE).write_text(json.dumps(asdict(diffusion), indent=2) + "\n")
 
 

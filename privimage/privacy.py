@@ -261,7 +261,9 @@ def add_gaussian_noise(
         noise_multiplier: Noise std in units of the L2 sensitivity ``sqrt(top_k)``. Zero
             gives the exact counts back (no privacy; for tests only, the ledger refuses it).
         top_k: ``k`` used to build the histogram.
-        rng: Source of randomness.
+        rng: Source of the noise. It must be secret (seeded from OS entropy, see
+            :mod:`privimage.io.seeding`): anyone who can regenerate it subtracts the noise
+            and gets the exact histogram back.
 
     Returns:
         float64 noisy counts of the same shape.
@@ -742,7 +744,9 @@ class Ledger:
         """
         return all(e.get("noise_secret", False) for e in self._entries)
 
-    def prior(self, key: tuple[str, str], *, resuming: bool) -> list[Mechanism]:
+    def prior(
+        self, key: tuple[str, str], *, resuming: bool, noise_secret: bool = True
+    ) -> list[Mechanism]:
         """The history a new or resumed attempt of mechanism ``key`` composes with.
 
         Args:
@@ -750,15 +754,26 @@ class Ledger:
             resuming: True when the attempt continues the live started entry from its
                 checkpoint (and so its random streams): that entry is the same
                 mechanism, not a prior one. False for a fresh attempt: a live started
-                entry with secret noise is then abandoned and stays in the history.
+                entry is then abandoned and stays in the history, unless both it and the
+                new attempt draw seeded noise (the new one replays it).
+            noise_secret: Whether the new attempt's noise is secret.
         """
         index = self._find(key)
         prior = []
         for i, entry in enumerate(self._entries):
-            if i == index and (resuming or not entry.get("noise_secret", False)):
+            if i == index and (resuming or self._replays(entry, noise_secret=noise_secret)):
                 continue  # continued, or replaced by an identical replay
             prior.append(Mechanism.from_dict(entry))
         return prior
+
+    @staticmethod
+    def _replays(entry: dict[str, Any], *, noise_secret: bool) -> bool:
+        """A fresh attempt replays ``entry`` draw for draw only if both follow the seed."""
+        return (
+            entry["status"] == "started"
+            and entry.get("noise_secret") is False
+            and not (noise_secret)
+        )
 
     @property
     def epsilon_spent(self) -> float:
@@ -769,6 +784,11 @@ class Ledger:
         """``"started"``, ``"completed"`` or ``None`` for the mechanism ``(stage, name)``."""
         index = self._find((stage, name))
         return None if index is None else self._entries[index]["status"]
+
+    def live(self, stage: str, name: str) -> Mechanism | None:
+        """The live (started or completed, not abandoned) entry of ``(stage, name)``."""
+        index = self._find((stage, name))
+        return None if index is None else Mechanism.from_dict(self._entries[index])
 
     def _find(self, key: tuple[str, str]) -> int | None:
         """Index of the live (not abandoned) entry of ``key``."""
@@ -829,7 +849,7 @@ class Ledger:
             # entry is kept as abandoned and composed. With seeded noise the rerun replays
             # the very same mechanism, and the old entry is replaced.
             event = "begin" if index is None else "restart"
-            others = self.prior(mechanism.key, resuming=False)
+            others = self.prior(mechanism.key, resuming=False, noise_secret=noise_secret)
         would_be = self._history_epsilon([*others, mechanism])
         if not _within_budget(would_be, self.target_epsilon):
             raise PrivacyBudgetError(
@@ -850,12 +870,12 @@ class Ledger:
             self._entries[index] = entry
         elif index is None:
             self._entries.append(entry)
-        elif self._entries[index].get("noise_secret", False):
+        elif self._replays(self._entries[index], noise_secret=noise_secret):
+            self._entries[index] = entry
+        else:
             self._entries[index]["status"] = "abandoned"
             self._entries.append(entry)
             extra["abandoned_attempt"] = True
-        else:
-            self._entries[index] = entry
         self._write(event=(event, mechanism, extra))
 
     def complete(self, mechanism: Mechanism) -> None:

@@ -113,7 +113,8 @@ def test_seeded_noise_is_released_under_a_warning(tmp_path):
     run, _ = _run(tmp_path, noise_secret=False)
     write_release(run, DECLARED, summary={})
     manifest = json.loads((run / "release" / "MANIFEST.json").read_text())
-    assert manifest["noise_secret"] is False
+    assert manifest["noise_secret"] is False and manifest["differentially_private"] is False
+    assert "synthetic/images/0/000000.png" in _released(run)  # kept for the tests' use
     text = (run / "release" / "RELEASE.md").read_text()
     assert "NOT differentially private against anyone who knows the run's config" in text
     assert "DERIVED FROM THE SEED" in text
@@ -126,4 +127,14 @@ def test_a_rebuild_drops_what_is_no_longer_releasable(tmp_path):
     (run / "finetune" / "DONE").unlink()  # the stage is being redone
     write_release(run, DECLARED, summary={})
     assert _released(run) == ["privacy.json", "selection/noisy.npy", "selection/s.json"]
-    assert not (run / ".release.tmp").exists() and not (run / ".release.old").exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".release")) == []
+
+
+def test_an_over_budget_ledger_releases_nothing(tmp_path):
+    run, _ = _run(tmp_path)
+    ledger = json.loads((run / "privacy.json").read_text())
+    ledger["epsilon_spent"] = 12.0  # as a mechanism that ran beyond what was approved
+    (run / "privacy.json").write_text(json.dumps(ledger))
+    write_release(run, DECLARED, summary={})
+    assert _released(run) == ["privacy.json"]
+    assert "NOT within budget" in (run / "release" / "RELEASE.md").read_text()

@@ -25,8 +25,8 @@ never released.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,14 +101,11 @@ def _sha256(path: Path) -> str:
     return file_digest(path)["sha256"]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # Finished outputs are replaced, never modified in place, so a hard link is as safe
-    # as a copy; copies across file systems.
+def _copy(src: Path, dst: Path) -> None:
+    # A copy, not a hard link: some writers (np.savez, savefig, save_pretrained) rewrite
+    # a file in place, and a rerun of a stage must not change what was released.
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    shutil.copy2(src, dst)
 
 
 def _files(root: Path) -> list[Path]:
@@ -141,9 +138,15 @@ def write_release(
         if (run_dir / stage / path).exists()
     }
     private_use = [e["description"] for e in ledger.get("non_private", [])]
-    tmp = run_dir / f".{RELEASE_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if ledger and not ledger["epsilon_spent"] <= ledger["target_epsilon"] * (1 + 1e-9):
+        private_use.append(
+            f"epsilon spent {ledger['epsilon_spent']:.4g} exceeds the target "
+            f"{ledger['target_epsilon']:g}"
+        )
+    # A folder of its own per build (two invocations in one run folder never share one),
+    # with the usual permissions rather than mkdtemp's owner-only ones.
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{RELEASE_DIR}.tmp."))
+    tmp.chmod(0o755)
     files: list[dict[str, Any]] = []
     withheld: list[str] = []
     for node, output in outputs.items():
@@ -151,7 +154,7 @@ def write_release(
             continue
         mechanisms, why = _lineage(node, outputs, ledger)
         if private_use:
-            why = "the ledger records a non-private use of the sensitive data"
+            why = f"no guarantee covers this run ({private_use[0]})"
         if why is not None:
             withheld.append(f"`{node}`: {why}")
             continue
@@ -159,7 +162,7 @@ def write_release(
         for src in _files(source):
             rel = src.relative_to(source) if source.is_dir() else Path()
             dst = tmp / output.dest / rel
-            _link_or_copy(src, dst)
+            _copy(src, dst)
             files.append(
                 {
                     "path": dst.relative_to(tmp).as_posix(),
@@ -181,7 +184,13 @@ def write_release(
             }
         )
     manifest = {
-        "differentially_private": bool(ledger) and not private_use,
+        # What the files are: the guarantee in words, and as flags. Seeded noise keeps
+        # the files (tests compare them) but no guarantee holds against the config's
+        # readers, so differentially_private is false then too.
+        "guarantee": privacy_headline(ledger),
+        "differentially_private": bool(ledger)
+        and not private_use
+        and bool(ledger.get("noise_secret", False)),
         "noise_secret": bool(ledger.get("noise_secret", False)),
         "epsilon_spent": ledger.get("epsilon_spent"),
         "delta": ledger.get("delta"),
@@ -191,10 +200,9 @@ def write_release(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (tmp / README).write_text(render_release_md(manifest, ledger, summary))
     final = run_dir / RELEASE_DIR
-    old = run_dir / f".{RELEASE_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
+    old = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{RELEASE_DIR}.old."))
     if final.exists():
-        final.rename(old)
+        final.rename(old / RELEASE_DIR)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
@@ -207,6 +215,10 @@ def privacy_headline(ledger: dict) -> str:
     if ledger.get("non_private"):
         return "NOT differentially private: the ledger records a non-private use of the data"
     eps, delta = ledger.get("epsilon_spent"), ledger.get("delta")
+    if eps > ledger.get("target_epsilon") * (1 + 1e-9):
+        return (
+            f"NOT within budget: epsilon {eps:.4g} exceeds the target {ledger['target_epsilon']:g}"
+        )
     if not ledger.get("noise_secret", False):
         return (
             f"NOT differentially private against anyone who knows the run's config: its DP "

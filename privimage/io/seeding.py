@@ -7,9 +7,12 @@ from **fresh operating-system entropy** (:func:`secrets.randbits`) at the start 
 mechanism, never from ``cfg.seed``. The entropy is kept nowhere but in the fine-tuning
 checkpoint (as generator states), which is private and deleted when the stage finishes.
 
-Randomness the guarantee does not depend on (the diffusion loss's timesteps and noise,
-label dropout, samplers, evaluation) stays a function of ``cfg.seed``: DP holds for any
-fixed value of it, and seeded sampling keeps the synthetic data reproducible.
+Randomness the guarantee does not depend on (pretraining on public data, the samplers,
+the evaluation) stays a function of ``cfg.seed``, so sampling stays reproducible. The
+draws inside the DP-SGD loss (timesteps, diffusion noise, label dropout) are secret too:
+they are consumed in batch order, so known values would depend on which other records
+the secret Poisson mask picked, and one record more or less would then change every
+example's gradient, not only its own.
 
 ``privacy.reproducible_noise=true`` derives the DP randomness from the seed instead. It
 exists for tests that need bit-identical runs: such a run is NOT differentially private

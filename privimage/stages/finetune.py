@@ -8,11 +8,12 @@ they meet the target (epsilon, delta) under one accountant; the privacy ledger r
 the mechanism before the first step touches data and again when training ends, and
 Opacus' own accountant, which counts the steps the optimizer really took, must agree.
 
-Secret randomness: the Poisson masks and the DP noise come from generators seeded with
-fresh OS entropy when the mechanism begins (:mod:`privimage.io.seeding`), never from
-``cfg.seed``, so nobody holding the run's config or files can regenerate them. The
-diffusion noise of the loss and label dropout stay seeded: the guarantee holds for any
-fixed value of them.
+Secret randomness: the Poisson masks, the DP noise and the loss's own draws (timesteps,
+diffusion noise, label dropout) come from generators seeded with fresh OS entropy when
+the mechanism begins (:mod:`privimage.io.seeding`), never from ``cfg.seed``, so nobody
+holding the run's config or files can regenerate them. The loss's draws are secret as
+well because they are consumed in batch order: known values would shift with the Poisson
+mask, and then one record would change every other example's gradient too.
 
 Crash-safe: every ``checkpoint_every_steps`` logical steps the model, EMA, optimizer,
 Opacus accountant and all three random streams (Poisson masks, DP noise, diffusion
@@ -140,7 +141,7 @@ def weights_digest(unet_dir: Path) -> str:
 
 def _budget_after_abandoned(ledger: privacy.Ledger, exc: PrivacyBudgetError) -> PrivImageError:
     """The error for a restart that cannot fit beside the attempts it abandoned."""
-    abandoned = [e for e in ledger.events if e.get("abandoned_attempt")]
+    abandoned = [e for e in ledger.events if e.get("abandoned_attempt") and e.get("stage") == STAGE]
     if not abandoned:
         return exc
     return PrivacyBudgetError(
@@ -149,6 +150,12 @@ def _budget_after_abandoned(ledger: privacy.Ledger, exc: PrivacyBudgetError) -> 
         f"left of privacy.target_epsilon={ledger.target_epsilon:g} is too little ({exc}); "
         "start a new run directory"
     )
+
+
+def check_done(cfg: Config, run_dir: Path) -> None:
+    """A finished stage keeps no checkpoint: one left by a crash between ``DONE`` and its
+    deletion holds the secret random streams, so it goes now."""
+    (stage_dir(run_dir, STAGE) / CHECKPOINT).unlink(missing_ok=True)
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
@@ -190,7 +197,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     key = ("finetune", "dp_sgd")
     # A resumed attempt continues the started mechanism; a fresh one composes with every
     # earlier attempt whose secret noise it cannot replay.
-    prior = ledger.prior(key, resuming=ckpt is not None)
+    prior = ledger.prior(key, resuming=ckpt is not None, noise_secret=not reproducible)
     if ckpt is None and ledger.status(*key) == "completed":
         prior = [m for m in prior if m.key != key]  # begin() refuses it below
     if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
@@ -284,16 +291,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "diffusion": torch.Generator(),
         }
     else:
-        # Secret: fresh OS entropy, kept only in the private checkpoint.
+        # Secret: fresh OS entropy, kept only in the private checkpoint. The diffusion
+        # stream (timesteps, noise and label dropout of the loss) is secret too: it is
+        # consumed in batch order, so a known value of it would hand each example draws
+        # that depend on which other records the Poisson mask picked, and one record
+        # more or less would change every example's gradient, not just its own.
         streams = {
             name: torch_generator(
                 dp_entropy(purpose=f"{MECHANISM}/{name}", seed=cfg.seed, reproducible=reproducible),
                 device=dev,
             )
-            for name, dev in (("sampler", "cpu"), ("noise", device))
+            for name, dev in (("sampler", "cpu"), ("noise", device), ("diffusion", "cpu"))
         }
-        # Not DP randomness: the loss's timesteps and noise, label dropout.
-        streams["diffusion"] = torch.Generator().manual_seed(cfg.seed + 2)
     loader = DataLoader(
         TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
         batch_size=ft.batch_size,

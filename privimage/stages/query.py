@@ -29,6 +29,7 @@ import torch
 from privimage import data, privacy, selection_score
 from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.config import Config
+from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
 from privimage.io.release import Output
@@ -289,8 +290,13 @@ def _drawn_release(
     saved, draw = out / "histogram_noisy.npy", out / DRAW
     if status is None or not (saved.exists() and draw.exists()):
         return None
-    if read_json(draw) != _draw_identity(cfg, mechanism):
-        return None  # another question was asked; Ledger.begin decides what that costs
+    recorded = read_json(draw)
+    if (
+        ledger.live(*mechanism.key) != mechanism  # the live attempt is another mechanism
+        or recorded.get("identity") != _draw_identity(cfg, mechanism)
+        or recorded.get("sha256") != file_digest(saved)["sha256"]
+    ):
+        return None  # not this attempt's draw; Ledger.begin decides what asking costs
     log.info("query: finishing from the noisy histogram already drawn in %s", saved)
     if status == "started":
         ledger.complete(mechanism)
@@ -308,6 +314,8 @@ def _noisy_histogram(
 ) -> np.ndarray:
     """The Gaussian mechanism itself: votes, exact histogram, secret noise, saved at once."""
     reproducible = cfg.privacy.reproducible_noise
+    # A draw.json of an earlier attempt must never vouch for this attempt's histogram.
+    (out / DRAW).unlink(missing_ok=True)
     # Refuses here, before the sensitive images are looked at, if over budget.
     ledger.begin(mechanism, noise_secret=not reproducible)
     k = cfg.query.top_k
@@ -328,7 +336,8 @@ def _noisy_histogram(
     # The exact counts are sensitive and never written; only the noisy ones are released.
     del rng, counts
     save_npy(out / "histogram_noisy.npy", noisy)
-    write_json(out / DRAW, _draw_identity(cfg, mechanism))
+    sha = file_digest(out / "histogram_noisy.npy")["sha256"]
+    write_json(out / DRAW, {"identity": _draw_identity(cfg, mechanism), "sha256": sha})
     ledger.complete(mechanism)
     return noisy
 
@@ -350,11 +359,11 @@ def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
     mechanism = query_mechanism(cfg)
     # The key of the shared query includes reproducible_noise, so the copy's noise was
     # secret exactly when this run's would be.
+    if cfg.query.score_selection:
+        _record_judge(ledger)  # the copy brings the judge's score with it
     ledger.begin(mechanism, noise_secret=not cfg.privacy.reproducible_noise)
     copy_in()
     ledger.complete(mechanism)
-    if cfg.query.score_selection:
-        _record_judge(ledger)
 
 
 def _record_judge(ledger: privacy.Ledger) -> None:
