@@ -68,6 +68,12 @@ def save_unet(model: UNet2DModel, path: Path, *, diffusion: DiffusionConfig) -> 
     (path / DIFFUSION_FILE).write_text(json.dumps(asdict(diffusion), indent=2) + "\n")
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a folder written by :func:`save_unet` (safetensors, else .bin)."""
+    path = Path(path)
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+
+
 def load_unet(path: Path) -> tuple[UNet2DModel, DiffusionConfig]:
     """Load a UNet saved by :func:`save_unet` and its diffusion formulation.
 

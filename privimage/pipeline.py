@@ -32,6 +32,8 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     """
     run_dir = Path(run_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # One writer of the run's shared files under torchrun.
+    main_process = int(os.environ.get("RANK", "0")) == 0
     if world > 1 and list(cfg.stages) != ["pretrain"]:
         # The other stages are single-process (DP-SGD's accounting assumes one Poisson
         # sampler); several copies would each spend the budget on the same run.
@@ -69,10 +71,10 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         log.info("stage %s: done in %.1f s", name, seconds)
         # Wall time per finished stage, for `privimage report` (a resumed stage appends
         # the time of the attempt that finished it); one writer under torchrun.
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main_process:
             with (run_dir / TIMINGS_FILE).open("a") as f:
                 f.write(json.dumps({**record, "seconds": round(seconds, 1)}) + "\n")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         write_release(run_dir, release_declarations(cfg), summary=release_summary(cfg))
     return run_dir
 

@@ -755,25 +755,27 @@ class Ledger:
                 checkpoint (and so its random streams): that entry is the same
                 mechanism, not a prior one. False for a fresh attempt: a live started
                 entry is then abandoned and stays in the history, unless both it and the
-                new attempt draw seeded noise (the new one replays it).
+                new attempt draw seeded noise (the new one replays it). A live completed
+                entry is never prior: beginning it again is refused by :meth:`begin`.
             noise_secret: Whether the new attempt's noise is secret.
         """
         index = self._find(key)
         prior = []
         for i, entry in enumerate(self._entries):
-            if i == index and (resuming or self._replays(entry, noise_secret=noise_secret)):
-                continue  # continued, or replaced by an identical replay
+            if i == index and (
+                resuming
+                or entry["status"] == "completed"
+                or self._replays(entry, noise_secret=noise_secret)
+            ):
+                continue  # continued, refused, or replaced by an identical replay
             prior.append(Mechanism.from_dict(entry))
         return prior
 
     @staticmethod
     def _replays(entry: dict[str, Any], *, noise_secret: bool) -> bool:
         """A fresh attempt replays ``entry`` draw for draw only if both follow the seed."""
-        return (
-            entry["status"] == "started"
-            and entry.get("noise_secret") is False
-            and not (noise_secret)
-        )
+        seeded = entry.get("noise_secret") is False and not noise_secret
+        return entry["status"] == "started" and seeded
 
     @property
     def epsilon_spent(self) -> float:

@@ -124,6 +124,10 @@ def test_a_rebuild_drops_what_is_no_longer_releasable(tmp_path):
     run, _ = _run(tmp_path)
     write_release(run, DECLARED, summary={})
     assert "model/w.safetensors" in _released(run)
+    # Nothing finished or changed since: the release is left as it is, not rebuilt.
+    inode = (run / "release" / "model" / "w.safetensors").stat().st_ino
+    write_release(run, DECLARED, summary={})
+    assert (run / "release" / "model" / "w.safetensors").stat().st_ino == inode
     (run / "finetune" / "DONE").unlink()  # the stage is being redone
     write_release(run, DECLARED, summary={})
     assert _released(run) == ["privacy.json", "selection/noisy.npy", "selection/s.json"]

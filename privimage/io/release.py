@@ -16,10 +16,10 @@ with where each comes from:
 :func:`write_release` resolves that lineage for every declared output. An output is
 releasable when its mechanism (if any) is completed in the run's ledger and all its
 inputs are releasable, and when the ledger records no non-private use of the sensitive
-data. Only those are copied (hard-linked) into ``release/``, beside the ledger, a
-``MANIFEST.json`` (every file with its SHA-256, the output it copies and its lineage) and
-a ``RELEASE.md`` stating (epsilon, delta) and what was done. Anything not declared is
-never released.
+data. Only those are copied into ``release/``, beside the ledger, a ``MANIFEST.json``
+(every file with its SHA-256, the output it copies and its lineage) and a ``RELEASE.md``
+stating (epsilon, delta) and what was done. Anything not declared is never released.
+An invocation that finished nothing new leaves ``release/`` as it is.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from privimage.data.archives import file_digest
+from privimage.data.cache import cache_key
+from privimage.runtime import LEDGER_FILE, is_done
 
 RELEASE_DIR = "release"
 MANIFEST = "MANIFEST.json"
 README = "RELEASE.md"
-LEDGER_FILE = "privacy.json"
 PUBLIC = "public"
 
 # What stays behind, said in RELEASE.md so nobody goes looking for it in release/.
@@ -69,9 +70,12 @@ class Output:
 
 
 def _lineage(
-    node: str, outputs: dict[str, Output], ledger: dict, seen: tuple[str, ...] = ()
+    node: str, outputs: dict[str, Output], completed: set[str], seen: tuple[str, ...] = ()
 ) -> tuple[set[str], str | None]:
-    """The mechanisms ``node`` derives from, and why it is not releasable (None if it is)."""
+    """The mechanisms ``node`` derives from, and why it is not releasable (None if it is).
+
+    ``completed`` holds the ``"stage/name"`` of every mechanism the ledger completed.
+    """
     if node == PUBLIC:
         return set(), None
     if node in seen:
@@ -81,31 +85,31 @@ def _lineage(
         return set(), f"{node} is not a declared releasable output"
     mechanisms: set[str] = set()
     if output.mechanism is not None:
-        completed = {
-            f"{m['stage']}/{m['name']}"
-            for m in ledger.get("mechanisms", [])
-            if m.get("status") == "completed"
-        }
         if output.mechanism not in completed:
             return set(), f"{node} needs {output.mechanism}, not completed in the ledger"
         mechanisms.add(output.mechanism)
     for parent in output.inputs:
-        more, why = _lineage(parent, outputs, ledger, (*seen, node))
+        more, why = _lineage(parent, outputs, completed, (*seen, node))
         if why is not None:
             return set(), why
         mechanisms |= more
     return mechanisms, None
 
 
-def _sha256(path: Path) -> str:
-    return file_digest(path)["sha256"]
-
-
-def _copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path, root: Path, *, copy_of: str, mechanisms: set[str]) -> dict:
+    """Copy ``src`` to ``dst`` (inside ``root``) and return its MANIFEST entry."""
     # A copy, not a hard link: some writers (np.savez, savefig, save_pretrained) rewrite
     # a file in place, and a rerun of a stage must not change what was released.
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
+    digest = file_digest(dst)
+    return {
+        "path": dst.relative_to(root).as_posix(),
+        "sha256": digest["sha256"],
+        "bytes": digest["size"],
+        "copy_of": copy_of,
+        "mechanisms": sorted(mechanisms),
+    }
 
 
 def _files(root: Path) -> list[Path]:
@@ -133,10 +137,16 @@ def write_release(
     outputs = {
         f"{stage}/{path}": output
         for stage, declared in declarations.items()
-        if (run_dir / stage / "DONE").exists()
+        if is_done(run_dir, stage)
         for path, output in declared.items()
         if (run_dir / stage / path).exists()
     }
+    final = run_dir / RELEASE_DIR
+    built_from = _basis(run_dir, ledger_path, outputs, summary)
+    if (final / MANIFEST).exists() and (
+        json.loads((final / MANIFEST).read_text()).get("built_from") == built_from
+    ):
+        return final  # nothing finished or changed since the last build
     private_use = [e["description"] for e in ledger.get("non_private", [])]
     if ledger and not ledger["epsilon_spent"] <= ledger["target_epsilon"] * (1 + 1e-9):
         private_use.append(
@@ -149,10 +159,15 @@ def write_release(
     tmp.chmod(0o755)
     files: list[dict[str, Any]] = []
     withheld: list[str] = []
+    completed = {
+        f"{m['stage']}/{m['name']}"
+        for m in ledger.get("mechanisms", [])
+        if m.get("status") == "completed"
+    }
     for node, output in outputs.items():
         if output.dest is None:
             continue
-        mechanisms, why = _lineage(node, outputs, ledger)
+        mechanisms, why = _lineage(node, outputs, completed)
         if private_use:
             why = f"no guarantee covers this run ({private_use[0]})"
         if why is not None:
@@ -161,29 +176,16 @@ def write_release(
         source = run_dir / node
         for src in _files(source):
             rel = src.relative_to(source) if source.is_dir() else Path()
-            dst = tmp / output.dest / rel
-            _copy(src, dst)
+            copy_of = (Path(node) / rel).as_posix()
             files.append(
-                {
-                    "path": dst.relative_to(tmp).as_posix(),
-                    "sha256": _sha256(dst),
-                    "bytes": dst.stat().st_size,
-                    "copy_of": (Path(node) / rel).as_posix(),
-                    "mechanisms": sorted(mechanisms),
-                }
+                _copy(src, tmp / output.dest / rel, tmp, copy_of=copy_of, mechanisms=mechanisms)
             )
     if ledger_path.exists():
-        shutil.copy2(ledger_path, tmp / LEDGER_FILE)
         files.append(
-            {
-                "path": LEDGER_FILE,
-                "sha256": _sha256(tmp / LEDGER_FILE),
-                "bytes": (tmp / LEDGER_FILE).stat().st_size,
-                "copy_of": LEDGER_FILE,
-                "mechanisms": [],
-            }
+            _copy(ledger_path, tmp / LEDGER_FILE, tmp, copy_of=LEDGER_FILE, mechanisms=set())
         )
     manifest = {
+        "built_from": built_from,
         # What the files are: the guarantee in words, and as flags. Seeded noise keeps
         # the files (tests compare them) but no guarantee holds against the config's
         # readers, so differentially_private is false then too.
@@ -199,13 +201,32 @@ def write_release(
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (tmp / README).write_text(render_release_md(manifest, ledger, summary))
-    final = run_dir / RELEASE_DIR
     old = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{RELEASE_DIR}.old."))
     if final.exists():
         final.rename(old / RELEASE_DIR)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _basis(run_dir: Path, ledger_path: Path, outputs: dict[str, Output], summary: dict) -> str:
+    """A key of everything a build reads: the ledger, the summary, the declarations, and
+    the size and mtime of every file of every finished declared output (a stat each: far
+    cheaper than copying and hashing them again on every invocation)."""
+    stats = {}
+    for node in outputs:
+        for path in _files(run_dir / node):
+            st = path.stat()
+            stats[path.relative_to(run_dir).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return cache_key(
+        {
+            "ledger": ledger_path.read_text() if ledger_path.exists() else None,
+            "summary": summary,
+            "outputs": {node: [o.mechanism, list(o.inputs), o.dest] for node, o in outputs.items()},
+            "files": stats,
+            "version": 1,
+        }
+    )
 
 
 def privacy_headline(ledger: dict) -> str:

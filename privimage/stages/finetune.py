@@ -61,6 +61,7 @@ from privimage.models import (
     load_unet,
     make_opacus_safe,
     save_unet,
+    weight_files,
 )
 from privimage.runtime import (
     LEDGER_FILE,
@@ -133,7 +134,7 @@ def _check_checkpoint(ckpt: dict, expected: dict, path: Path) -> None:
 def weights_digest(unet_dir: Path) -> str:
     """SHA-256 of a saved UNet's weight files: the identity of the model a checkpoint
     continues."""
-    weights = sorted(Path(unet_dir).glob("*.safetensors")) or sorted(Path(unet_dir).glob("*.bin"))
+    weights = weight_files(unet_dir)
     if not weights:
         raise PrivImageError(f"no weights in {unet_dir}; rerun the pretrain stage")
     return ",".join(f"{w.name}:{file_digest(w)['sha256']}" for w in weights)
@@ -198,8 +199,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     # A resumed attempt continues the started mechanism; a fresh one composes with every
     # earlier attempt whose secret noise it cannot replay.
     prior = ledger.prior(key, resuming=ckpt is not None, noise_secret=not reproducible)
-    if ckpt is None and ledger.status(*key) == "completed":
-        prior = [m for m in prior if m.key != key]  # begin() refuses it below
     if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
         # The query spent budget on the sensitive data; calibrating without it would
         # overspend. This happens when a run folder is copied or edited by hand.

@@ -28,7 +28,7 @@ from privimage.config import Config, sampler_name
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.io.release import Output
-from privimage.models import check_same_diffusion, load_unet
+from privimage.models import check_same_diffusion, load_unet, weight_files
 from privimage.plots import save_image_grid
 from privimage.runtime import (
     mark_done,
@@ -67,7 +67,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
     """What the images on disk depend on; leftovers made under anything else are wiped."""
-    weights = sorted(unet_dir.glob("*.safetensors")) or sorted(unet_dir.glob("*.bin"))
+    weights = weight_files(unet_dir)
     return {
         "weights": [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights],
         "solver": solver,
