@@ -182,6 +182,10 @@ class PretrainConfig:
     grid_images_per_class: int = 8
 
 
+# How DP fine-tuning gets clipped per-example sums (privimage.dpsgd.make_private).
+GRAD_SAMPLE_MODES = ("bookkeeping", "hooks")
+
+
 @dataclass
 class FinetuneConfig:
     """DP-SGD fine-tuning on the sensitive training split (Opacus)."""
@@ -198,6 +202,9 @@ class FinetuneConfig:
     ema_decay: float = 0.99
     # K diffusion-noise draws averaged per example before clipping (DPDM); costs K x compute.
     noise_multiplicity: int = 1
+    # bookkeeping (privimage.dp.bookkeeping: norms from activations, one backward pass) or
+    # hooks (Opacus' per-example gradients); the same clipped sum at different cost.
+    grad_sample_mode: str = "bookkeeping"
     # Atomic resume checkpoints (model, EMA, optimizer, RNG streams) every this many steps.
     checkpoint_every_steps: int = 25
     # Labels replaced by the null class (guidance); the draw is data-independent.
@@ -581,6 +588,11 @@ def validate(cfg: Config) -> None:
     _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")
     _positive(cfg.finetune.max_grad_norm, "finetune.max_grad_norm")
     _positive(cfg.finetune.noise_multiplicity, "finetune.noise_multiplicity")
+    if cfg.finetune.grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ConfigError(
+            f"finetune.grad_sample_mode={cfg.finetune.grad_sample_mode!r} is not one of "
+            f"{', '.join(GRAD_SAMPLE_MODES)}; bookkeeping is the fast default"
+        )
     _positive(cfg.finetune.checkpoint_every_steps, "finetune.checkpoint_every_steps")
     _positive(cfg.sample.images_per_class, "sample.images_per_class")
     _positive(cfg.sample.num_inference_steps, "sample.num_inference_steps")

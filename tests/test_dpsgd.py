@@ -16,12 +16,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from scipy import stats
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from privimage.config import ModelConfig
 from privimage.diffusion import add_noise, linear_alphas_cumprod
+from privimage.dp.bookkeeping import BookKeeping, BookKeepingDPOptimizer
 from privimage.dpsgd import NoiseMultiplicityDPOptimizer, make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError
 from privimage.models import build_unet, make_opacus_safe
@@ -71,7 +73,18 @@ def _reference_example_grads(model, x, y, t, noise) -> dict[str, torch.Tensor]:
     return {k: v.reshape(len(x), K, *v.shape[1:]).mean(1) for k, v in rows.items()}
 
 
-def _private(model, *, n: int, noise_multiplier: float, max_grad_norm: float, seed: int = 0):
+MODES = ("bookkeeping", "hooks")
+
+
+def _private(
+    model,
+    *,
+    n: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    seed: int = 0,
+    mode: str = "hooks",
+):
     data = TensorDataset(torch.zeros(n, 1, RES, RES), torch.zeros(n, dtype=torch.long))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     return make_private(
@@ -83,7 +96,17 @@ def _private(model, *, n: int, noise_multiplier: float, max_grad_norm: float, se
         noise_multiplicity=K,
         sampler_generator=torch.Generator().manual_seed(seed),
         noise_generator=torch.Generator().manual_seed(seed + 1),
+        grad_sample_mode=mode,
     )
+
+
+def _clipped_sum(optimizer) -> torch.Tensor:
+    """The clipped per-example sum of the last backward pass(es), before noise."""
+    if isinstance(optimizer, BookKeepingDPOptimizer):
+        optimizer.accumulate()  # book-keeping left the clipped sum in p.grad
+    else:
+        optimizer.clip_and_accumulate()
+    return _flat(p.summed_grad for p in optimizer.params)
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -95,7 +118,8 @@ def _backward(dp_model, x, y, t, noise):
     _row_losses(dp_model, xr, yr, t, noise).mean().backward()
 
 
-def test_each_example_contributes_one_clipped_k_averaged_gradient():
+@pytest.mark.parametrize("mode", MODES)
+def test_each_example_contributes_one_clipped_k_averaged_gradient(mode):
     model = _unet()
     x, y, t, noise = _examples()
     reference = _reference_example_grads(model, x, y, t, noise)
@@ -107,13 +131,14 @@ def test_each_example_contributes_one_clipped_k_averaged_gradient():
     clip = float(norms.median())
     assert (norms > clip).any() and (norms < clip).any()
 
-    dp_model, optimizer, _, _ = _private(model, n=len(x), noise_multiplier=0.0, max_grad_norm=clip)
+    dp_model, optimizer, _, _ = _private(
+        model, n=len(x), noise_multiplier=0.0, max_grad_norm=clip, mode=mode
+    )
     contributions = []
     for i in range(len(x)):
         rows = slice(i * K, (i + 1) * K)
         _backward(dp_model, x[i : i + 1], y[i : i + 1], t[rows], noise[rows])
-        optimizer.clip_and_accumulate()
-        contributions.append(_flat(p.summed_grad for p in optimizer.params))
+        contributions.append(_clipped_sum(optimizer))
         optimizer.zero_grad()
 
     for i, got in enumerate(contributions):
@@ -125,13 +150,13 @@ def test_each_example_contributes_one_clipped_k_averaged_gradient():
 
     # The whole batch at once: the sum of the individually clipped gradients.
     _backward(dp_model, x, y, t, noise)
-    optimizer.clip_and_accumulate()
-    batch_sum = _flat(p.summed_grad for p in optimizer.params)
+    batch_sum = _clipped_sum(optimizer)
     expected_sum = torch.stack(contributions).sum(0)
     assert (batch_sum - expected_sum).norm() <= 1e-4 * expected_sum.norm()
 
 
-def test_noise_added_to_the_summed_gradient_has_std_sigma_times_c():
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_added_to_the_summed_gradient_has_std_sigma_times_c(mode):
     model = _unet()
     x, y, t, noise = _examples()
     sigma, clip = 0.8, 0.05
@@ -142,7 +167,7 @@ def test_noise_added_to_the_summed_gradient_has_std_sigma_times_c():
     clipped_sum = (per_example * factors[:, None]).sum(0)
 
     dp_model, optimizer, _, _ = _private(
-        model, n=len(x), noise_multiplier=sigma, max_grad_norm=clip
+        model, n=len(x), noise_multiplier=sigma, max_grad_norm=clip, mode=mode
     )
     _backward(dp_model, x, y, t, noise)
     optimizer.step()
@@ -162,10 +187,13 @@ def test_noise_added_to_the_summed_gradient_has_std_sigma_times_c():
     assert abs(stats.kurtosis(added)) < 0.1
 
 
-def test_empty_poisson_batch_is_a_noise_only_step():
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_poisson_batch_is_a_noise_only_step(mode):
     model = _unet()
     sigma, clip = 1.0, 1.0
-    _, optimizer, _, engine = _private(model, n=4, noise_multiplier=sigma, max_grad_norm=clip)
+    _, optimizer, _, engine = _private(
+        model, n=4, noise_multiplier=sigma, max_grad_norm=clip, mode=mode
+    )
     optimizer.noise_only_step()
     grads = _flat(p.grad for p in optimizer.params) * optimizer.expected_batch_size
     assert torch.isfinite(grads).all()
@@ -204,6 +232,24 @@ def test_make_private_uses_the_given_generators_and_refuses_bad_k():
         repeat_for_noise_draws(torch.zeros(2, 1), torch.zeros(2), 0)
     with pytest.raises(RuntimeError, match="multiple of"):
         optimizer._average_draws(torch.zeros(4, 2))
+    with pytest.raises(ConfigError, match="grad_sample_mode='ghost'"):
+        _private(_unet(), n=8, noise_multiplier=1.0, max_grad_norm=1.0, mode="ghost")
+
+
+def test_bookkeeping_is_built_from_opacus_pieces_with_our_generators():
+    model = _unet()
+    dp_model, optimizer, loader, engine = _private(
+        model, n=8, noise_multiplier=1.0, max_grad_norm=1.0, mode="bookkeeping"
+    )
+    assert isinstance(dp_model, BookKeeping) and dp_model._module is model
+    assert isinstance(optimizer, DPOptimizerFastGradientClipping)
+    assert optimizer.step_hook is not None
+    assert loader.sample_rate == 1.0 and optimizer.expected_batch_size == 8
+    first = [list(b[0].shape) for b in loader]
+    _, _, loader2, _ = _private(
+        _unet(), n=8, noise_multiplier=1.0, max_grad_norm=1.0, mode="bookkeeping"
+    )
+    assert [list(b[0].shape) for b in loader2] == first
 
 
 def test_repeat_layout_is_example_major():

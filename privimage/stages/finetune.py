@@ -315,6 +315,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         noise_multiplicity=ft.noise_multiplicity,
         sampler_generator=streams["sampler"],
         noise_generator=streams["noise"],
+        grad_sample_mode=ft.grad_sample_mode,
     )
     if abs(dp_loader.sample_rate - sample_rate) > 1e-12:
         raise RuntimeError(
