@@ -1,4 +1,4 @@
-"""Cost of privacy per training step: a non-private step against a DP-SGD step.
+"""Cost of privacy per training step: a non-private step against the two DP-SGD paths.
 
 For each model preset (``conf/model/tiny28.yaml`` at 28x28x1, ``conf/model/small32.yaml``
 at 32x32x3, read from the YAML so the bench follows the presets) it times, in one process
@@ -6,19 +6,25 @@ and on one fixed batch:
 
 * a **non-private step**: the plain UNet, EDM diffusion loss (``training_loss(...).mean()``),
   backward, ``torch.optim.Adam`` step;
-* a **DP step** of the same model (same initial weights) and the same batch, wrapped by
-  :func:`privimage.dpsgd.make_private` (Opacus per-sample gradients, clipping, noise,
-  :class:`~privimage.dpsgd.NoiseMultiplicityDPOptimizer`): forward, backward,
-  ``optimizer.step()``, ``optimizer.zero_grad()``. The wrapped model and optimizer are
-  called directly rather than through the Poisson loader, so both paths see exactly the
-  same batch.
+* a **DP step** of the same model (same initial weights) and the same batch on each of
+  the two paths of :func:`privimage.dpsgd.make_private`: ``hooks`` (Opacus' per-example
+  gradients, the old default) and ``bookkeeping`` (:mod:`privimage.dp.bookkeeping`, norms
+  from activations, one backward pass): forward, backward, ``optimizer.step()``,
+  ``optimizer.zero_grad()``. The wrapped model and optimizer are called directly rather
+  than through the Poisson loader, so every path sees exactly the same batch.
 
 It prints the median images/second of each over ``--repeats`` timed steps (after two
-untimed warm-up steps; the two paths take turns, so load from other processes hits both
-alike) and their ratio, the slowdown that DP-SGD costs. With
+untimed warm-up steps; the paths take turns, so load from other processes hits all
+alike) and the ratio DP time / non-DP time of each DP path. With``
 ``--noise-multiplicity K > 1`` the DP step feeds every example K times (B*K rows) and
 averages them before clipping, as fine-tuning does; the figures stay *examples* per
-second (B per step) so the ratio is the cost of one DP example against one plain one.
+second (B per step), and the non-private step processes the same B*K rows, so the ratio
+is the cost of DP against plain training on the same rows.
+
+``--memory`` adds the peak memory of one step of each kind, each in a fresh process
+(``VmHWM`` reset before the step, minus the resident size before it; glibc's mmap
+threshold fixed so freed tensors leave the resident set), and the ratio DP / non-DP.
+On a GPU it is ``torch.cuda.max_memory_allocated`` instead.
 
 Usage::
 
@@ -26,14 +32,18 @@ Usage::
     .venv/bin/python bench/dp_step.py --models tiny28 --batch-size 32 --repeats 3
     .venv/bin/python bench/dp_step.py --noise-multiplicity 4 --device cuda
     .venv/bin/python bench/dp_step.py --threads 1      # on a CPU shared with other jobs
+    .venv/bin/python bench/dp_step.py --models tiny28,tiny32,small32 --memory  # the README table
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -55,6 +65,8 @@ NUM_CLASSES = 10
 WARMUP = 2
 # Poisson loader size only (it is never iterated): N = 8 batches, so q = 1/8.
 BATCHES_IN_DATASET = 8
+DP_PATHS = ("hooks", "bookkeeping")
+PATHS = ("plain", *DP_PATHS)
 
 
 def load_preset(name: str) -> ModelConfig:
@@ -101,87 +113,161 @@ def time_steps(
     return {name: (times[name], statistics.median(cpu[name])) for name in steps}
 
 
-def bench_preset(
-    name: str, *, batch_size: int, repeats: int, noise_multiplicity: int, device: torch.device
-) -> dict[str, float]:
-    """Time both steps for one preset; returns the figures of one table row."""
+def _steps(
+    name: str, *, batch_size: int, noise_multiplicity: int, device: torch.device, paths
+) -> tuple[dict[str, Callable[[], None]], dict[str, object], int]:
+    """One step function per path (``plain`` and each DP path) on one fixed batch."""
     resolution, channels = PRESETS[name]
     torch.manual_seed(0)
     model = build_unet(
         load_preset(name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
     )
-    # Same initial weights for the DP copy; make_opacus_safe only adds forward pre-hooks.
-    dp_base = make_opacus_safe(copy.deepcopy(model)).to(device).train()
-    model = model.to(device).train()
-
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch_size, channels, resolution, resolution, generator=gen) * 2 - 1).to(device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen).to(device)
+    # Every path processes the same B*K rows; the DP paths treat each K as one example.
+    xk, yk = repeat_for_noise_draws(x, y, noise_multiplicity)
     spec = DiffusionConfig()  # the default formulation (EDM)
+    steps: dict[str, Callable[[], None]] = {}
+    optimizers: dict[str, object] = {}
+    if "plain" in paths:
+        plain_model = copy.deepcopy(model).to(device).train()
+        adam = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
+        plain_gen = torch.Generator().manual_seed(2)
 
-    # ---- non-private -----------------------------------------------------------------
-    adam = torch.optim.Adam(model.parameters(), lr=1e-4)
-    plain_gen = torch.Generator().manual_seed(2)
+        def plain_step() -> None:
+            loss = training_loss(plain_model, xk, yk, spec=spec, generator=plain_gen).mean()
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            adam.step()
 
-    def plain_step() -> None:
-        loss = training_loss(model, x, y, spec=spec, generator=plain_gen).mean()
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
-
-    # ---- DP-SGD ----------------------------------------------------------------------
+        steps["plain"] = plain_step
     n = batch_size * BATCHES_IN_DATASET
     loader = DataLoader(
         TensorDataset(torch.zeros(n, channels, resolution, resolution), torch.zeros(n).long()),
         batch_size=batch_size,
     )
-    with warnings.catch_warnings():
-        # Opacus warns that its secure RNG is off; irrelevant to timing.
-        warnings.simplefilter("ignore", UserWarning)
-        dp_model, optimizer, _, _ = make_private(
-            dp_base,
-            torch.optim.Adam(dp_base.parameters(), lr=1e-4),
-            loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            noise_multiplicity=noise_multiplicity,
-            # Seeded for a timing only, on random inputs: real DP training must seed these
-            # from secret entropy (privimage.io.seeding), as the finetune stage does.
-            sampler_generator=torch.Generator().manual_seed(3),
-            noise_generator=torch.Generator(device=device).manual_seed(4),
-        )
-    xk, yk = repeat_for_noise_draws(x, y, noise_multiplicity)
-    dp_gen = torch.Generator().manual_seed(2)
+    for mode in (p for p in paths if p != "plain"):
+        # Same initial weights; make_opacus_safe only adds forward pre-hooks.
+        base = make_opacus_safe(copy.deepcopy(model)).to(device).train()
+        with warnings.catch_warnings():
+            # Opacus warns that its secure RNG is off; irrelevant to timing.
+            warnings.simplefilter("ignore", UserWarning)
+            dp_model, optimizer, _, _ = make_private(
+                base,
+                torch.optim.Adam(base.parameters(), lr=1e-4),
+                loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                noise_multiplicity=noise_multiplicity,
+                # Seeded for a timing only, on random inputs: real DP training must seed
+                # these from secret entropy (privimage.io.seeding), as fine-tuning does.
+                sampler_generator=torch.Generator().manual_seed(3),
+                noise_generator=torch.Generator(device=device).manual_seed(4),
+                grad_sample_mode=mode,
+            )
+        dp_gen = torch.Generator().manual_seed(2)
 
-    def dp_step() -> None:
-        loss = training_loss(dp_model, xk, yk, spec=spec, generator=dp_gen).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def dp_step(dp_model=dp_model, optimizer=optimizer, dp_gen=dp_gen) -> None:
+            loss = training_loss(dp_model, xk, yk, spec=spec, generator=dp_gen).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
+        steps[mode] = dp_step
+        optimizers[mode] = optimizer
+    return steps, optimizers, count_parameters(model)
+
+
+def bench_preset(
+    name: str, *, batch_size: int, repeats: int, noise_multiplicity: int, device: torch.device
+) -> dict[str, float]:
+    """Time every path for one preset; returns the figures of one table row."""
+    steps, optimizers, params = _steps(
+        name,
+        batch_size=batch_size,
+        noise_multiplicity=noise_multiplicity,
+        device=device,
+        paths=PATHS,
+    )
     with warnings.catch_warnings():
         # Opacus' backward hooks warn on the first layer, whose input (the noisy images)
         # needs no gradient; expected and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        timed = time_steps({"plain": plain_step, "dp": dp_step}, repeats, device)
-    (plain, plain_cpu), (dp, dp_cpu) = timed["plain"], timed["dp"]
-    if optimizer.steps_taken != WARMUP + repeats:
-        raise RuntimeError(f"the DP optimizer took {optimizer.steps_taken} steps, not all noised")
+        timed = time_steps(steps, repeats, device)
+    for mode, optimizer in optimizers.items():
+        if optimizer.steps_taken != WARMUP + repeats:
+            raise RuntimeError(f"the {mode} optimizer took {optimizer.steps_taken} steps")
+    row: dict[str, float] = {"params": params}
+    for path, (times, cpu) in timed.items():
+        row[path] = batch_size / statistics.median(times)
+        row[f"{path}_cpu"] = cpu
+    for mode in optimizers:
+        row[f"{mode}_ratio"] = row["plain"] / row[mode]
+    return row
 
-    plain_rate = batch_size / statistics.median(plain)
-    dp_rate = batch_size / statistics.median(dp)
-    return {
-        "params": count_parameters(model),
-        "plain": plain_rate,
-        "dp": dp_rate,
-        "dp_min": batch_size / max(dp),
-        "dp_max": batch_size / min(dp),
-        "plain_min": batch_size / max(plain),
-        "plain_max": batch_size / min(plain),
-        "slowdown": plain_rate / dp_rate,
-        "plain_cpu": plain_cpu,
-        "dp_cpu": dp_cpu,
-    }
+
+def measure_peak_memory(
+    name: str, path: str, *, batch_size: int, noise_multiplicity: int, device: torch.device
+) -> int:
+    """Peak bytes one step of ``path`` adds, measured in this process (call it fresh)."""
+    steps, _, _ = _steps(
+        name,
+        batch_size=batch_size,
+        noise_multiplicity=noise_multiplicity,
+        device=device,
+        paths=(path,),
+    )
+    step = steps[path]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(WARMUP):  # optimizer state and Opacus' hooks exist before the peak
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        step()
+        return _status_bytes("VmHWM") - base
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_memory_in_fresh_process(
+    name: str, path: str, *, batch_size: int, noise_multiplicity: int, device: torch.device
+) -> int:
+    """Run :func:`measure_peak_memory` in a new interpreter, so steps cannot share pages."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--measure-memory",
+            f"{name}:{path}",
+            "--batch-size",
+            str(batch_size),
+            "--noise-multiplicity",
+            str(noise_multiplicity),
+            "--device",
+            str(device),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def _load() -> str:
@@ -209,6 +295,10 @@ def main() -> None:
         help="torch CPU threads (default: torch's own); 1 avoids thread contention when "
         "another process shares the cores",
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="also measure each step's peak memory"
+    )
+    parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -222,6 +312,18 @@ def main() -> None:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
 
+    if args.measure_memory:  # the child process of peak_memory_in_fresh_process
+        name, path = args.measure_memory.split(":")
+        print(
+            measure_peak_memory(
+                name,
+                path,
+                batch_size=args.batch_size,
+                noise_multiplicity=args.noise_multiplicity,
+                device=device,
+            )
+        )
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(
         f"batch {args.batch_size} examples, noise multiplicity K={args.noise_multiplicity} "
@@ -230,10 +332,13 @@ def main() -> None:
     )
     # Other processes on a small machine slow both paths; the load average says if they ran.
     print(f"load average before: {_load()}\n")
-    print(
-        f"{'model':<8} {'params':>9} {'non-DP img/s':>13} {'(min-max)':>13} "
-        f"{'DP img/s':>9} {'(min-max)':>13} {'DP slowdown':>12} {'cpu/wall':>10}"
-    )
+    header = f"{'model':<8} {'params':>9} {'non-DP img/s':>13}"
+    for mode in DP_PATHS:
+        header += f" {mode + ' img/s':>17} {mode + ' time':>17}"
+    if args.memory:
+        for mode in DP_PATHS:
+            header += f" {mode + ' memory':>19}"
+    print(header)
     for name in models:
         row = bench_preset(
             name,
@@ -242,17 +347,31 @@ def main() -> None:
             noise_multiplicity=args.noise_multiplicity,
             device=device,
         )
-        print(
-            f"{name:<8} {row['params']:>9,} {row['plain']:>13.1f} "
-            f"{row['plain_min']:>6.1f}-{row['plain_max']:<6.1f} {row['dp']:>9.1f} "
-            f"{row['dp_min']:>6.1f}-{row['dp_max']:<6.1f} {row['slowdown']:>11.2f}x "
-            f"{row['plain_cpu']:>4.2f}/{row['dp_cpu']:<4.2f}",
-            flush=True,
-        )
+        line = f"{name:<8} {row['params']:>9,} {row['plain']:>13.1f}"
+        for mode in DP_PATHS:
+            line += f" {row[mode]:>17.1f} {row[mode + '_ratio']:>16.2f}x"
+        if args.memory:
+            peaks = {
+                path: peak_memory_in_fresh_process(
+                    name,
+                    path,
+                    batch_size=args.batch_size,
+                    noise_multiplicity=args.noise_multiplicity,
+                    device=device,
+                )
+                for path in PATHS
+            }
+            for mode in DP_PATHS:
+                line += f" {peaks[mode] / peaks['plain']:>7.2f}x ({peaks[mode] / 2**20:>5.0f} MiB)"
+            line += f"   [non-DP peak {peaks['plain'] / 2**20:.0f} MiB]"
+        cpu = "/".join(f"{row[p + '_cpu']:.2f}" for p in PATHS)
+        print(f"{line}   cpu/wall {cpu}", flush=True)
     print(
-        "\nimg/s counts examples (B per step) on both paths, also when K > 1; slowdown is "
-        "non-DP img/s / DP img/s;\ncpu/wall is CPU seconds per wall second (non-DP/DP), "
-        "about the thread count when the run had the machine."
+        "\nimg/s counts examples (B per step); every path processes the same B*K rows. time "
+        "and memory are\nDP / non-DP of one step (medians; memory: peak above the resident "
+        "size before the step).\ncpu/wall is CPU seconds per wall second (non-DP/"
+        + "/".join(DP_PATHS)
+        + "), about the thread count when the run had the machine."
     )
     print(f"load average after: {_load()}")
 

@@ -147,6 +147,15 @@ class NoiseMultiplicityDPOptimizer(DPOptimizer):
         self.step()
 
 
+def _poisson_sampling(dp_loader: DataLoader, generator: torch.Generator) -> DataLoader:
+    """Point Opacus' Poisson sampler at our (secret, checkpointed) generator."""
+    sampler = dp_loader.batch_sampler
+    if not isinstance(sampler, UniformWithReplacementSampler):
+        raise TypeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}")
+    sampler.generator = generator
+    return dp_loader
+
+
 def _privacy_engine() -> PrivacyEngine:
     """Opacus' engine (its RDP accountant counts the steps), with its secure-RNG warning
     replaced by one that says what holds here."""
@@ -212,7 +221,9 @@ def make_private(
     if grad_sample_mode == "bookkeeping":
         # Opacus' own pieces, assembled as its make_private does for fast gradient
         # clipping, around our wrapper instead of its two-pass module.
-        dp_loader = DPDataLoader.from_data_loader(data_loader, generator=sampler_generator)
+        # The generator goes to the sampler alone, as on the hooks path: given to the
+        # loader, it would also feed the DataLoader's base seed and shift the masks.
+        dp_loader = _poisson_sampling(DPDataLoader.from_data_loader(data_loader), sampler_generator)
         sample_rate = 1 / len(dp_loader)
         dp_model = BookKeeping(
             model, max_grad_norm=max_grad_norm, noise_multiplicity=noise_multiplicity
@@ -242,10 +253,7 @@ def make_private(
         poisson_sampling=True,
         noise_generator=noise_generator,
     )
-    sampler = dp_loader.batch_sampler
-    if not isinstance(sampler, UniformWithReplacementSampler):
-        raise TypeError(f"expected Opacus' Poisson sampler, got {type(sampler).__name__}")
-    sampler.generator = sampler_generator
+    dp_loader = _poisson_sampling(dp_loader, sampler_generator)
     dp_optimizer = NoiseMultiplicityDPOptimizer.from_dp_optimizer(
         dp_optimizer, noise_multiplicity=noise_multiplicity
     )

@@ -189,3 +189,27 @@ def test_ghost_and_instantiated_norms_agree_per_layer(k):
     a, g = torch.randn(b * k, 5, 7), torch.randn(b * k, 5, 3)
     inst = sum(v.flatten(1).pow(2).sum(1) for v in L.linear_grads(lin, a, g, examples=b).values())
     assert torch.allclose(L.linear_ghost_norm2(lin, a, g, examples=b), inst, rtol=1e-4)
+
+
+def test_a_failed_backward_pass_does_not_poison_the_next_one():
+    model, rows, reference, clip = _setup("nano", 16, 1, 1)
+    _, expected = _clip(reference, clip)
+    engine = BookKeeping(model, max_grad_norm=clip)
+    on_grad = engine._on_output_grad
+
+    calls = []
+
+    def explode(layer, g):
+        calls.append(layer.name)
+        if len(calls) > 1:  # after the first layer queued the end-of-pass callback
+            raise RuntimeError("out of memory")
+        on_grad(layer, g)
+
+    engine._on_output_grad = explode
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _row_loss(engine, *rows).mean().backward()
+    engine._on_output_grad = on_grad
+    model.zero_grad(set_to_none=True)
+    _row_loss(engine, *rows).mean().backward()
+    worst, where = _worst_error(model, expected)
+    assert worst < TOLERANCE, f"{where}: relative error {worst:.2e}"

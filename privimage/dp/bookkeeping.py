@@ -142,6 +142,9 @@ class BookKeeping(nn.Module):
         params = [p for layer in self._layers for p in layer.params.values()]
         for layer in self._layers:
             layer.clear()
+        # A new pass: whatever a failed backward pass left behind is dropped.
+        self._callback_queued = False
+        self._norm2 = None
         self._capturing = True
         # Without requires_grad the backward pass skips every weight gradient; the hooks
         # below keep the graph alive through each layer's output instead.
