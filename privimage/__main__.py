@@ -44,6 +44,8 @@ def _task(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         print(f"error: invalid config: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one summary for a torchrun / accelerate-launch job, from process 0
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
         print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")

@@ -32,12 +32,19 @@ import warnings
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch.utils.data import DataLoader
+from opacus.utils.uniform_sampler import (
+    DistributedUniformWithReplacementSampler,
+    UniformWithReplacementSampler,
+)
+from torch.utils.data import DataLoader, default_collate
 
-from privimage.dp.bookkeeping import BookKeeping, BookKeepingDPOptimizer
+from privimage.dp.bookkeeping import (
+    BookKeeping,
+    BookKeepingDPOptimizer,
+    DistributedBookKeepingDPOptimizer,
+)
 from privimage.errors import ConfigError
 
 
@@ -147,6 +154,43 @@ class NoiseMultiplicityDPOptimizer(DPOptimizer):
         self.step()
 
 
+class ShardedPoissonSampler(DistributedUniformWithReplacementSampler):
+    """Opacus' distributed Poisson sampler, but every step yields a batch, empty or not.
+
+    Opacus' version skips a process's empty local batch, which would leave that process
+    a step behind the others (a hang or mismatched all-reduce, and an accountant one step
+    short). Here every process takes every step; an empty one is a noise-only step.
+    The shards are a fixed partition (record i goes to process i mod world size), which
+    depends on no data, and each record is still included independently with
+    probability q, so the global batch is exactly Poisson(q) over the whole data set.
+    """
+
+    def __iter__(self):
+        shard = torch.arange(self.rank, self.total_size, self.num_replicas)
+        for _ in range(self.num_batches):
+            mask = torch.rand(len(shard), generator=self.generator) < self.sample_rate
+            yield shard[mask].tolist()
+
+
+def sharded_poisson_loader(data_loader: DataLoader, *, generator: torch.Generator) -> DataLoader:
+    """This process's Poisson loader over its shard, at rate ``1 / len(data_loader)``."""
+    dataset = data_loader.dataset
+    sampler = ShardedPoissonSampler(
+        total_size=len(dataset), sample_rate=1 / len(data_loader), generator=generator
+    )
+    first = dataset[0]
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        # Opacus' collate: an empty batch becomes zero-length tensors of the right shape.
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=default_collate,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+            dtypes=[dtype_safe(x) for x in first],
+        ),
+    )
+
+
 def _poisson_sampling(dp_loader: DataLoader, generator: torch.Generator) -> DataLoader:
     """Point Opacus' Poisson sampler at our (secret, checkpointed) generator."""
     sampler = dp_loader.batch_sampler
@@ -190,6 +234,7 @@ def make_private(
     sampler_generator: torch.Generator,
     noise_generator: torch.Generator,
     grad_sample_mode: str = "bookkeeping",
+    distributed: bool = False,
 ) -> tuple[torch.nn.Module, DPOptimizer, DataLoader, PrivacyEngine]:
     """DP-SGD with Poisson sampling and noise multiplicity on stock Opacus.
 
@@ -210,6 +255,11 @@ def make_private(
             ``make_private`` with its per-example gradients and
             :class:`NoiseMultiplicityDPOptimizer`. Both clip the same per-example
             gradients and add the same noise.
+        distributed: One of several processes (``torch.distributed`` initialised):
+            each samples its own shard of the data set at the same Poisson rate
+            (:class:`ShardedPoissonSampler`), rank 0 adds the noise once for the whole
+            logical batch and the clipped, noised sums are all-reduced; the expected batch
+            per process is the logical batch over the world size. Book-keeping only.
 
     Returns:
         The wrapped model (``._module`` is the model), the optimizer (with
@@ -223,16 +273,27 @@ def make_private(
         # clipping, around our wrapper instead of its two-pass module.
         # The generator goes to the sampler alone, as on the hooks path: given to the
         # loader, it would also feed the DataLoader's base seed and shift the masks.
-        dp_loader = _poisson_sampling(DPDataLoader.from_data_loader(data_loader), sampler_generator)
-        sample_rate = 1 / len(dp_loader)
+        if distributed:
+            dp_loader = sharded_poisson_loader(data_loader, generator=sampler_generator)
+        else:
+            dp_loader = _poisson_sampling(
+                DPDataLoader.from_data_loader(data_loader), sampler_generator
+            )
+        sample_rate = dp_loader.batch_sampler.sample_rate
+        expected = int(len(data_loader.dataset) * sample_rate)
+        world = torch.distributed.get_world_size() if distributed else 1
         dp_model = BookKeeping(
             model, max_grad_norm=max_grad_norm, noise_multiplicity=noise_multiplicity
         )
-        dp_optimizer = BookKeepingDPOptimizer(
+        optimizer_class = (
+            DistributedBookKeepingDPOptimizer if distributed else BookKeepingDPOptimizer
+        )
+        dp_optimizer = optimizer_class(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=int(len(data_loader.dataset) * sample_rate),
+            # Per process, as Opacus' make_private sets it: the all-reduce averages.
+            expected_batch_size=expected / world,
             loss_reduction="mean",
             generator=noise_generator,
         )
@@ -243,6 +304,11 @@ def make_private(
     if grad_sample_mode != "hooks":
         raise ConfigError(
             f"finetune.grad_sample_mode={grad_sample_mode!r}; choose bookkeeping or hooks"
+        )
+    if distributed:
+        raise ConfigError(
+            "finetune.grad_sample_mode=hooks runs in one process; use "
+            "finetune.grad_sample_mode=bookkeeping to fine-tune on several"
         )
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,

@@ -22,6 +22,8 @@ from privimage.runtime import atomic_write_text, is_done, stage_dir
 log = logging.getLogger(__name__)
 
 TIMINGS_FILE = "timings.jsonl"
+# Stages that share their work among torchrun / accelerate-launch processes.
+MULTI_PROCESS_STAGES = {"pretrain", "finetune"}
 
 
 def run_pipeline(cfg: Config, run_dir: Path) -> Path:
@@ -34,13 +36,13 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # One writer of the run's shared files under torchrun.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if world > 1 and list(cfg.stages) != ["pretrain"]:
-        # The other stages are single-process (DP-SGD's accounting assumes one Poisson
-        # sampler); several copies would each spend the budget on the same run.
+    if world > 1 and not set(cfg.stages) <= MULTI_PROCESS_STAGES:
+        # The other stages are single-process; several copies of the query would each
+        # spend the budget on the same run.
         raise ConfigError(
-            f"{world} processes were launched (WORLD_SIZE={world}) but only pretraining runs "
-            f"on many; launch with stages=[pretrain], and run stages={list(cfg.stages)} "
-            "without torchrun"
+            f"{world} processes were launched (WORLD_SIZE={world}) but only pretraining and "
+            f"DP fine-tuning run on many; launch with stages=[pretrain] or stages=[finetune], "
+            f"and run stages={list(cfg.stages)} without torchrun"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     data.check_available(cfg.data)

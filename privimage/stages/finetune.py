@@ -36,12 +36,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
@@ -88,6 +90,52 @@ MECHANISM = "finetune/dp_sgd"
 # losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
 # completed dp_sgd mechanism, so its model is withheld.
 RELEASE = {"unet": Output(mechanism=MECHANISM, inputs=("pretrain/unet",), dest="model")}
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the fine-tuning processes (torchrun / accelerate launch).
+
+    Every process samples its own shard of the sensitive set at the global Poisson rate
+    and clips its own examples; process 0 adds the noise once for the whole logical batch,
+    writes the ledger, the statistics, the checkpoint and the model.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def agree(self, ok: bool) -> bool:
+        """True on every process only if ``ok`` was true on every process."""
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+def start_processes(device: torch.device) -> tuple[Processes, torch.device]:
+    """Join the launcher's process group (gloo on CPUs, NCCL on GPUs) when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Processes(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank=dist.get_rank(), world=dist.get_world_size()), device
 
 
 def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
@@ -171,7 +219,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"finetune.batch_size={ft.batch_size}; it only splits a logical batch for memory"
         )
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    procs, device = start_processes(resolve_device(cfg.device))
+    if procs.distributed and (not ft.dp or ft.grad_sample_mode != "bookkeeping"):
+        raise ConfigError(
+            f"{procs.world} processes run DP fine-tuning with finetune.grad_sample_mode="
+            f"bookkeeping only (this run has finetune.dp={ft.dp}, grad_sample_mode="
+            f"{ft.grad_sample_mode}); launch it as one process"
+        )
 
     ledger = run_ledger(cfg, run_dir)
     if not ft.dp:
@@ -240,6 +294,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "num_records": n,
         "seed": cfg.seed,
         "reproducible_noise": reproducible,
+        # Each process samples its own shard with its own streams.
+        "world_size": procs.world,
         # The same sensitive images and the same starting model, not just the same shapes.
         "data_key": data.content_key(cfg.data),
         "pretrained_weights": weights_digest(pretrain_dir / "unet"),
@@ -249,12 +305,23 @@ def run(cfg: Config, run_dir: Path) -> Path:
         _check_checkpoint(ckpt, identity, ckpt_path)
         start = int(ckpt["step"])
     already_completed = ledger.status(*mechanism.key) == "completed"
-    if already_completed and start < steps:
-        ledger.begin(mechanism)  # refuses: the mechanism would be spent twice
-    if not already_completed:
-        # Refuses before any sensitive gradient is computed if the budget would be
-        # exceeded; on resume, also if the mechanism differs from the one started.
-        ledger.begin(mechanism, noise_secret=not reproducible, resume_from_step=start)
+    # Every process has read the ledger before process 0 writes to it.
+    procs.barrier()
+    refused: Exception | None = None
+    if procs.main:
+        try:
+            if already_completed and start < steps:
+                ledger.begin(mechanism)  # refuses: the mechanism would be spent twice
+            if not already_completed:
+                # Refuses before any sensitive gradient is computed if the budget would be
+                # exceeded; on resume, also if the mechanism differs from the one started.
+                ledger.begin(mechanism, noise_secret=not reproducible, resume_from_step=start)
+        except PrivImageError as exc:
+            refused = exc
+    if not procs.agree(refused is None):
+        raise refused or PrivImageError(
+            "fine-tuning process 0 refused to start (its error says why)"
+        )
     log.info(
         "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
         "delta %.1e%s",
@@ -295,9 +362,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # consumed in batch order, so a known value of it would hand each example draws
         # that depend on which other records the Poisson mask picked, and one record
         # more or less would change every example's gradient, not just its own.
+        # With several processes each draws its own: rank r's shard has its own masks.
+        rank = f"/rank{procs.rank}" if procs.distributed else ""
         streams = {
             name: torch_generator(
-                dp_entropy(purpose=f"{MECHANISM}/{name}", seed=cfg.seed, reproducible=reproducible),
+                dp_entropy(
+                    purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
+                ),
                 device=dev,
             )
             for name, dev in (("sampler", "cpu"), ("noise", device), ("diffusion", "cpu"))
@@ -316,36 +387,45 @@ def run(cfg: Config, run_dir: Path) -> Path:
         sampler_generator=streams["sampler"],
         noise_generator=streams["noise"],
         grad_sample_mode=ft.grad_sample_mode,
+        distributed=procs.distributed,
     )
-    if abs(dp_loader.sample_rate - sample_rate) > 1e-12:
-        raise RuntimeError(
-            f"Opacus samples at rate {dp_loader.sample_rate}, accounted {sample_rate}"
-        )
+    sampled_rate = dp_loader.batch_sampler.sample_rate
+    if abs(sampled_rate - sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus samples at rate {sampled_rate}, accounted {sample_rate}")
     if ckpt is not None:
         optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
         engine.accountant.load_state_dict(ckpt["accountant"])
+        mine = ckpt["rng"]["processes"][procs.rank]
         for name, generator in streams.items():
-            generator.set_state(ckpt["rng"][name].cpu())
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+            generator.set_state(mine[name].cpu())
+        torch.set_rng_state(mine["torch"].cpu())
         optimizer.steps_taken = start
     del ckpt
 
     def save_checkpoint(step: int) -> None:
-        atomic_torch_save(
-            {
-                "step": step,
-                **identity,
-                "model": dp_model._module.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.original_optimizer.state_dict(),
-                "accountant": engine.accountant.state_dict(),
-                "rng": {
-                    **{name: g.get_state() for name, g in streams.items()},
-                    "torch": torch.get_rng_state(),
+        rng = {
+            **{name: g.get_state().cpu() for name, g in streams.items()},
+            "torch": torch.get_rng_state(),
+        }
+        # Process 0 writes every process's streams; the weights are the same everywhere.
+        everyone = [rng]
+        if procs.distributed:
+            everyone = [None] * procs.world
+            dist.all_gather_object(everyone, rng)
+        if procs.main:
+            atomic_torch_save(
+                {
+                    "step": step,
+                    **identity,
+                    "model": dp_model._module.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.original_optimizer.state_dict(),
+                    "accountant": engine.accountant.state_dict(),
+                    "rng": {"processes": everyone},
                 },
-            },
-            ckpt_path,
-        )
+                ckpt_path,
+            )
+        procs.barrier()
 
     if start < steps:
         _train(
@@ -361,6 +441,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             start=start,
             stats_path=out / "stats.jsonl",
             save_checkpoint=save_checkpoint,
+            procs=procs,
         )
 
     # Opacus' accountant saw every step the optimizer really took (across restarts, via
@@ -371,6 +452,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"Opacus took steps {taken} but the ledger plans {mechanism.describe()}; refusing "
             "to record a mechanism other than the one that ran"
         )
+    if not procs.main:
+        procs.barrier()  # process 0 records the mechanism and writes the model
+        return out
     if not already_completed:
         ledger.complete(mechanism)
     if ledger.epsilon_spent > cfg.privacy.target_epsilon * (1 + 1e-9):
@@ -382,6 +466,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     ckpt_path.unlink(missing_ok=True)
+    procs.barrier()
     return out
 
 
@@ -399,13 +484,15 @@ def _train(
     start: int,
     stats_path: Path,
     save_checkpoint,
+    procs: Processes,
 ) -> None:
     """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
     ft = cfg.finetune
     steps = mechanism.steps
     null_label = null_class(dp_model._module)
-    truncate_jsonl(stats_path, max_step=start)
-    stats = StatsWriter(stats_path)
+    if procs.main:
+        truncate_jsonl(stats_path, max_step=start)
+    stats = StatsWriter(stats_path) if procs.main else None
 
     def epsilon_after(step: int) -> float:
         return privacy.epsilon_spent(
@@ -416,7 +503,7 @@ def _train(
 
     eps_every = max(1, steps // 50)  # accounting every step would dominate under PRV
     eps_so_far = epsilon_after(start)
-    bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)")
+    bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)", disable=not procs.main)
     done = start
     loss_sum, loss_rows = 0.0, 0
     with (
@@ -458,19 +545,25 @@ def _train(
                     continue  # a physical batch inside a larger logical one
                 done = optimizer.steps_taken
                 ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
+                if procs.distributed:  # the logical batch's loss, over every process
+                    total = torch.tensor([loss_sum, float(loss_rows)], dtype=torch.float64)
+                    dist.all_reduce(total)
+                    loss_sum, loss_rows = float(total[0]), int(total[1])
                 mean_loss = loss_sum / loss_rows if loss_rows else None
                 loss_sum, loss_rows = 0.0, 0
                 if done % eps_every == 0 or done == steps:
                     eps_so_far = epsilon_after(done)
                 bar.update(1)
                 bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
-                stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
+                if stats is not None:
+                    stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
                 if done % ft.checkpoint_every_steps == 0 or done == steps:
                     save_checkpoint(done)
                 if done >= steps:
                     break
     bar.close()
-    stats.close()
+    if stats is not None:
+        stats.close()
 
 
 def _run_non_private(

@@ -1,0 +1,222 @@
+"""DP fine-tuning on several processes (gloo on CPUs) means the same as on one.
+
+* One step of 2 processes, each with half of a fixed batch, gives the update of one step
+  of 1 process with the whole batch (same noise draw, added once by process 0).
+* A 2-process fine-tune of the smoke preset through torchrun records the same ledger as a
+  1-process one: one sampling rate, the same sigma and steps.
+* ``kill -9`` of the launcher and its workers mid-run, then the same command again, finishes equal
+  to an uninterrupted 2-process run (seeded noise, so the two can be compared).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+from conftest import REPO, typed_config
+from diffusers import UNet2DModel
+
+from privimage.pipeline import run_pipeline
+
+pytestmark = pytest.mark.slow
+
+STEP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    from privimage.config import ModelConfig
+    from privimage.diffusion import add_noise, linear_alphas_cumprod
+    from privimage.dp.bookkeeping import (
+        BookKeeping, BookKeepingDPOptimizer, DistributedBookKeepingDPOptimizer,
+    )
+    from privimage.models import build_unet
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                      attention=True)
+    model = build_unet(cfg, resolution=16, channels=1, num_classes=10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    examples, k = 4, 2
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(examples, 1, 16, 16, generator=g) * 2 - 1).repeat_interleave(k, 0)
+    y = (torch.arange(examples) % 10).repeat_interleave(k, 0)
+    t = torch.randint(0, 1000, (examples * k,), generator=g)
+    noise = torch.randn(examples * k, 1, 16, 16, generator=g)
+    per = examples // world * k
+    mine = slice(rank * per, (rank + 1) * per)
+    engine = BookKeeping(model, max_grad_norm=0.5, noise_multiplicity=k)
+    cls = DistributedBookKeepingDPOptimizer if world > 1 else BookKeepingDPOptimizer
+    optimizer = cls(
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.3, max_grad_norm=0.5,
+        expected_batch_size=examples / world, generator=torch.Generator().manual_seed(7),
+    )
+    x_t = add_noise(x[mine], noise[mine], t[mine], linear_alphas_cumprod(1000)).float()
+    out = engine(x_t, t[mine], class_labels=y[mine]).sample
+    (out - noise[mine]).pow(2).flatten(1).mean(1).mean().backward()
+    optimizer.step()
+    if rank == 0:
+        torch.save({n: p.detach() - before[n] for n, p in model.named_parameters()}, sys.argv[1])
+    """
+)
+
+
+def _port() -> str:
+    # Distinct per call: a killed launcher's port can stay in TIME_WAIT.
+    _port.n = getattr(_port, "n", 0) + 1
+    return str(20000 + (os.getpid() * 7 + _port.n * 13) % 20000)
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        _port(),
+    ]
+
+
+def test_a_two_process_step_is_the_one_process_step(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for launcher, out in (([sys.executable], one), (_torchrun(2), two)):
+        result = subprocess.run(
+            [*launcher, str(script), str(out)], cwd=REPO, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    total = torch.sqrt(sum(v.pow(2).sum() for v in a.values()))
+    assert total > 0
+    for name in a:
+        assert (a[name] - b[name]).norm() <= 1e-5 * max(float(a[name].norm()), 1e-3), name
+
+
+FINETUNE = [
+    "experiment=smoke",
+    "stages=[finetune]",
+    "finetune.epochs=2",  # 12 logical steps at q = 1/6
+    "finetune.checkpoint_every_steps=3",
+    "device=cpu",
+    "privacy.reproducible_noise=true",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("multi-base")
+    run_pipeline(typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir), run_dir)
+    return run_dir
+
+
+def _command(launcher, run_dir, cache_dir):
+    return [
+        *launcher,
+        "-m",
+        "privimage",
+        *FINETUNE,
+        f"cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def _finetune(launcher, run_dir, cache_dir):
+    result = subprocess.run(
+        _command(launcher, run_dir, cache_dir), cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _copy(pretrained, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(pretrained, target)
+    return target
+
+
+def _mechanisms(run_dir):
+    data = json.loads((run_dir / "privacy.json").read_text())
+    return data["epsilon_spent"], [
+        {k: v for k, v in m.items() if k != "time"} for m in data["mechanisms"]
+    ]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_two_processes_record_the_one_process_ledger(pretrained, tmp_path, cache_dir):
+    one = _copy(pretrained, tmp_path, "one")
+    _finetune([sys.executable], one, cache_dir)
+    two = _copy(pretrained, tmp_path, "two")
+    result = _finetune(_torchrun(2), two, cache_dir)
+    assert _mechanisms(two) == _mechanisms(one)
+    # One writer: each logical step logged once, one outputs line.
+    assert [json.loads(s)["step"] for s in _lines(two / "finetune" / "stats.jsonl")] == list(
+        range(1, 13)
+    )
+    assert result.stdout.count("outputs in") == 1
+    UNet2DModel.from_pretrained(two / "finetune" / "unet")
+    assert not (two / "finetune" / "checkpoint.pt").exists()
+
+
+def test_kill_9_of_the_launcher_then_resume_equals_an_uninterrupted_run(
+    pretrained, tmp_path, cache_dir
+):
+    straight = _copy(pretrained, tmp_path, "straight")
+    _finetune(_torchrun(2), straight, cache_dir)
+
+    crashed = _copy(pretrained, tmp_path, "crashed")
+    stats = crashed / "finetune" / "stats.jsonl"
+    proc = subprocess.Popen(
+        _command(_torchrun(2), crashed, cache_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    # Past the step-3 checkpoint with steps 4 and 5 done but not checkpointed.
+    while len(_lines(stats)) < 5:
+        assert proc.poll() is None, "fine-tuning ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # The launcher and its workers at once, as a job kill or a dead node does (torchrun's
+    # workers do not share the launcher's process group, so killpg would miss them).
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)
+    assert workers, "torchrun started no workers"
+    for p in [*workers, launcher]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+    assert (crashed / "finetune" / "checkpoint.pt").exists()
+    assert not (crashed / "finetune" / "DONE").exists()
+    assert len(_lines(stats)) < 12
+
+    _finetune(_torchrun(2), crashed, cache_dir)
+    assert _mechanisms(crashed) == _mechanisms(straight)
+    assert _lines(stats) == _lines(straight / "finetune" / "stats.jsonl")
+    events = [e["event"] for e in json.loads((crashed / "privacy.json").read_text())["events"]]
+    assert events.count("resume") == 1 and events.count("complete") == 2  # query + DP-SGD
+    a = UNet2DModel.from_pretrained(straight / "finetune" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(crashed / "finetune" / "unet").state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
