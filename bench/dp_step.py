@@ -33,6 +33,7 @@ Usage::
     .venv/bin/python bench/dp_step.py --noise-multiplicity 4 --device cuda
     .venv/bin/python bench/dp_step.py --threads 1      # on a CPU shared with other jobs
     .venv/bin/python bench/dp_step.py --models tiny28,tiny32,small32 --memory  # the README table
+    .venv/bin/python bench/dp_step.py --models tiny28 --per-layer   # where book-keeping's time goes
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def time_steps(
 
 def _steps(
     name: str, *, batch_size: int, noise_multiplicity: int, device: torch.device, paths
-) -> tuple[dict[str, Callable[[], None]], dict[str, object], int]:
+) -> tuple[dict[str, Callable[[], None]], dict[str, object], int, dict]:
     """One step function per path (``plain`` and each DP path) on one fixed batch."""
     resolution, channels = PRESETS[name]
     torch.manual_seed(0)
@@ -130,6 +131,7 @@ def _steps(
     spec = DiffusionConfig()  # the default formulation (EDM)
     steps: dict[str, Callable[[], None]] = {}
     optimizers: dict[str, object] = {}
+    wrapped: dict[str, torch.nn.Module] = {}
     if "plain" in paths:
         plain_model = copy.deepcopy(model).to(device).train()
         adam = torch.optim.Adam(plain_model.parameters(), lr=1e-4)
@@ -176,14 +178,15 @@ def _steps(
 
         steps[mode] = dp_step
         optimizers[mode] = optimizer
-    return steps, optimizers, count_parameters(model)
+        wrapped[mode] = dp_model
+    return steps, optimizers, count_parameters(model), wrapped
 
 
 def bench_preset(
     name: str, *, batch_size: int, repeats: int, noise_multiplicity: int, device: torch.device
 ) -> dict[str, float]:
     """Time every path for one preset; returns the figures of one table row."""
-    steps, optimizers, params = _steps(
+    steps, optimizers, params, _ = _steps(
         name,
         batch_size=batch_size,
         noise_multiplicity=noise_multiplicity,
@@ -207,11 +210,61 @@ def bench_preset(
     return row
 
 
+def per_layer(
+    name: str, *, batch_size: int, repeats: int, noise_multiplicity: int, device: torch.device
+) -> None:
+    """Where a book-keeping step's extra time goes: its per-layer norm work and final sum.
+
+    Prints the median plain and book-keeping step, then the time inside the wrapper's
+    hooks per kind of layer (type, output shape, norm method, what is kept), summed over
+    layers of that kind and averaged over ``repeats`` steps. The rest of a book-keeping
+    step (forward, the input-gradient backward, Adam) is what a plain step does minus its
+    weight gradients.
+    """
+    steps, _, _, wrapped = _steps(
+        name,
+        batch_size=batch_size,
+        noise_multiplicity=noise_multiplicity,
+        device=device,
+        paths=("plain", "bookkeeping"),
+    )
+    engine = wrapped["bookkeeping"]
+    timed = time_steps(steps, repeats, device)
+    plain, bk = (statistics.median(timed[p][0]) for p in ("plain", "bookkeeping"))
+    engine.timings = {}
+    for _ in range(repeats):
+        steps["bookkeeping"]()
+    plans = engine.plans()
+    modules = dict(engine._module.named_modules())
+    kinds: dict[str, float] = {}
+    layers: dict[str, int] = {}
+    for layer, seconds in engine.timings.items():
+        if layer in plans:
+            m, plan = modules[layer], plans[layer]
+            kind = (
+                f"{type(m).__name__} {m.weight.shape[1]}->{m.weight.shape[0]}, "
+                f"{plan.positions} positions: {plan.norm}, keep {plan.keep}"
+            )
+        elif layer in modules:
+            kind = type(modules[layer]).__name__
+        else:
+            kind = layer
+        kinds[kind] = kinds.get(kind, 0.0) + seconds / repeats
+        layers[kind] = layers.get(kind, 0) + 1
+    hooks = sum(engine.timings.values()) / repeats
+    print(
+        f"\n{name}: plain step {plain * 1e3:.0f} ms, book-keeping step {bk * 1e3:.0f} ms "
+        f"({bk / plain:.2f}x); inside book-keeping's hooks {hooks * 1e3:.0f} ms per step"
+    )
+    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {seconds * 1e3:7.1f} ms  {layers[kind]:>3} x {kind}")
+
+
 def measure_peak_memory(
     name: str, path: str, *, batch_size: int, noise_multiplicity: int, device: torch.device
 ) -> int:
     """Peak bytes one step of ``path`` adds, measured in this process (call it fresh)."""
-    steps, _, _ = _steps(
+    steps, _, _, _ = _steps(
         name,
         batch_size=batch_size,
         noise_multiplicity=noise_multiplicity,
@@ -298,6 +351,11 @@ def main() -> None:
     parser.add_argument(
         "--memory", action="store_true", help="also measure each step's peak memory"
     )
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also print where a book-keeping step's time goes, per kind of layer",
+    )
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -366,6 +424,15 @@ def main() -> None:
             line += f"   [non-DP peak {peaks['plain'] / 2**20:.0f} MiB]"
         cpu = "/".join(f"{row[p + '_cpu']:.2f}" for p in PATHS)
         print(f"{line}   cpu/wall {cpu}", flush=True)
+    if args.per_layer:
+        for name in models:
+            per_layer(
+                name,
+                batch_size=args.batch_size,
+                repeats=args.repeats,
+                noise_multiplicity=args.noise_multiplicity,
+                device=device,
+            )
     print(
         "\nimg/s counts examples (B per step); every path processes the same B*K rows. time "
         "and memory are\nDP / non-DP of one step (medians; memory: peak above the resident "

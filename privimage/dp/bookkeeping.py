@@ -29,6 +29,8 @@ Embedding); anything else is refused when the wrapper is built.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -121,6 +123,9 @@ class BookKeeping(nn.Module):
         # The per-example norms of the last backward pass: a debugging aid only (they are
         # computed from sensitive data without noise and must never be released).
         self.last_norms: torch.Tensor | None = None
+        # Set to {} to record the seconds each layer's norm work and the final clipped sum
+        # take (bench/dp_step.py --per-layer); None costs nothing.
+        self.timings: dict[str, float] | None = None
 
     # ---- what the wrapper covers ----------------------------------------------------
 
@@ -181,9 +186,24 @@ class BookKeeping(nn.Module):
 
     def _make_backward_hook(self, layer: _Layer):
         def hook(grad: torch.Tensor) -> None:
-            self._on_output_grad(layer, grad.detach())
+            if self.timings is None:
+                self._on_output_grad(layer, grad.detach())
+                return
+            with self._timed(layer.name):
+                self._on_output_grad(layer, grad.detach())
 
         return hook
+
+    @contextlib.contextmanager
+    def _timed(self, key: str):
+        device = self._layers[0].params[next(iter(self._layers[0].params))].device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
 
     def _on_output_grad(self, layer: _Layer, g: torch.Tensor) -> None:
         a = layer.activation
@@ -236,6 +256,13 @@ class BookKeeping(nn.Module):
         return 1.0 / self.noise_multiplicity
 
     def _finish(self) -> None:
+        if self.timings is None:
+            self._finish_pass()
+            return
+        with self._timed("(clipped sum of all layers)"):
+            self._finish_pass()
+
+    def _finish_pass(self) -> None:
         self._callback_queued = False
         scale = self._scale()
         norms = self._norm2.sqrt() * scale

@@ -71,21 +71,25 @@ def _matrix_shapes(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple
 
 
 def plan_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, *, examples: int) -> LayerPlan:
-    """The cheaper norm method for a Linear or Conv2d, and what to keep for the clipped sum.
+    """The norm method for a Linear or Conv2d, and what to keep for the clipped sum.
 
     Costs are multiply-adds for the batch: instantiating is ``B * d_out * d_in * KT``,
-    ghost is ``B * (KT)^2 * (d_in + d_out)``. The per-example gradients are kept when they
-    take no more memory than the activation and output gradient that recomputation would
-    have to keep instead.
+    ghost is ``B * (KT)^2 * (d_in + d_out)``. Instantiated per-example gradients that are
+    kept make the clipped sum a cheap weighted sum, while a ghost norm still needs one
+    weighted weight-gradient afterwards (the FLOPs of instantiating): so whenever the
+    per-example gradients fit (at most :data:`KEEP_GRADS_FACTOR` times the memory of the
+    activation and output gradient that recomputation would keep instead), they are
+    instantiated and kept; otherwise the cheaper norm is taken and the sum recomputed.
     """
     d_in, d_out, t = _matrix_shapes(module, a, g)
     positions = (a.shape[0] // examples) * t
     inst = float(examples) * d_out * d_in * positions
     ghost = float(examples) * positions**2 * (d_in + d_out)
-    norm = "ghost" if ghost < inst else "instantiate"
     grads_memory = examples * d_out * d_in
-    small = grads_memory <= KEEP_GRADS_FACTOR * (a.numel() + g.numel())
-    keep = "grads" if norm == "instantiate" and small else "inputs"
+    if grads_memory <= KEEP_GRADS_FACTOR * (a.numel() + g.numel()):
+        norm, keep = "instantiate", "grads"
+    else:
+        norm, keep = ("ghost" if ghost < inst else "instantiate"), "inputs"
     return LayerPlan(
         norm=norm,
         keep=keep,
