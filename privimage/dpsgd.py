@@ -44,6 +44,7 @@ from privimage.dp.bookkeeping import (
     BookKeeping,
     BookKeepingDPOptimizer,
     DistributedBookKeepingDPOptimizer,
+    StepCounting,
 )
 from privimage.errors import ConfigError
 
@@ -66,7 +67,7 @@ def repeat_for_noise_draws(
     )
 
 
-class NoiseMultiplicityDPOptimizer(DPOptimizer):
+class NoiseMultiplicityDPOptimizer(StepCounting, DPOptimizer):
     """A flat-clipping :class:`DPOptimizer` whose batch rows come in groups of K per example.
 
     Before Opacus clips, the K per-row gradients of each example are averaged into that
@@ -133,13 +134,6 @@ class NoiseMultiplicityDPOptimizer(DPOptimizer):
                 elif gs is not None:
                     p.grad_sample = self._average_draws(gs)
         super().clip_and_accumulate()
-
-    def pre_step(self, closure=None) -> bool:
-        """Opacus' pre-step; counts the steps that were actually noised and applied."""
-        took = super().pre_step(closure)
-        if took:
-            self.steps_taken += 1
-        return took
 
     def noise_only_step(self) -> None:
         """Take the step of an empty Poisson batch: no example, so the update is pure noise.

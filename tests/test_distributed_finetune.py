@@ -13,20 +13,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import psutil
 import pytest
 import torch
-from conftest import REPO, typed_config
+from conftest import REPO, RESUMABLE_FINETUNE, copy_run, jsonl_lines, pretrain_smoke, wait_for_lines
 from diffusers import UNet2DModel
-
-from privimage.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -109,21 +105,9 @@ def test_a_two_process_step_is_the_one_process_step(tmp_path):
         assert (a[name] - b[name]).norm() <= 1e-5 * max(float(a[name].norm()), 1e-3), name
 
 
-FINETUNE = [
-    "experiment=smoke",
-    "stages=[finetune]",
-    "finetune.epochs=2",  # 12 logical steps at q = 1/6
-    "finetune.checkpoint_every_steps=3",
-    "device=cpu",
-    "privacy.reproducible_noise=true",
-]
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, cache_dir):
-    run_dir = tmp_path_factory.mktemp("multi-base")
-    run_pipeline(typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir), run_dir)
-    return run_dir
+    return pretrain_smoke(tmp_path_factory.mktemp("multi-base"), cache_dir)
 
 
 def _command(launcher, run_dir, cache_dir):
@@ -131,7 +115,7 @@ def _command(launcher, run_dir, cache_dir):
         *launcher,
         "-m",
         "privimage",
-        *FINETUNE,
+        *RESUMABLE_FINETUNE,
         f"cache_dir={cache_dir}",
         f"hydra.run.dir={run_dir}",
     ]
@@ -145,10 +129,7 @@ def _finetune(launcher, run_dir, cache_dir):
     return result
 
 
-def _copy(pretrained, tmp_path, name):
-    target = tmp_path / name
-    shutil.copytree(pretrained, target)
-    return target
+_copy = copy_run
 
 
 def _mechanisms(run_dir):
@@ -158,8 +139,7 @@ def _mechanisms(run_dir):
     ]
 
 
-def _lines(path):
-    return path.read_text().splitlines() if path.exists() else []
+_lines = jsonl_lines
 
 
 def test_two_processes_record_the_one_process_ledger(pretrained, tmp_path, cache_dir):
@@ -191,12 +171,8 @@ def test_kill_9_of_the_launcher_then_resume_equals_an_uninterrupted_run(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 600
     # Past the step-3 checkpoint with steps 4 and 5 done but not checkpointed.
-    while len(_lines(stats)) < 5:
-        assert proc.poll() is None, "fine-tuning ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_lines(stats, 5, proc)
     # The launcher and its workers at once, as a job kill or a dead node does (torchrun's
     # workers do not share the launcher's process group, so killpg would miss them).
     launcher = psutil.Process(proc.pid)

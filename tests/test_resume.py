@@ -13,15 +13,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, typed_config
+from conftest import (
+    REPO,
+    RESUMABLE_FINETUNE,
+    copy_run,
+    jsonl_lines,
+    pretrain_smoke,
+    typed_config,
+    wait_for_lines,
+)
 from diffusers import UNet2DModel
 
 from privimage.errors import PrivacyBudgetError
@@ -29,24 +35,13 @@ from privimage.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
-FINETUNE = [
-    "experiment=smoke",
-    "stages=[finetune]",
-    "finetune.epochs=2",  # 12 logical steps at q = 1/6
-    "finetune.checkpoint_every_steps=3",
-    "finetune.noise_multiplicity=1",
-    "device=cpu",
-    # The uninterrupted run and the resumed one are compared bit for bit.
-    "privacy.reproducible_noise=true",
-]
+FINETUNE = RESUMABLE_FINETUNE
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, cache_dir):
     """Query and pretraining once; each scenario fine-tunes a copy of this run."""
-    run_dir = tmp_path_factory.mktemp("resume-base")
-    run_pipeline(typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir), run_dir)
-    return run_dir
+    return pretrain_smoke(tmp_path_factory.mktemp("resume-base"), cache_dir)
 
 
 def _command(run_dir, cache_dir, *extra):
@@ -67,10 +62,7 @@ def _run(run_dir, cache_dir, *extra):
     )
 
 
-def _copy(pretrained, tmp_path, name):
-    target = tmp_path / name
-    shutil.copytree(pretrained, target)
-    return target
+_copy = copy_run
 
 
 def _ledger(run_dir):
@@ -79,8 +71,7 @@ def _ledger(run_dir):
     return data, mechanisms
 
 
-def _lines(path):
-    return path.read_text().splitlines() if path.exists() else []
+_lines = jsonl_lines
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache_dir):
@@ -97,12 +88,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 600
     # Past the step-3 checkpoint with steps 4 and 5 done but not checkpointed.
-    while len(_lines(stats)) < 5:
-        assert proc.poll() is None, "fine-tuning ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_lines(stats, 5, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

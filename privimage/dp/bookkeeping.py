@@ -304,8 +304,9 @@ def _row_norm2(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1, dtype=torch.float32).square()
 
 
-class _StepCounting:
-    """Counts noised steps and takes the step of an empty Poisson batch (pure noise)."""
+class StepCounting:
+    """Mixin for Opacus optimizers: counts the logical steps that were noised and applied
+    (physical batches that only accumulate do not count)."""
 
     steps_taken = 0
 
@@ -314,6 +315,10 @@ class _StepCounting:
         if took:
             self.steps_taken += 1
         return took
+
+
+class _StepCounting(StepCounting):
+    """Step counting, and the step of an empty Poisson batch (pure noise)."""
 
     def noise_only_step(self) -> None:
         """No example: the clipped sum is zero and the step adds only noise."""
