@@ -103,6 +103,8 @@ class Processes:
 
     rank: int = 0
     world: int = 1
+    # Where collective tensors live: NCCL reduces only CUDA tensors, gloo CPU ones.
+    device: torch.device = torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -120,7 +122,7 @@ class Processes:
         """True on every process only if ``ok`` was true on every process."""
         if not self.distributed:
             return ok
-        flag = torch.tensor([1 if ok else 0])
+        flag = torch.tensor([1 if ok else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -135,7 +137,8 @@ def start_processes(device: torch.device) -> tuple[Processes, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank=dist.get_rank(), world=dist.get_world_size()), device
+    collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return Processes(rank=dist.get_rank(), world=dist.get_world_size(), device=collective), device
 
 
 def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
@@ -546,7 +549,9 @@ def _train(
                 done = optimizer.steps_taken
                 ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
                 if procs.distributed:  # the logical batch's loss, over every process
-                    total = torch.tensor([loss_sum, float(loss_rows)], dtype=torch.float64)
+                    total = torch.tensor(
+                        [loss_sum, float(loss_rows)], dtype=torch.float64, device=procs.device
+                    )
                     dist.all_reduce(total)
                     loss_sum, loss_rows = float(total[0]), int(total[1])
                 mean_loss = loss_sum / loss_rows if loss_rows else None
