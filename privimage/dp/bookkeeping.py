@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from opacus.optimizers import (
@@ -60,7 +60,6 @@ class _Layer:
     activation: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
     grads: dict[str, torch.Tensor] | None = None
-    kept: dict = field(default_factory=dict)
 
     def clear(self) -> None:
         self.activation = self.output_grad = self.grads = None
@@ -189,14 +188,13 @@ class BookKeeping(nn.Module):
             if self.timings is None:
                 self._on_output_grad(layer, grad.detach())
                 return
-            with self._timed(layer.name):
+            with self._timed(layer.name, grad.device):
                 self._on_output_grad(layer, grad.detach())
 
         return hook
 
     @contextlib.contextmanager
-    def _timed(self, key: str):
-        device = self._layers[0].params[next(iter(self._layers[0].params))].device
+    def _timed(self, key: str, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -240,9 +238,9 @@ class BookKeeping(nn.Module):
                 grads_fn = L.conv2d_grads if conv else L.linear_grads
                 grads = grads_fn(m, a, g, examples=b)
                 norm2 = sum(_row_norm2(v) for v in grads.values())
-                if layer.plan.keep == "grads":
-                    layer.grads = grads
-            if layer.plan.keep == "grads" and layer.grads is not None:
+            # plan_layer keeps gradients only where it instantiates them.
+            if layer.plan.keep == "grads":
+                layer.grads = grads
                 layer.activation = None
             else:
                 layer.output_grad = g
@@ -259,7 +257,7 @@ class BookKeeping(nn.Module):
         if self.timings is None:
             self._finish_pass()
             return
-        with self._timed("(clipped sum of all layers)"):
+        with self._timed("(clipped sum of all layers)", self._norm2.device):
             self._finish_pass()
 
     def _finish_pass(self) -> None:

@@ -57,8 +57,6 @@ class LayerPlan:
     norm: str
     keep: str
     positions: int  # K * T: positions of one example (rows x spatial or sequence)
-    instantiate_flops: float
-    ghost_flops: float
 
 
 def _matrix_shapes(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[int, int, int]:
@@ -90,13 +88,7 @@ def plan_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, *, examples:
         norm, keep = "instantiate", "grads"
     else:
         norm, keep = ("ghost" if ghost < inst else "instantiate"), "inputs"
-    return LayerPlan(
-        norm=norm,
-        keep=keep,
-        positions=positions,
-        instantiate_flops=inst,
-        ghost_flops=ghost,
-    )
+    return LayerPlan(norm=norm, keep=keep, positions=positions)
 
 
 def check_supported(module: nn.Module) -> None:
@@ -204,10 +196,10 @@ def _conv_grads_grouped(module: nn.Conv2d, a, g, examples: int) -> torch.Tensor:
 def conv2d_grads(module: nn.Conv2d, a, g, *, examples: int) -> dict[str, torch.Tensor]:
     """Per-example gradients ``{"weight": (B, *weight.shape), "bias": (B, d_out)}``.
 
-    On CPUs the grouped weight-gradient runs at 1.0-2.5x the time of the ordinary one
-    (slowest at 8x8 and 16x16); unfold + batched matmul took 2-8x, and one batched
-    matmul per kernel offset over shifted views of the padded input 1-2x but slower
-    inside the UNet's backward pass.
+    On CPUs the grouped weight-gradient is the fastest of the forms tried (unfold +
+    batched matmul, one batched matmul per kernel offset over shifted views of the padded
+    input), though still slower than the ordinary weight gradient at 8x8 and 16x16;
+    ``bench/dp_step.py --per-layer`` shows its share of a step.
     """
     out = {"weight": _conv_grads_grouped(module, a, g, examples)}
     if module.bias is not None:
