@@ -167,6 +167,9 @@ class PretrainConfig:
     batch_size: int = 64
     gradient_accumulation_steps: int = 1
     lr: float = 2e-3
+    # Linear learning-rate warm-up over the first steps (0: none); lets short CPU runs
+    # use a higher lr without the first steps blowing the weights up.
+    warmup_steps: int = 0
     ema_decay: float = 0.999
     # Labels replaced by the null class in training, for classifier-free guidance.
     label_dropout: float = 0.1
@@ -551,6 +554,10 @@ def validate(cfg: Config) -> None:
     _positive(cfg.query.score_images_per_class, "query.score_images_per_class")
     _validate_diffusion(cfg)
     _positive(cfg.pretrain.epochs, "pretrain.epochs")
+    if cfg.pretrain.warmup_steps < 0:
+        raise ConfigError(
+            f"pretrain.warmup_steps={cfg.pretrain.warmup_steps} must be >= 0 (0: no warm-up)"
+        )
     if cfg.pretrain.images_seen is not None:
         _positive(cfg.pretrain.images_seen, "pretrain.images_seen", " (or null to use epochs)")
     if cfg.pretrain.public_subset not in PUBLIC_SUBSETS:

@@ -25,7 +25,7 @@ from privimage.errors import ConfigError
 from privimage.models import load_unet
 from privimage.runtime import mark_done, write_json
 from privimage.stages import pretrain
-from privimage.stages.pretrain import epoch_order, micro_batch, step_generator
+from privimage.stages.pretrain import epoch_order, micro_batch, step_generator, warmup_lr
 
 BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
 
@@ -102,6 +102,17 @@ def test_each_micro_batch_has_its_own_seeded_stream():
         assert not torch.equal(a, draw(**kw))
 
 
+def test_warmup_rises_linearly_to_the_learning_rate_and_stays():
+    lrs = [warmup_lr(0.01, step=s, warmup_steps=4) for s in range(6)]
+    assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    assert warmup_lr(0.01, step=0, warmup_steps=0) == 0.01
+
+
+def test_negative_warmup_is_refused(cache_dir):
+    with pytest.raises(ConfigError, match="pretrain.warmup_steps=-1"):
+        typed_config([*BASE, "pretrain.warmup_steps=-1"], cache_dir)
+
+
 def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, cache_dir):
     _fake_query(tmp_path, cache_dir, num_images=40)
     cfg = typed_config([*BASE, "pretrain.batch_size=64"], cache_dir)
@@ -175,7 +186,13 @@ def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
-    extra = ("pretrain.epochs=6", "pretrain.batch_size=32", "pretrain.checkpoint_every_steps=8")
+    # The warm-up spans the checkpoint and the kill: a resumed run must continue it.
+    extra = (
+        "pretrain.epochs=6",
+        "pretrain.batch_size=32",
+        "pretrain.checkpoint_every_steps=8",
+        "pretrain.warmup_steps=20",
+    )
     straight = tmp_path / "straight"
     _fake_query(straight, cache_dir)
     crashed = tmp_path / "crashed"

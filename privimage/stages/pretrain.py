@@ -260,6 +260,13 @@ def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
     )
 
 
+def warmup_lr(lr: float, *, step: int, warmup_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0): linear warm-up, then ``lr``."""
+    if warmup_steps <= 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
+
+
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """Optimizer steps: ``images_seen / batch_size`` when set (matched compute), else epochs."""
     p = cfg.pretrain
@@ -340,6 +347,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "images_seen": p.images_seen,
             "public_subset": p.public_subset,
             "lr": p.lr,
+            "warmup_steps": p.warmup_steps,
             "label_dropout": p.label_dropout,
             "ema_decay": p.ema_decay,
             "seed": cfg.seed,
@@ -374,6 +382,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 epoch_order(seed=cfg.seed, epoch=epoch, num_images=len(images)),
                 epoch,
             )
+        # A function of the step alone, so a resumed run continues the same schedule.
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_lr(p.lr, step=step, warmup_steps=p.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
