@@ -1,0 +1,160 @@
+"""What a short pretraining run learns: class accuracy of its samples, on public data only.
+
+The demo pretrains for a few hundred steps on a CPU, and the question that decides its
+usefulness is whether the samples carry their class. This bench answers it without
+touching sensitive data, so its answers may choose settings:
+
+* the training set is the public glyphs of the digits ``0``-``9`` (the selection the DP
+  query would make if it chose every digit's own glyph), labelled by digit;
+* a judge CNN trained on those glyphs (cached in ``--judge``) classifies samples drawn
+  from the EMA weights at the steps of ``--eval-at``, 20 per class, for every guidance
+  scale in ``--guidance``; the bench prints the fraction the judge gives the class they
+  were drawn for (0.1 is chance), and the training and sampling seconds.
+
+The loop is the pretraining stage's (EDM loss, Adam, EMA with warm-up, label dropout for
+guidance), without checkpoints or Accelerate.
+
+Usage::
+
+    .venv/bin/python bench/short_pretraining.py                         # the demo's settings
+    .venv/bin/python bench/short_pretraining.py --p-mean -1.2 --lr 2e-3 --warmup 0  # before
+    .venv/bin/python bench/short_pretraining.py --steps 200 --eval-at 200 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from privimage.classifier import predict_logits, train_classifier
+from privimage.config import DataConfig, DiffusionConfig, ModelConfig
+from privimage.data import load
+from privimage.diffusion import drop_labels, sample_batch, training_loss
+from privimage.models import build_unet, ema_update
+from privimage.stages.pretrain import warmup_lr
+
+DIGITS = 10
+PER_CLASS = 20
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--eval-at", default="200,400,600", help="steps to sample at")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--p-mean", type=float, default=0.6, help="EDM training ln(sigma) mean")
+    ap.add_argument("--p-std", type=float, default=1.2)
+    ap.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--label-dropout", type=float, default=0.1)
+    ap.add_argument("--guidance", default="1,3", help="guidance scales to sample with")
+    ap.add_argument("--solver-steps", type=int, default=12, help="Euler steps")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default="~/.cache/privimage")
+    ap.add_argument("--judge", type=Path, default=Path("runs/bench/glyph_judge.pt"))
+    ap.add_argument("--grid", type=Path, default=None, help="save the last samples here")
+    return ap.parse_args()
+
+
+def digit_glyphs(cache_dir: str):
+    ds = load(DataConfig(source="glyphs", resolution=28, channels=1), cache_dir=cache_dir)
+
+    # Glyph classes 0-9 are the digits (privimage.data.glyphs.CLASS_NAMES).
+    def digits(split):
+        return split.subset(torch.nonzero(split.labels < DIGITS).squeeze(1))
+
+    return digits(ds.train), digits(ds.test)
+
+
+def get_judge(path: Path, train, test) -> torch.nn.Module:
+    cpu = torch.device("cpu")
+    if path.exists():
+        judge = torch.load(path, weights_only=False)
+    else:
+        judge = train_classifier(
+            train.as_float(),
+            train.labels,
+            num_classes=DIGITS,
+            width=32,
+            epochs=4,
+            batch_size=128,
+            lr=2e-3,
+            device=cpu,
+            seed=0,
+            desc="judge (public glyphs)",
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(judge, path)
+    pred = predict_logits(judge, test.as_float(), batch_size=256, device=cpu).argmax(1)
+    print(f"judge accuracy on held-out digit glyphs: {(pred == test.labels).float().mean():.3f}")
+    return judge
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    train, test = digit_glyphs(a.cache_dir)
+    judge = get_judge(a.judge, train, test)
+    spec = DiffusionConfig(p_mean=a.p_mean, p_std=a.p_std)
+    mc = ModelConfig(
+        block_out_channels=[int(c) for c in a.channels.split(",")], attention=not a.no_attention
+    )
+    torch.manual_seed(a.seed)
+    model = build_unet(mc, resolution=28, channels=1, num_classes=DIGITS)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    g = torch.Generator().manual_seed(a.seed + 1)
+    x_all, y_all = train.as_float(), train.labels
+    eval_at = {int(s) for s in a.eval_at.split(",")}
+    scales = [float(v) for v in a.guidance.split(",")]
+    print(json.dumps({k: v for k, v in vars(a).items() if k not in ("judge", "grid")}, default=str))
+    train_s = 0.0
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(x_all), (a.batch_size,), generator=g)
+        y = drop_labels(y_all[idx], probability=a.label_dropout, null_label=DIGITS, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(a.lr, step=step, warmup_steps=a.warmup)
+        loss = training_loss(model, x_all[idx], y, spec=spec, generator=g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(ema, model, decay=a.ema, step=step)
+        train_s += time.perf_counter() - t0
+        if step + 1 not in eval_at:
+            continue
+        row = {"step": step + 1, "train_s": round(train_s, 1), "loss": round(loss.item(), 4)}
+        labels = torch.arange(DIGITS).repeat_interleave(PER_CLASS)
+        for w in scales:
+            t1 = time.perf_counter()
+            images = sample_batch(
+                ema.eval(),
+                spec=spec,
+                seeds=list(range(len(labels))),
+                labels=labels,
+                image_shape=(1, 28, 28),
+                num_steps=a.solver_steps,
+                solver="euler",
+                guidance_scale=w,
+            )
+            pred = predict_logits(judge, images, batch_size=256, device=torch.device("cpu"))
+            row[f"class_acc_g{w:g}"] = round((pred.argmax(1) == labels).float().mean().item(), 3)
+            row[f"sample_s_g{w:g}"] = round(time.perf_counter() - t1, 1)
+            if a.grid is not None and step + 1 == a.steps and w == scales[-1]:
+                from torchvision.utils import save_image
+
+                save_image((images + 1) / 2, a.grid, nrow=PER_CLASS)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
