@@ -203,7 +203,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
         seeds=seeds,
         class_names=class_names,
         grid_images_per_class=cfg.sample.grid_images_per_class,
-        title=f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps)",
+        title=(
+            f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps, "
+            f"guidance {cfg.sample.guidance_scale:g})"
+        ),
     )
     log.info("wrote %d synthetic images to %s", len(paths), out)
     mark_done(out)
