@@ -288,6 +288,11 @@ class EvaluateConfig:
     # Real test images: the baseline of the leakage statistics and the non-members of the
     # membership-inference attack (as many training images serve as members).
     heldout_images: DeviceCount = field(default_factory=lambda: DeviceCount(1000, None))
+    # Synthetic images (a seeded random subset) whose Inception features enter FID,
+    # precision/recall and the feature-space neighbour distance (null = all). The
+    # downstream classifiers and the pixel-space near-copy check always use every image:
+    # more images help the classifiers long after they stop changing FID's estimate.
+    fidelity_images: DeviceCount = field(default_factory=lambda: DeviceCount(None, None))
     feature_batch_size: int = 50
     precision_recall_k: int = 4
     classifiers: list[str] = field(default_factory=lambda: list(DOWNSTREAM_CLASSIFIERS))
@@ -401,7 +406,7 @@ def _positive(value: float, name: str, hint: str = "") -> None:
 
 
 def _validate_evaluate(ev: EvaluateConfig) -> None:
-    for key in ("reference_images", "heldout_images"):
+    for key in ("reference_images", "heldout_images", "fidelity_images"):
         for kind in ("cpu", "gpu"):
             value = getattr(getattr(ev, key), kind)
             if value is not None:

@@ -221,3 +221,38 @@ def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir):
     run_pipeline(config("a"), tmp_path / "run")  # same images: skipped quietly
     with pytest.raises(ConfigError, match="already holds the scores of"):
         run_pipeline(config("b"), tmp_path / "run")
+
+
+def test_fidelity_images_subsets_the_features_only(tmp_path, cache_dir):
+    """fidelity_images caps the synthetic images behind FID and precision/recall; the
+    classifiers and the pixel near-copy check still see every image."""
+    from privimage.pipeline import run_pipeline
+
+    cfg = typed_config(["experiment=smoke"], cache_dir)
+    sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
+    split = sensitive.train.subset(torch.arange(60))
+    np.savez(tmp_path / "s.npz", images=split.images.numpy(), labels=split.labels.numpy())
+    cfg = typed_config(
+        [
+            "experiment=smoke",
+            "stages=[evaluate]",
+            f"evaluate.synthetic={tmp_path}/s.npz",
+            "evaluate.fidelity_images.cpu=25",
+        ],
+        cache_dir,
+    )
+    run_pipeline(cfg, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
+    assert m["fidelity"]["synthetic_images"] == 25
+    assert m["fidelity"]["synthetic_images_total"] == 60
+    assert m["fidelity"]["precision_recall_images"] == 25
+    utility = m["utility"]
+    assert utility["synthetic_train_images"] + utility["synthetic_validation_images"] == 60
+    assert utility["real_train_images"] == 60
+
+
+def test_fidelity_images_must_be_positive(tmp_path):
+    from privimage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.fidelity_images.cpu"):
+        typed_config(["evaluate.fidelity_images.cpu=0"], tmp_path)
