@@ -1,0 +1,88 @@
+"""Downstream accuracy of a finished run's synthetic data over several classifier seeds.
+
+The evaluation stage trains each classifier once, with the run's seed. A headline figure
+needs its spread: this retrains the same classifiers (same settings, selection on held-out
+synthetic images) with each seed of ``--seeds`` and scores them on the real test split,
+once per seed, after training. It reports only: nothing here feeds back into a setting.
+
+    python bench/downstream_seeds.py runs/demo/main --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from privimage import data
+from privimage.config import to_config
+from privimage.data.containers import ImageSplit
+from privimage.metrics import downstream as ds
+from privimage.runtime import cache_root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = to_config(OmegaConf.load(args.run_dir / ".hydra" / "config.yaml"))
+    ev = cfg.evaluate
+    samples = np.load(args.run_dir / "sample" / "samples.npz")
+    synthetic = ImageSplit(
+        torch.from_numpy(samples["images"]), torch.from_numpy(samples["labels"]).long()
+    )
+    sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
+    rows = []
+    for seed in args.seeds:
+        settings = ds.DownstreamSettings(
+            kinds=tuple(ev.classifiers),
+            cnn_arch=ev.classifier_arch,
+            cnn_width=ev.classifier_width,
+            cnn_epochs=ev.classifier_epochs,
+            linear_epochs=ev.linear_epochs,
+            batch_size=ev.classifier_batch_size,
+            lr=ev.classifier_lr,
+            linear_lr=ev.linear_lr,
+            cnn_weight_decay=ev.cnn_weight_decay,
+            weight_decays=tuple(ev.weight_decays),
+            validation_fraction=ev.validation_fraction,
+            hflip=ev.classifier_hflip,
+            seed=seed,
+            progress=False,
+        )
+        report, _, _ = ds.evaluate_downstream(
+            synthetic,
+            ds.SealedSplit(sensitive.test),
+            num_classes=len(sensitive.class_names),
+            settings=settings,
+            device=torch.device("cpu"),
+        )
+        accs = {k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()}
+        rows.append({"seed": seed, "mean": round(statistics.mean(accs.values()), 3), **accs})
+        print(json.dumps(rows[-1]), flush=True)
+    means = [r["mean"] for r in rows]
+    print(
+        json.dumps(
+            {
+                "run": str(args.run_dir),
+                "synthetic_images": len(synthetic),
+                "seeds": args.seeds,
+                "mean_accuracy": round(statistics.mean(means), 3),
+                "min": min(means),
+                "max": max(means),
+                "stdev": round(statistics.stdev(means), 3) if len(means) > 1 else 0.0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
