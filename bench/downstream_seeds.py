@@ -24,6 +24,7 @@ from privimage.config import to_config
 from privimage.data.containers import ImageSplit
 from privimage.metrics import downstream as ds
 from privimage.runtime import cache_root
+from privimage.stages.evaluate import downstream_settings
 
 
 def main() -> None:
@@ -34,7 +35,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = to_config(OmegaConf.load(args.run_dir / ".hydra" / "config.yaml"))
-    ev = cfg.evaluate
     samples = np.load(args.run_dir / "sample" / "samples.npz")
     synthetic = ImageSplit(
         torch.from_numpy(samples["images"]), torch.from_numpy(samples["labels"]).long()
@@ -42,22 +42,7 @@ def main() -> None:
     sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []
     for seed in args.seeds:
-        settings = ds.DownstreamSettings(
-            kinds=tuple(ev.classifiers),
-            cnn_arch=ev.classifier_arch,
-            cnn_width=ev.classifier_width,
-            cnn_epochs=ev.classifier_epochs,
-            linear_epochs=ev.linear_epochs,
-            batch_size=ev.classifier_batch_size,
-            lr=ev.classifier_lr,
-            linear_lr=ev.linear_lr,
-            cnn_weight_decay=ev.cnn_weight_decay,
-            weight_decays=tuple(ev.weight_decays),
-            validation_fraction=ev.validation_fraction,
-            hflip=ev.classifier_hflip,
-            seed=seed,
-            progress=False,
-        )
+        settings = downstream_settings(cfg.evaluate, seed=seed, progress=False)
         report, _, _ = ds.evaluate_downstream(
             synthetic,
             ds.SealedSplit(sensitive.test),

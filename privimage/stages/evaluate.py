@@ -337,6 +337,28 @@ def model_memorisation(
     return results, rows, labels
 
 
+def downstream_settings(
+    ev: EvaluateConfig, *, seed: int, progress: bool = True
+) -> ds.DownstreamSettings:
+    """The downstream classifiers' settings from the evaluation config."""
+    return ds.DownstreamSettings(
+        kinds=tuple(ev.classifiers),
+        cnn_arch=ev.classifier_arch,
+        cnn_width=ev.classifier_width,
+        cnn_epochs=ev.classifier_epochs,
+        linear_epochs=ev.linear_epochs,
+        batch_size=ev.classifier_batch_size,
+        lr=ev.classifier_lr,
+        linear_lr=ev.linear_lr,
+        cnn_weight_decay=ev.cnn_weight_decay,
+        weight_decays=tuple(ev.weight_decays),
+        validation_fraction=ev.validation_fraction,
+        hflip=ev.classifier_hflip,
+        seed=seed,
+        progress=progress,
+    )
+
+
 def run(cfg: Config, run_dir: Path) -> Path:
     """Measure fidelity, utility and leakage; see the module docstring."""
     out = stage_dir(run_dir, STAGE)
@@ -394,21 +416,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     lap("fidelity")
 
     # --- utility: train on synthetic, select on synthetic, test once on real -------------
-    settings = ds.DownstreamSettings(
-        kinds=tuple(ev.classifiers),
-        cnn_arch=ev.classifier_arch,
-        cnn_width=ev.classifier_width,
-        cnn_epochs=ev.classifier_epochs,
-        linear_epochs=ev.linear_epochs,
-        batch_size=ev.classifier_batch_size,
-        lr=ev.classifier_lr,
-        linear_lr=ev.linear_lr,
-        cnn_weight_decay=ev.cnn_weight_decay,
-        weight_decays=tuple(ev.weight_decays),
-        validation_fraction=ev.validation_fraction,
-        hflip=ev.classifier_hflip,
-        seed=cfg.seed,
-    )
+    settings = downstream_settings(ev, seed=cfg.seed)
     models: dict[str, ds.Selected] = {}
     if labelled and ev.classifiers:
         real_train = (
