@@ -20,6 +20,7 @@ from privimage.metrics import (
     cached_statistics,
     feature_statistics,
     frechet_distance,
+    frechet_distance_of_features,
     inception_features,
     inception_path,
     load_inception,
@@ -217,6 +218,26 @@ def test_frechet_distance_regularises_when_sqrtm_is_not_finite(monkeypatch):
     expected = 3 + np.sum(s1 + s2 - 2 * np.sqrt((s1 + eps) * (s2 + eps)))
     assert len(calls) == 2
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_a, n_b", [(5, 40), (40, 5), (60, 80)])
+def test_frechet_distance_of_features_matches_the_matrix_root(n_a, n_b):
+    # Fewer and more images than dimensions: the covariances singular or full rank; the
+    # reference is the sqrtm route on the covariances (scipy's matrix square root).
+    rng = np.random.default_rng(n_a)
+    a = rng.normal(size=(n_a, 30)) @ rng.normal(size=(30, 30))
+    b = rng.normal(size=(n_b, 30)) * rng.uniform(0.5, 2.0, size=30) + 0.3
+    expected = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert frechet_distance_of_features(a, b) == pytest.approx(expected, rel=1e-7)
+    assert frechet_distance_of_features(b, a) == pytest.approx(expected, rel=1e-7)
+    assert abs(frechet_distance_of_features(a, a)) < 1e-8 * np.sum(a * a)
+
+
+def test_frechet_distance_of_features_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="dimensions differ"):
+        frechet_distance_of_features(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        frechet_distance_of_features(np.zeros((1, 3)), np.zeros((4, 3)))
 
 
 def test_frechet_distance_rejects_shape_mismatch():

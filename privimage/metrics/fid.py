@@ -294,6 +294,48 @@ def frechet_distance(
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
+def _covariance_factor(features: np.ndarray) -> np.ndarray:
+    """A matrix ``A`` with ``A.T @ A`` the features' covariance, as few rows as possible.
+
+    The centred features over ``sqrt(N - 1)`` (``N`` rows) when ``N <= D``, else the ``D x D``
+    triangular factor of their QR decomposition, which has the same Gram matrix.
+    """
+    a = (features - features.mean(axis=0)) / np.sqrt(features.shape[0] - 1)
+    return a if a.shape[0] <= a.shape[1] else np.linalg.qr(a, mode="r")
+
+
+def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """:func:`frechet_distance` of two feature matrices, without a ``D x D`` matrix root.
+
+    With ``S_a = A.T A`` and ``S_b = B.T B`` (:func:`_covariance_factor`), the non-zero
+    eigenvalues of ``S_a S_b`` are those of ``(A B.T)(A B.T).T``, so ``Tr((S_a S_b)^1/2)``
+    is the sum of the singular values of the small matrix ``A B.T`` (at most
+    ``min(N_a, D) x min(N_b, D)``). Mathematically the same figure as the matrix-root
+    route; for 500 + 500 Inception features a few milliseconds instead of the 10-25 s
+    that ``scipy.linalg.sqrtm`` takes on a 2-core CPU for ``D = 2048``.
+
+    Args:
+        features_a: ``(N_a, D)`` with ``N_a >= 2``.
+        features_b: ``(N_b, D)`` with ``N_b >= 2``.
+
+    Returns:
+        The distance (``>= 0`` up to rounding).
+
+    Raises:
+        ValueError: Not 2-D, fewer than two rows, or different feature dimensions.
+    """
+    fa, fb = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
+    for f in (fa, fb):
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"need a (N, D) feature matrix with N >= 2, got shape {f.shape}")
+    if fa.shape[1] != fb.shape[1]:
+        raise ValueError(f"feature dimensions differ: {fa.shape[1]} and {fb.shape[1]}")
+    a, b = _covariance_factor(fa), _covariance_factor(fb)
+    diff = fa.mean(axis=0) - fb.mean(axis=0)
+    trace_root = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2.0 * trace_root)
+
+
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez`` to a temp file in the same folder, then rename, so readers never see half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,9 +449,9 @@ def fid_score(images_a: torch.Tensor, images_b: torch.Tensor, **kw) -> float:
     Returns:
         The Fréchet Inception Distance.
     """
-    stats_a = feature_statistics(inception_features(images_a, **kw))
-    stats_b = feature_statistics(inception_features(images_b, **kw))
-    return frechet_distance(*stats_a, *stats_b)
+    return frechet_distance_of_features(
+        inception_features(images_a, **kw), inception_features(images_b, **kw)
+    )
 
 
 class TFInceptionFeatures(nn.Module):

@@ -48,8 +48,7 @@ from privimage.diffusion import to_uint8
 from privimage.errors import ConfigError, DataError
 from privimage.metrics import (
     cached_features,
-    feature_statistics,
-    frechet_distance,
+    frechet_distance_of_features,
     leakage,
     precision_recall,
 )
@@ -152,7 +151,7 @@ def _fidelity(
                 f"{len(feats)} {name} images are too few for precision/recall with "
                 f"evaluate.precision_recall_k={k}; use more images"
             )
-    fid = frechet_distance(*feature_statistics(synth_feats), *feature_statistics(ref_feats))
+    fid = frechet_distance_of_features(synth_feats, ref_feats)
     # k-NN radii shrink as a set grows, so precision and recall compare sets of one size
     # (as Kynkaanniemi et al. do): the larger one is subsampled, seeded.
     n_pr = min(len(synth_feats), len(ref_feats))
