@@ -19,7 +19,7 @@ from privimage.errors import ConfigError
 STAGES = ("query", "pretrain", "finetune", "sample", "evaluate")
 FORMULATIONS = ("edm", "ddpm")
 # The samplers that fit each formulation (the first is the default).
-SOLVERS = {"edm": ("heun", "euler"), "ddpm": ("ddim",)}
+SOLVERS = {"edm": ("heun", "euler", "dpmpp_2m"), "ddpm": ("ddim",)}
 # Query-classifier training augmentations (privimage.classifier).
 AUGMENTATIONS = ("shift", "strong")
 # What makes the synthetic images: PrivImage's DP diffusion pipeline, or BN-statistics
@@ -221,7 +221,7 @@ class SampleConfig:
     images_per_class: int = 50
     # Solver steps (EDM's Heun makes 2 network calls per step but the last).
     num_inference_steps: int = 50
-    # heun or euler (edm), ddim (ddpm); None = the formulation's first.
+    # heun, euler or dpmpp_2m (edm), ddim (ddpm); None = the formulation's first.
     sampler: str | None = None
     # Classifier-free guidance weight: 1 = plain conditional, > 1 sharper classes.
     guidance_scale: float = 1.0
