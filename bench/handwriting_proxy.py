@@ -13,7 +13,10 @@ For every UNet folder (a run's ``pretrain/unet`` or ``finetune/unet``) and guida
 it samples ``--per-class`` images per class (seeds from 10**6, apart from the run's own),
 trains the evaluation stage's classifiers (CNN, logistic regression, MLP; selection on
 held-out synthetic images) with ``--seeds`` seeds, and prints one JSON line: the mean
-accuracy on the proxy, each classifier's, and the seconds spent sampling.
+accuracy on the proxy, each classifier's, and the seconds spent sampling. With the glyph
+judge of ``bench/short_pretraining.py`` at hand (``--judge``), it also prints the fraction
+of samples the judge gives the class they were drawn for: a steadier signal of whether
+the samples carry their class, blind to handwriting style.
 
     python bench/handwriting_proxy.py runs/demo/main/finetune/unet --guidance 1 3 --seeds 2
 """
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privimage.classifier import predict_logits
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.metrics.downstream import DownstreamSettings, SealedSplit, evaluate_downstream
@@ -98,8 +102,10 @@ def main() -> None:
     parser.add_argument("--solver", default="euler")
     parser.add_argument("--seeds", type=int, default=2, help="classifier seeds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--judge", type=Path, default=Path("runs/bench/glyph_judge.pt"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    judge = torch.load(args.judge, weights_only=False) if args.judge.exists() else None
     for unet in args.unet:
         for guidance in args.guidance:
             start = time.perf_counter()
@@ -111,6 +117,12 @@ def main() -> None:
                 solver=args.solver,
             )
             sampled = time.perf_counter() - start
+            judged = None
+            if judge is not None:
+                logits = predict_logits(
+                    judge, ImageSplit(x, y).as_float(), batch_size=256, device=torch.device("cpu")
+                )
+                judged = round((logits.argmax(1) == y).float().mean().item(), 3)
             runs = proxy_accuracy(x, y, range(args.seeds))
             per_run = [float(np.mean(list(r.values()))) for r in runs]
             print(
@@ -119,8 +131,11 @@ def main() -> None:
                         "unet": str(unet),
                         "guidance": guidance,
                         "per_class": args.per_class,
-                        "proxy_accuracy": round(float(np.mean(per_run)), 3),
-                        "spread": round(float(np.ptp(per_run)), 3),
+                        "solver": args.solver,
+                        "steps": args.steps,
+                        "proxy_accuracy": round(float(np.mean(per_run)), 3) if runs else None,
+                        "spread": round(float(np.ptp(per_run)), 3) if runs else None,
+                        "glyph_judge_accuracy": judged,
                         "runs": runs,
                         "sample_s": round(sampled),
                     }
