@@ -261,15 +261,18 @@ def test_karras_schedule_known_values():
     )
 
 
-def test_edm_sampler_solves_the_gaussian_ode():
-    """For data ~ N(0, sd^2) the ideal denoiser is c_skip x, i.e. the zero network, and the
-    probability-flow ODE has the closed form x(0) = x(smax) * sd / sqrt(smax^2 + sd^2)."""
+def _gaussian_ode_errors(runs) -> dict:
+    """Max error of each ``(solver, steps)`` in ``runs`` against the closed-form ODE.
+
+    For data ~ N(0, sd^2) the ideal denoiser is c_skip x, i.e. the zero network, and the
+    probability-flow ODE has the closed form x(0) = x(smax) * sd / sqrt(smax^2 + sd^2).
+    """
     sd, smax = 0.5, 80.0
     seeds = [0, 1, 2, 3]
     start = initial_noise(seeds, (1, 4, 4)).double() * smax
     exact = (start * sd / math.sqrt(smax**2 + sd**2)).float().clamp(-1, 1)
     errors = {}
-    for solver, steps in (("euler", 50), ("heun", 50), ("heun", 200)):
+    for solver, steps in runs:
         x = edm_sample(
             lambda x, c, y: torch.zeros_like(x),
             seeds=seeds,
@@ -283,6 +286,11 @@ def test_edm_sampler_solves_the_gaussian_ode():
             solver=solver,
         )
         errors[solver, steps] = (x - exact).abs().max().item()
+    return errors
+
+
+def test_edm_sampler_solves_the_gaussian_ode():
+    errors = _gaussian_ode_errors([("euler", 50), ("heun", 50), ("heun", 200)])
     assert errors["heun", 50] < 1e-2
     assert errors["heun", 200] < 1e-3
     # Second order: 4x the steps cuts the error ~16x; and Heun beats Euler at equal steps.
@@ -291,25 +299,7 @@ def test_edm_sampler_solves_the_gaussian_ode():
 
 
 def test_dpmpp_2m_is_second_order_on_the_gaussian_ode():
-    sd, smax = 0.5, 80.0
-    seeds = [0, 1, 2, 3]
-    start = initial_noise(seeds, (1, 4, 4)).double() * smax
-    exact = (start * sd / math.sqrt(smax**2 + sd**2)).float().clamp(-1, 1)
-    errors = {}
-    for solver, steps in (("euler", 48), ("dpmpp_2m", 12), ("dpmpp_2m", 48)):
-        x = edm_sample(
-            lambda x, c, y: torch.zeros_like(x),
-            seeds=seeds,
-            labels=torch.zeros(4, dtype=torch.long),
-            image_shape=(1, 4, 4),
-            num_steps=steps,
-            sigma_data=sd,
-            sigma_min=0.002,
-            sigma_max=smax,
-            rho=7.0,
-            solver=solver,
-        )
-        errors[solver, steps] = (x - exact).abs().max().item()
+    errors = _gaussian_ode_errors([("euler", 48), ("dpmpp_2m", 12), ("dpmpp_2m", 48)])
     # At Euler's cost per step it is far closer, and 4x the steps cuts the error > 8x.
     assert errors["dpmpp_2m", 48] < errors["euler", 48] / 5
     assert errors["dpmpp_2m", 48] < errors["dpmpp_2m", 12] / 8
