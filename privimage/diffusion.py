@@ -334,8 +334,8 @@ def edm_sample(
     DPM-Solver++(2M) (Lu et al. 2022): second order from the previous step's denoised
     image, so ``num_steps`` calls like Euler. Returns floats clamped to [-1, 1].
     """
-    if solver not in ("euler", "heun", "dpmpp_2m"):
-        raise ValueError(f"solver must be 'euler', 'heun' or 'dpmpp_2m', got {solver!r}")
+    if solver not in SOLVERS["edm"]:
+        raise ValueError(f"solver must be one of {SOLVERS['edm']}, got {solver!r}")
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
     if guidance_scale != 1.0 and null_label is None:

@@ -236,10 +236,16 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: Not 2-D or fewer than two rows (the covariance would be undefined).
     """
+    features = _feature_matrix(features)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _feature_matrix(features: np.ndarray) -> np.ndarray:
+    """``features`` as float64, refused unless ``(N, D)`` with ``N >= 2`` (a covariance)."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"need a (N, D) feature matrix with N >= 2, got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features
 
 
 def frechet_distance(
@@ -311,8 +317,8 @@ def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray)
     eigenvalues of ``S_a S_b`` are those of ``(A B.T)(A B.T).T``, so ``Tr((S_a S_b)^1/2)``
     is the sum of the singular values of the small matrix ``A B.T`` (at most
     ``min(N_a, D) x min(N_b, D)``). Mathematically the same figure as the matrix-root
-    route; for 500 + 500 Inception features a few milliseconds instead of the 10-25 s
-    that ``scipy.linalg.sqrtm`` takes on a 2-core CPU for ``D = 2048``.
+    route; for the demo's 500 + 500 Inception features (``D = 2048``) it took 0.9 s where
+    ``scipy.linalg.sqrtm`` took 26 s on a shared 2-core CPU (12.4 s on an idle one).
 
     Args:
         features_a: ``(N_a, D)`` with ``N_a >= 2``.
@@ -324,10 +330,7 @@ def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray)
     Raises:
         ValueError: Not 2-D, fewer than two rows, or different feature dimensions.
     """
-    fa, fb = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
-    for f in (fa, fb):
-        if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"need a (N, D) feature matrix with N >= 2, got shape {f.shape}")
+    fa, fb = _feature_matrix(features_a), _feature_matrix(features_b)
     if fa.shape[1] != fb.shape[1]:
         raise ValueError(f"feature dimensions differ: {fa.shape[1]} and {fb.shape[1]}")
     a, b = _covariance_factor(fa), _covariance_factor(fb)
