@@ -9,6 +9,11 @@ noise, so rows differ by that too), and scores the fine-tuned UNet with
 one JSON line per variant: its noise multiplier, steps, fine-tuning seconds and scores.
 The MNIST test split is never read.
 
+Each variant is a separate DP release of the same sensitive training data, recorded in its
+own copy's ledger only: comparing V variants spends V times the fine-tuning budget on that
+data. That is acceptable for the embedded demo digits this bench is for; on a real
+sensitive dataset, count the comparison as V releases (or compare on public data).
+
     python bench/refinetune.py runs/demo/main --experiment demo \\
         --variant base --variant lr3e-3 finetune.lr=3e-3 \\
         --variant b512e6 finetune.batch_size=512 finetune.epochs=6 finetune.lr=2e-3
