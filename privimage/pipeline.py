@@ -17,7 +17,7 @@ from privimage import data, reuse
 from privimage.config import STAGES, Config
 from privimage.errors import ConfigError
 from privimage.io.release import write_release
-from privimage.runtime import atomic_write_text, is_done, stage_dir
+from privimage.runtime import atomic_write_text, cache_root, is_done, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     data.check_available(cfg.data)
     if cfg.synthesizer == "diffusion":  # bnstat reads no public data
         data.check_available(cfg.public)
+    if any(_reads_sensitive(cfg, s) for s in cfg.stages if not is_done(run_dir, s)):
+        # Decode (and cache) the sensitive images before the first stage, so a corrupt
+        # file or a one-class dataset fails in seconds, not after the query classifier
+        # has trained; the stages then read the cached copy. Decoding is no mechanism:
+        # nothing leaves the run, and each budget check still precedes its mechanism.
+        sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=main_process)
+        data.check_classes(sensitive, cfg.data, key="data")
+        del sensitive
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     from privimage.stages import STAGE_MODULES
@@ -79,6 +87,16 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     if main_process:
         write_release(run_dir, release_declarations(cfg), summary=release_summary(cfg))
     return run_dir
+
+
+def _reads_sensitive(cfg: Config, stage: str) -> bool:
+    """Whether ``stage`` reads the sensitive images: pretraining only for their class
+    names when it skips the query's selection, diffusion sampling never."""
+    if stage == "pretrain":
+        return cfg.pretrain.public_subset != "semantic"
+    if stage == "sample":
+        return cfg.synthesizer == "bnstat"
+    return True
 
 
 def release_declarations(cfg: Config) -> dict:

@@ -413,6 +413,55 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
     assert _entries(tmp_path / "cache") == []
 
 
+def test_class_folders_without_images(tmp_path: Path) -> None:
+    # An empty class folder would otherwise drop its class without a word.
+    _write_tree(tmp_path / "flat" / "mydata", split_dirs=False)
+    (tmp_path / "flat" / "mydata" / "fox").mkdir()
+    archive = tmp_path / "flat.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "flat", arcname="flat")
+    for cfg in (
+        DataConfig(source="folder", path=str(tmp_path / "flat")),
+        DataConfig(source="tar", path=str(archive)),
+    ):
+        with pytest.raises(DataError) as exc:
+            # The folder's layout is checked before anything is decoded; the archive's
+            # on its one reading pass.
+            data.check_available(cfg)
+            data.load(cfg, cache_dir=tmp_path / "cache", progress=False)
+        message = _one_line(exc)
+        assert "class folder fox" in message and "remove the folder" in message
+        assert cfg.path in message
+    # In a split tree: a class with test images but no training images.
+    _write_tree(tmp_path / "split", split_dirs=True)
+    shutil.rmtree(tmp_path / "split" / "train" / "emu")
+    cfg = DataConfig(source="folder", path=str(tmp_path / "split"))
+    with pytest.raises(DataError) as exc:
+        data.check_available(cfg)
+    assert "'emu'" in _one_line(exc) and "train/emu/" in _one_line(exc)
+    (tmp_path / "split" / "train" / "emu").mkdir()
+    with pytest.raises(DataError, match="class folder train/emu"):
+        data.check_available(cfg)
+    assert _entries(tmp_path / "cache") == []
+
+
+def test_one_class_is_refused_as_sensitive_data(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "tree", split_dirs=False)
+    for cls in ("dog", "emu"):
+        shutil.rmtree(tmp_path / "tree" / cls)
+    cfg = DataConfig(source="folder", path=str(tmp_path / "tree"), resolution=8)
+    # The loader takes it (a one-class public set is fine for public_subset=all) ...
+    ds = data.load(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert ds.class_names == ["cat"]
+    # ... the sensitive data needs two classes.
+    with pytest.raises(DataError) as exc:
+        data.check_classes(ds, cfg, key="data")
+    message = _one_line(exc)
+    assert f"data.path={cfg.path}" in message and "one class ('cat')" in message
+    assert "<class>/<image>" in message
+    data.check_classes(data.load(DataConfig(source="digits"), cache_dir=tmp_path), cfg)
+
+
 def test_hub_offline_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 

@@ -42,6 +42,13 @@ def test_npz_layouts(tmp_path):
         ({"pixels": np.zeros((2, 1, 4, 4), np.uint8)}, "no 'images'"),
         ({"images": np.zeros((2, 1, 4, 4), np.float32)}, "uint8"),
         ({"images": np.zeros((2, 1, 4, 4), np.uint8), "labels": np.array([0, 7])}, "label 7"),
+        ({"images": np.full((2, 1, 4, 4), np.nan, np.float32)}, "32 NaN value"),
+        (
+            {"images": np.zeros((2, 1, 4, 4), np.uint8), "labels": np.array([0.0, np.nan])},
+            "labels hold NaN",
+        ),
+        ({"images": np.zeros((2, 1, 4, 4), np.uint8), "labels": np.array([0, 1.5])}, "1.5"),
+        ({"images": np.zeros((2, 1, 4, 4), np.uint8), "labels": np.array(["a", "b"])}, "<U1"),
     ],
 )
 def test_bad_npz_is_a_one_line_data_error(tmp_path, arrays, needle):

@@ -17,7 +17,15 @@ preprocessed to a uint8 ``pixels`` column and saved with ``save_to_disk`` under
 """
 
 from privimage.data.containers import ImageDataset, ImageSplit
-from privimage.data.loading import check_available, content_key, load
+from privimage.data.loading import check_available, check_classes, content_key, load
 from privimage.data.sources import SOURCES
 
-__all__ = ["SOURCES", "ImageDataset", "ImageSplit", "check_available", "content_key", "load"]
+__all__ = [
+    "SOURCES",
+    "ImageDataset",
+    "ImageSplit",
+    "check_available",
+    "check_classes",
+    "content_key",
+    "load",
+]

@@ -145,6 +145,8 @@ class TarScan:
 
     names: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    # Folder members: an empty class folder has no file to show it exists.
+    dirs: list[str] = field(default_factory=list)
 
 
 def scan_tar(
@@ -171,6 +173,8 @@ def scan_tar(
             tarfile.open(fileobj=_ProgressReader(raw, bar), mode="r|*") as tar,
         ):
             for member in tar:
+                if member.isdir():
+                    scan.dirs.append(member.name.rstrip("/"))
                 if not member.isfile():
                     continue
                 scan.names.append(member.name)
@@ -200,15 +204,25 @@ class TreeLayout:
     splits: dict[str, tuple[list[str], np.ndarray]]
 
 
-def tree_layout(names: Iterable[str], where: str, source: str) -> TreeLayout:
+def tree_layout(
+    names: Iterable[str], where: str, source: str, dirs: Iterable[str] | None = None
+) -> TreeLayout:
     """Find the class folders (and split folders) among relative POSIX file names.
 
     Wrapper folders common to every image (``cifar10/`` in ``cifar10.tar.gz``) are
     skipped. A name's class is its parent folder; with ``train/`` and ``test/`` (or
     ``val/``) folders at the top, those give the split. Other files are ignored.
 
+    Args:
+        names: the tree's files.
+        where: the folder or archive, for messages.
+        source: the source's name, for messages.
+        dirs: the tree's folders, when known; a class folder among them without images
+            is then an error rather than a class silently missing.
+
     Raises:
-        DataError: (one line) when no image sits in a recognised layout.
+        DataError: (one line) when no image sits in a recognised layout, a class folder
+            holds no images, or a class has test images but no training images.
     """
     # Sorted, so the result does not depend on the order of an archive's members.
     images = sorted(n for n in names if is_image_name(n))
@@ -243,6 +257,19 @@ def tree_layout(names: Iterable[str], where: str, source: str) -> TreeLayout:
             f"{source}: no images in {where} laid out as <class>/<image> or "
             f"train/<class>/<image> + test/<class>/<image>{example}"
         )
+    if dirs is not None:
+        wrapper = parts[0][:depth]
+        _check_class_dirs(dirs, wrapper, parts, bool(by_split["train"]), where, source)
+    if "test" in chosen:
+        trained = {cls for _, cls in chosen["train"]}
+        untrained = sorted({cls for _, cls in chosen["test"]} - trained)
+        if untrained:
+            # The model would be asked for a class it never saw an image of.
+            raise DataError(
+                f"{source}: class {untrained[0]!r} in {where} has test images but no "
+                f"training images; add its images to train/{untrained[0]}/ or remove it "
+                "from the test folder"
+            )
     class_names = sorted({cls for items in chosen.values() for _, cls in items})
     index = {c: i for i, c in enumerate(class_names)}
     splits = {
@@ -255,14 +282,49 @@ def tree_layout(names: Iterable[str], where: str, source: str) -> TreeLayout:
     return TreeLayout(class_names, splits)
 
 
-def list_tree(root: Path) -> list[str]:
-    """Relative POSIX names of the files under ``root``, sorted (hidden folders skipped)."""
-    out = []
+def _check_class_dirs(
+    dirs: Iterable[str],
+    wrapper: tuple[str, ...],
+    image_parts: list[tuple[str, ...]],
+    split_layout: bool,
+    where: str,
+    source: str,
+) -> None:
+    """Refuse a class folder that holds no images: left out, its class would vanish from
+    the dataset without a word (a failed copy, a typo in a folder name)."""
+    filled = {p[:-1] for p in image_parts}
+    for name in sorted(dirs):
+        p = PurePosixPath(name).parts
+        if p[: len(wrapper)] != wrapper or any(x.startswith(".") or x == "__MACOSX" for x in p):
+            continue
+        rel = p[len(wrapper) :]
+        # Class folders sit directly under the root, or under train/ and test/ folders.
+        if split_layout:
+            is_class = len(rel) == 2 and rel[0].lower() in (*TRAIN_DIRS, *TEST_DIRS)
+        else:
+            is_class = len(rel) == 1
+        if is_class and p not in filled:
+            raise DataError(
+                f"{source}: class folder {'/'.join(rel)} in {where} holds no images; add "
+                "its images (png, jpg, ...) or remove the folder"
+            )
+
+
+def walk_tree(root: Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX names of the files and of the folders under ``root``, sorted
+    (hidden ones skipped)."""
+    files, folders = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
-        out.extend((rel / f).as_posix() for f in filenames if not f.startswith("."))
-    return sorted(out)
+        files.extend((rel / f).as_posix() for f in filenames if not f.startswith("."))
+        folders.extend((rel / d).as_posix() for d in dirnames)
+    return sorted(files), sorted(folders)
+
+
+def list_tree(root: Path) -> list[str]:
+    """Relative POSIX names of the files under ``root``, sorted (hidden folders skipped)."""
+    return walk_tree(root)[0]
 
 
 def tree_digest(root: Path, names: list[str]) -> dict:

@@ -56,22 +56,44 @@ def _from_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path} as .npz: {e}") from None
     if images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 in [0, 255], got {images.dtype}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            # Say what is wrong with the values: a NaN from a diverged model is the
+            # likely cause, and converting the dtype would only hide it.
+            what = "NaN" if np.isnan(images).any() else "infinite"
+            raise DataError(
+                f"{path}: images hold {int((~np.isfinite(images)).sum())} {what} value(s); "
+                "save finite uint8 images in [0, 255]"
+            )
+        raise DataError(
+            f"{path}: images must be uint8 in [0, 255], got {images.dtype}; convert them, "
+            "e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]"
+        )
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
         raise DataError(f"{path}: images must be (N, C, H, W) or (N, H, W, C), got {images.shape}")
     if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
         images = np.transpose(images, (0, 3, 1, 2))
+    fix = f"use class indices 0..{num_classes - 1} (-1: unlabelled)"
     if labels is None:
         labels = np.full(len(images), UNLABELLED, dtype=np.int64)
+    elif labels.dtype.kind == "f":
+        # A cast would turn NaN into a huge negative label and 1.5 into 1.
+        if not np.isfinite(labels).all():
+            raise DataError(f"{path}: labels hold NaN or infinite values; {fix}")
+        if (labels != np.round(labels)).any():
+            odd = labels[labels != np.round(labels)][0]
+            raise DataError(f"{path}: label {odd:g} is not a whole number; {fix}")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{path}: labels must be integers, got {labels.dtype}; {fix}")
     labels = labels.astype(np.int64).reshape(-1)
     if len(labels) != len(images):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
     bad = labels[(labels != UNLABELLED) & ((labels < 0) | (labels >= num_classes))]
     if len(bad):
         raise DataError(
-            f"{path}: label {int(bad[0])} is outside the sensitive dataset's {num_classes} classes"
+            f"{path}: label {int(bad[0])} is outside the sensitive dataset's {num_classes} "
+            f"classes; {fix}"
         )
     return images, labels
 

@@ -15,7 +15,7 @@ from privimage.data import cache, splits
 from privimage.data.containers import ImageDataset
 from privimage.data.preprocess import hf_progress, preprocess, raw_dataset
 from privimage.data.sources import Source, get_source
-from privimage.errors import ConfigError
+from privimage.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,33 @@ def check_available(cfg: DataConfig) -> None:
     """
     _check_values(cfg)
     get_source(cfg.source).check(cfg)
+
+
+def check_classes(ds: ImageDataset, cfg: DataConfig, *, key: str = "data") -> None:
+    """Refuse a dataset with fewer than two classes as the sensitive data.
+
+    Every stage works per class (the query's votes, the class-conditional UNet, the
+    downstream classifiers), so a single class would run to the end and report numbers
+    that mean nothing. Public data may have one class (``pretrain.public_subset=all``
+    ignores its labels), which is why the loader itself allows it.
+
+    Raises:
+        DataError: (one line) naming the class found and how to give more.
+    """
+    if ds.num_classes >= 2:
+        return
+    found = f"one class ({ds.class_names[0]!r})" if ds.class_names else "no class"
+    where = f"{key}.path={cfg.path}" if cfg.path else f"{key}.source={cfg.source}"
+    if cfg.source in ("folder", "tar"):
+        fix = f"put each class's images in its own sub-folder, {key}.path/<class>/<image>"
+    elif cfg.source == "hub":
+        fix = f"set {key}.label_column to the column that holds the classes"
+    else:
+        fix = f"choose another {key}.source"
+    raise DataError(
+        f"{where} holds {found}; the synthetic data is made per class and needs at least "
+        f"2 classes: {fix}"
+    )
 
 
 def _spec(cfg: DataConfig, source: Source) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 
 import datasets
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from privimage.errors import DataError
 
@@ -70,7 +70,15 @@ def _decode(value: dict) -> Image.Image:
             img = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path or '<bytes>'}: {exc}") from exc
+        # Pillow's "cannot identify" text names an in-memory buffer, not the file.
+        if isinstance(exc, UnidentifiedImageError):
+            reason = "not an image file Pillow can read"
+        else:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"cannot decode image {path or '<bytes>'} ({reason}); replace it with a readable "
+            "image or delete it"
+        ) from exc
     return img
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -220,7 +219,7 @@ class _TarSource(Source):
 
     def layout(self, scan: archives.TarScan, path: Path) -> tuple[list[str], dict[str, Refs]]:
         """Class names and per-split (member names, labels) from the listing."""
-        tree = archives.tree_layout(scan.names, f"{path}", self.name)
+        tree = archives.tree_layout(scan.names, f"{path}", self.name, dirs=scan.dirs)
         return tree.class_names, tree.splits
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
@@ -250,8 +249,9 @@ class _TarSource(Source):
                         desc=f"{self.name}: reading {len(missing)} images",
                     ).files,
                 }
+            # The path only names an image that fails to decode.
             return {
-                split: [{"bytes": files[n], "path": n} for n in names]
+                split: [{"bytes": files[n], "path": f"{n} in {path}"} for n in names]
                 for split, names in refs.items()
             }
 
@@ -386,18 +386,25 @@ class Folder(Source):
         root = _require_path(cfg, self.name, "/path/to/images")
         if not root.is_dir():
             what = "is a file" if root.exists() else "does not exist"
-            raise DataError(f"folder: {root} {what}; {path_hint('/path/to/images')} (a folder)")
+            raise DataError(
+                f"folder: {root} {what}; point data.path (public.path for the public "
+                "dataset) at a folder of <class>/<image> sub-folders"
+            )
         return root
 
+    def _layout(self, root: Path) -> archives.TreeLayout:
+        files, folders = archives.walk_tree(root)
+        if not any(is_image_name(f) for f in files):
+            raise DataError(
+                f"folder: no images under {root}; expected <class>/<image> or "
+                "train/<class>/<image> + test/<class>/<image>"
+            )
+        return archives.tree_layout(files, str(root), self.name, dirs=folders)
+
     def check(self, cfg: DataConfig) -> None:
-        root = self._root(cfg)
-        for _, _, files in os.walk(root):
-            if any(is_image_name(f) for f in files):
-                return
-        raise DataError(
-            f"folder: no images under {root}; expected <class>/<image> or "
-            "train/<class>/<image> + test/<class>/<image>"
-        )
+        # The whole layout, not just one image: an empty class folder fails here, before
+        # any stage runs (listing a folder is cheap; nothing is decoded).
+        self._layout(self._root(cfg))
 
     def fingerprint(self, cfg: DataConfig) -> dict:
         root = self._root(cfg)
@@ -406,7 +413,7 @@ class Folder(Source):
 
     def catalog(self, cfg: DataConfig, *, progress: bool) -> Catalog:
         root = self._root(cfg)
-        tree = archives.tree_layout(archives.list_tree(root), str(root), self.name)
+        tree = self._layout(root)
 
         def fetch(refs: dict[str, Sequence[Any]]) -> dict[str, list[Any]]:
             total = sum(len(r) for r in refs.values())
@@ -419,7 +426,8 @@ class Folder(Source):
                             data = (root / name).read_bytes()
                         except OSError as exc:
                             raise DataError(f"folder: cannot read {root / name}: {exc}") from exc
-                        out[split].append({"bytes": data, "path": name})
+                        # The full path names an image that fails to decode.
+                        out[split].append({"bytes": data, "path": str(root / name)})
                         bar.update()
             return out
 

@@ -168,8 +168,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # stage and method runs on machines without it.
         from privimage.clip_query import load_clip
 
-        # Weights come from a local file only; a missing one stops here, before any
-        # sensitive data is read.
+        # Weights come from a local file only; a missing one stops here, before the
+        # query uses any sensitive data.
         scorer = load_clip(cfg.query.clip_model, cfg.query.clip_weights, device=device)
         public_top1 = None
 
