@@ -212,6 +212,11 @@ class FinetuneConfig:
     checkpoint_every_steps: int = 25
     # Labels replaced by the null class (guidance); the draw is data-independent.
     label_dropout: float = 0.0
+    # Parameter-efficient DP fine-tuning: the UNet's parameters whose qualified names start
+    # with one of these prefixes are trained, the rest stay as pretrained (None: all). The
+    # noise is added to the trained parameters only, so its total norm shrinks with their
+    # number while each example's clipped gradient keeps norm <= max_grad_norm.
+    trainable: list[str] | None = None
 
 
 @dataclass
@@ -524,9 +529,16 @@ def validate(cfg: Config) -> None:
     eps_key = "privacy.epsilon" if cfg.privacy.epsilon is not None else "privacy.target_epsilon"
     _positive(cfg.privacy.target_epsilon, eps_key, " (the privacy budget)")
     if not math.isfinite(cfg.privacy.target_epsilon):
-        raise ConfigError(f"{eps_key}={cfg.privacy.target_epsilon} must be finite")
+        # An infinite budget would calibrate zero noise and still call the run private.
+        raise ConfigError(
+            f"{eps_key}={cfg.privacy.target_epsilon} must be finite; set a finite budget, "
+            f"e.g. {eps_key}=10 (experiment=nonprivate for the non-private baseline)"
+        )
     if not 0 < cfg.privacy.delta < 1:
-        raise ConfigError(f"privacy.delta={cfg.privacy.delta} must be in (0, 1)")
+        raise ConfigError(
+            f"privacy.delta={cfg.privacy.delta} must be in (0, 1); use one below 1/N for N "
+            "sensitive training images, e.g. privacy.delta=1e-5"
+        )
     if cfg.privacy.accountant not in ("rdp", "prv"):
         raise ConfigError(f"privacy.accountant={cfg.privacy.accountant!r}; choose rdp or prv")
     _positive(cfg.query.top_k, "query.top_k")
@@ -577,7 +589,11 @@ def validate(cfg: Config) -> None:
             f"pretrain.public_subset={cfg.pretrain.public_subset} does not use the semantic "
             f"query, which would spend privacy budget for nothing; set stages=[{','.join(rest)}]"
         )
-    _positive(cfg.pretrain.batch_size, "pretrain.batch_size")
+    _positive(
+        cfg.pretrain.batch_size,
+        "pretrain.batch_size",
+        "; set the images per optimizer step, e.g. pretrain.batch_size=64",
+    )
     _positive(cfg.pretrain.gradient_accumulation_steps, "pretrain.gradient_accumulation_steps")
     _positive(cfg.pretrain.checkpoint_every_steps, "pretrain.checkpoint_every_steps")
     _positive(cfg.pretrain.log_every_steps, "pretrain.log_every_steps")
@@ -596,8 +612,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={p} must be in [0, 1)")
     _validate_evaluate(cfg.evaluate)
     _positive(cfg.finetune.epochs, "finetune.epochs")
-    _positive(cfg.finetune.batch_size, "finetune.batch_size")
-    _positive(cfg.finetune.physical_batch_size, "finetune.physical_batch_size")
+    _positive(
+        cfg.finetune.batch_size,
+        "finetune.batch_size",
+        "; set the expected images per DP-SGD step, e.g. finetune.batch_size=256",
+    )
+    _positive(
+        cfg.finetune.physical_batch_size,
+        "finetune.physical_batch_size",
+        "; set the images per forward pass, e.g. finetune.physical_batch_size=64",
+    )
     _positive(cfg.finetune.max_grad_norm, "finetune.max_grad_norm")
     _positive(cfg.finetune.noise_multiplicity, "finetune.noise_multiplicity")
     if cfg.finetune.grad_sample_mode not in GRAD_SAMPLE_MODES:

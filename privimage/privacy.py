@@ -638,7 +638,9 @@ class Ledger:
          "noise_secret": true, "differentially_private": true,
          "mechanisms": [{...Mechanism.to_dict(), "noise_secret": true,
                          "status": "started" | "completed" | "abandoned",
-                         "epsilon_after": 0.37, "time": "2025-01-01T00:00:00+00:00"}],
+                         "epsilon_after": 0.37, "time": "2025-01-01T00:00:00+00:00",
+                         "details": {...}  # optional, e.g. which parameters DP-SGD trained
+                        }],
          "non_private": [...], "measurements": [...],
          "events": [{"event": "begin" | "resume" | "restart" | "complete" | ...,
                      ...Mechanism.to_dict(), "epsilon_spent": 0.37, "time": ...}]}
@@ -805,7 +807,12 @@ class Ledger:
     # ---- writing ----------------------------------------------------------------------
 
     def begin(
-        self, mechanism: Mechanism, *, noise_secret: bool = True, resume_from_step: int = 0
+        self,
+        mechanism: Mechanism,
+        *,
+        noise_secret: bool = True,
+        resume_from_step: int = 0,
+        details: dict[str, Any] | None = None,
     ) -> None:
         """Record ``mechanism`` as started; call it BEFORE the mechanism touches sensitive data.
 
@@ -818,6 +825,9 @@ class Ledger:
                 the one already started: the steps before the checkpoint are part of it,
                 and the steps after it are replayed with the same random stream, so the
                 run as a whole still releases one instance of ``mechanism``.
+            details: What else a reader of the record needs to know about the release and
+                the accountant does not (for DP-SGD: which parameters were trained);
+                stored with the entry as ``details``.
 
         Raises:
             PrivacyBudgetError: The history plus this mechanism would exceed the target
@@ -866,6 +876,8 @@ class Ledger:
             "epsilon_after": None,
             "time": _now(),
         }
+        if details:
+            entry["details"] = dict(details)
         extra: dict[str, Any] = {"noise_secret": bool(noise_secret)}
         if resume_from_step:
             extra["from_step"] = int(resume_from_step)
@@ -901,12 +913,14 @@ class Ledger:
             )
         if self._entries[index]["status"] == "completed":
             raise RuntimeError(f"{mechanism.stage}/{mechanism.name} is already completed")
+        started = self._entries[index]
         self._entries[index] = {
             **mechanism.to_dict(),
-            "noise_secret": self._entries[index].get("noise_secret", False),
+            "noise_secret": started.get("noise_secret", False),
             "status": "completed",
             "epsilon_after": None,
             "time": _now(),
+            **({"details": started["details"]} if "details" in started else {}),
         }
         self._write(event=("complete", mechanism, {}))
         if not _within_budget(self._epsilon_spent, self.target_epsilon):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privimage.io.release import trained_text
 from privimage.runtime import atomic_write_text
 
 
@@ -49,6 +50,8 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
             f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
             f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`; the noise was "
             "drawn from secret OS entropy."
+            + trained_text(metrics.get("dp_trained"), prefix=" DP fine-tuning ")
+            + ("." if metrics.get("dp_trained") else "")
         )
     else:
         lines.append("Privacy: no ledger (these images do not come from a privimage run).")

@@ -252,6 +252,18 @@ def privacy_headline(ledger: dict) -> str:
     )
 
 
+def trained_text(details: dict | None, *, prefix: str = "") -> str:
+    """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
+    if not details or "trainable" not in details:
+        return ""
+    what = details["trainable"]
+    what = "every parameter" if what == "all" else ", ".join(f"`{p}`" for p in what)
+    return (
+        f"{prefix}trained {what} ({details['trained_parameters']:,} of "
+        f"{details['parameters']:,} parameters)"
+    )
+
+
 def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> str:
     """RELEASE.md: the guarantee, what was done, what is here and what is not."""
     lines = ["# privimage release", "", f"**{privacy_headline(ledger)}.**", ""]
@@ -270,6 +282,7 @@ def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> 
                 f"{m['noise_multiplier']:.4g}, sampling rate {m['sample_rate']:.4g}, "
                 f"{m['steps']} step(s), sensitivity {m['sensitivity']:.4g}, noise "
                 f"{'secret (OS entropy)' if m.get('noise_secret') else 'DERIVED FROM THE SEED'}"
+                f"{trained_text(m.get('details'), prefix='; ')}"
             )
     lines += ["", "## Contents", ""]
     by_top: dict[str, int] = {}

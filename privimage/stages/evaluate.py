@@ -547,6 +547,14 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # epsilon holds against anyone who knows the config.
         "noise_secret": ledger.get("noise_secret", False) if ledger else None,
         "non_private_steps": [e["description"] for e in (ledger or {}).get("non_private", [])],
+        "dp_trained": next(
+            (
+                m["details"]
+                for m in (ledger or {}).get("mechanisms", [])
+                if m.get("status") == "completed" and "trainable" in m.get("details", {})
+            ),
+            None,
+        ),
         "synthesizer": cfg.synthesizer if own_samples else None,
         "synthetic": synthetic_source,
         "fidelity": fidelity,

@@ -290,6 +290,16 @@ def run(cfg: Config, run_dir: Path) -> Path:
         steps=steps,
         max_grad_norm=ft.max_grad_norm,
     )
+    # Loaded before the ledger entry, which records which of its parameters are trained
+    # (a bad finetune.trainable fails here, before anything is spent).
+    model, trained_with = load_unet(pretrain_dir / "unet")
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    model.train()
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
+    make_opacus_safe(model)
+    trained = select_trainable(model, ft.trainable)
 
     identity = {
         "mechanism": mechanism.to_dict(),
@@ -302,6 +312,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # The same sensitive images and the same starting model, not just the same shapes.
         "data_key": data.content_key(cfg.data),
         "pretrained_weights": weights_digest(pretrain_dir / "unet"),
+        "trainable": ft.trainable,
     }
     start = 0
     if ckpt is not None:
@@ -318,7 +329,12 @@ def run(cfg: Config, run_dir: Path) -> Path:
             if not already_completed:
                 # Refuses before any sensitive gradient is computed if the budget would be
                 # exceeded; on resume, also if the mechanism differs from the one started.
-                ledger.begin(mechanism, noise_secret=not reproducible, resume_from_step=start)
+                ledger.begin(
+                    mechanism,
+                    noise_secret=not reproducible,
+                    resume_from_step=start,
+                    details=trained,
+                )
         except PrivImageError as exc:
             refused = exc
     if not procs.agree(refused is None):
@@ -338,13 +354,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
         f"; resuming after step {start}" if start else "",
     )
 
-    model, trained_with = load_unet(pretrain_dir / "unet")
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
-    model.train()
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
-    make_opacus_safe(model)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device).train()
@@ -382,7 +391,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     dp_model, optimizer, dp_loader, engine = make_private(
         model,
-        torch.optim.Adam(model.parameters(), lr=ft.lr),
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
         loader,
         noise_multiplier=sigma,
         max_grad_norm=ft.max_grad_norm,
@@ -471,6 +480,37 @@ def run(cfg: Config, run_dir: Path) -> Path:
     ckpt_path.unlink(missing_ok=True)
     procs.barrier()
     return out
+
+
+def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict:
+    """Freeze every parameter of ``model`` outside ``prefixes`` (None: train them all).
+
+    A prefix matches a parameter whose qualified name equals it or starts with it
+    followed by a dot (``up_blocks.1`` matches ``up_blocks.1.resnets.0.conv1.weight``, not
+    ``up_blocks.10...``). Returns what is trained, for the stats and the ledger.
+
+    Raises:
+        ConfigError: A prefix matches no parameter (naming the UNet's top-level modules).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    total = sum(p.numel() for p in model.parameters())
+    if prefixes is None:
+        model.requires_grad_(True)
+        return {"trainable": "all", "trained_parameters": total, "parameters": total}
+    prefixes = [str(x) for x in prefixes]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"finetune.trainable={prefixes}: {prefix!r} names no parameter of the UNet; "
+                f"use prefixes of its modules, e.g. {', '.join(tops)}"
+            )
+    trained = 0
+    for n, p in model.named_parameters():
+        keep = any(n == x or n.startswith(x + ".") for x in prefixes)
+        p.requires_grad_(keep)
+        trained += p.numel() if keep else 0
+    return {"trainable": prefixes, "trained_parameters": trained, "parameters": total}
 
 
 def _train(
@@ -593,8 +633,9 @@ def _run_non_private(
     model, trained_with = load_unet(pretrain_dir / "unet")
     check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
     model.to(device).train()
+    select_trainable(model, ft.trainable)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=ft.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr)
     settings = {"steps": steps, "batch_size": ft.batch_size, "lr": ft.lr, "seed": cfg.seed}
     ckpt_path = out / CHECKPOINT
     ckpt = _load_checkpoint(ckpt_path, device)
