@@ -34,6 +34,7 @@ Usage::
     .venv/bin/python bench/dp_step.py --threads 1      # on a CPU shared with other jobs
     .venv/bin/python bench/dp_step.py --models tiny28,tiny32,small32 --memory  # the README table
     .venv/bin/python bench/dp_step.py --models tiny28 --per-layer   # where book-keeping's time goes
+    .venv/bin/python bench/dp_step.py --models tiny28 --trainable up_blocks,conv_norm_out,conv_out
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from privimage.config import DiffusionConfig, ModelConfig
 from privimage.diffusion import training_loss
 from privimage.dpsgd import make_private, repeat_for_noise_draws
 from privimage.models import build_unet, count_parameters, make_opacus_safe
+from privimage.stages.finetune import select_trainable
 
 # Preset -> (resolution, channels) of the data it is the default model for.
 PRESETS = {"tiny28": (28, 1), "tiny32": (32, 3), "small32": (32, 3)}
@@ -115,9 +117,19 @@ def time_steps(
 
 
 def _steps(
-    name: str, *, batch_size: int, noise_multiplicity: int, device: torch.device, paths
+    name: str,
+    *,
+    batch_size: int,
+    noise_multiplicity: int,
+    device: torch.device,
+    paths,
+    trainable: list[str] | None = None,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, object], int, dict]:
-    """One step function per path (``plain`` and each DP path) on one fixed batch."""
+    """One step function per path (``plain`` and each DP path) on one fixed batch.
+
+    The ``partial`` path is book-keeping DP-SGD training only the parameters under the
+    ``trainable`` prefixes (``finetune.trainable``), the rest frozen.
+    """
     resolution, channels = PRESETS[name]
     torch.manual_seed(0)
     model = build_unet(
@@ -152,12 +164,14 @@ def _steps(
     for mode in (p for p in paths if p != "plain"):
         # Same initial weights; make_opacus_safe only adds forward pre-hooks.
         base = make_opacus_safe(copy.deepcopy(model)).to(device).train()
+        if mode == "partial":
+            select_trainable(base, trainable)
         with warnings.catch_warnings():
             # Opacus warns that its secure RNG is off; irrelevant to timing.
             warnings.simplefilter("ignore", UserWarning)
             dp_model, optimizer, _, _ = make_private(
                 base,
-                torch.optim.Adam(base.parameters(), lr=1e-4),
+                torch.optim.Adam([p for p in base.parameters() if p.requires_grad], lr=1e-4),
                 loader,
                 noise_multiplier=1.0,
                 max_grad_norm=1.0,
@@ -166,7 +180,7 @@ def _steps(
                 # these from secret entropy (privimage.io.seeding), as fine-tuning does.
                 sampler_generator=torch.Generator().manual_seed(3),
                 noise_generator=torch.Generator(device=device).manual_seed(4),
-                grad_sample_mode=mode,
+                grad_sample_mode="bookkeeping" if mode == "partial" else mode,
             )
         dp_gen = torch.Generator().manual_seed(2)
 
@@ -183,7 +197,13 @@ def _steps(
 
 
 def bench_preset(
-    name: str, *, batch_size: int, repeats: int, noise_multiplicity: int, device: torch.device
+    name: str,
+    *,
+    batch_size: int,
+    repeats: int,
+    noise_multiplicity: int,
+    device: torch.device,
+    trainable: list[str] | None = None,
 ) -> dict[str, float]:
     """Time every path for one preset; returns the figures of one table row."""
     steps, optimizers, params, _ = _steps(
@@ -191,7 +211,8 @@ def bench_preset(
         batch_size=batch_size,
         noise_multiplicity=noise_multiplicity,
         device=device,
-        paths=PATHS,
+        paths=(*PATHS, "partial") if trainable else PATHS,
+        trainable=trainable,
     )
     with warnings.catch_warnings():
         # Opacus' backward hooks warn on the first layer, whose input (the noisy images)
@@ -356,8 +377,16 @@ def main() -> None:
         action="store_true",
         help="also print where a book-keeping step's time goes, per kind of layer",
     )
+    parser.add_argument(
+        "--trainable",
+        default=None,
+        help="comma-separated finetune.trainable prefixes: adds a 'partial' path, "
+        "book-keeping DP-SGD training only those parameters",
+    )
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    trainable = [t.strip() for t in args.trainable.split(",")] if args.trainable else None
+    dp_paths = (*DP_PATHS, "partial") if trainable else DP_PATHS
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -391,7 +420,7 @@ def main() -> None:
     # Other processes on a small machine slow both paths; the load average says if they ran.
     print(f"load average before: {_load()}\n")
     header = f"{'model':<8} {'params':>9} {'non-DP img/s':>13}"
-    for mode in DP_PATHS:
+    for mode in dp_paths:
         header += f" {mode + ' img/s':>17} {mode + ' time':>17}"
     if args.memory:
         for mode in DP_PATHS:
@@ -404,9 +433,10 @@ def main() -> None:
             repeats=args.repeats,
             noise_multiplicity=args.noise_multiplicity,
             device=device,
+            trainable=trainable,
         )
         line = f"{name:<8} {row['params']:>9,} {row['plain']:>13.1f}"
-        for mode in DP_PATHS:
+        for mode in dp_paths:
             line += f" {row[mode]:>17.1f} {row[mode + '_ratio']:>16.2f}x"
         if args.memory:
             peaks = {
@@ -422,7 +452,7 @@ def main() -> None:
             for mode in DP_PATHS:
                 line += f" {peaks[mode] / peaks['plain']:>7.2f}x ({peaks[mode] / 2**20:>5.0f} MiB)"
             line += f"   [non-DP peak {peaks['plain'] / 2**20:.0f} MiB]"
-        cpu = "/".join(f"{row[p + '_cpu']:.2f}" for p in PATHS)
+        cpu = "/".join(f"{row[p + '_cpu']:.2f}" for p in ("plain", *dp_paths))
         print(f"{line}   cpu/wall {cpu}", flush=True)
     if args.per_layer:
         for name in models:
@@ -437,7 +467,7 @@ def main() -> None:
         "\nimg/s counts examples (B per step); every path processes the same B*K rows. time "
         "and memory are\nDP / non-DP of one step (medians; memory: peak above the resident "
         "size before the step).\ncpu/wall is CPU seconds per wall second (non-DP/"
-        + "/".join(DP_PATHS)
+        + "/".join(dp_paths)
         + "), about the thread count when the run had the machine."
     )
     print(f"load average after: {_load()}")
