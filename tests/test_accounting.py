@@ -114,6 +114,16 @@ def test_orders_are_opacus_defaults():
     assert RDPAccountant.DEFAULT_ALPHAS == ORDERS
 
 
+def test_rdp_epsilon_is_stock_opacus_to_the_last_bit():
+    """The per-step RDP cache changes the cost, not one bit of the result."""
+    query = query_mechanism(noise_multiplier=QUERY_SIGMA, top_k=3)
+    for sigma, q in ((0.65, 1 / 16), (1.3, 1 / 64), (0.8, 1 / 3)):
+        for steps in (1, 7, 48, 3000):
+            for history in ([dpsgd(sigma, q, steps)], [query, dpsgd(sigma, q, steps)]):
+                ours = epsilon_spent(history, delta=1e-5, accountant="rdp")
+                assert ours == opacus_rdp(history, 1e-5)[0]
+
+
 # --------------------------------------------------------------------------------------
 # RDP: privimage against dp-accounting over the DP-SGD regime
 # --------------------------------------------------------------------------------------
