@@ -37,6 +37,19 @@ def typed_config(overrides: list[str], cache: Path) -> Config:
     return to_config(compose_config([*overrides, f"cache_dir={cache}", "device=cpu"]))
 
 
+def cli_command(overrides: list[str], run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    """``python -m privimage`` with ``overrides`` in ``run_dir`` and the test cache."""
+    return [
+        sys.executable,
+        "-m",
+        "privimage",
+        *overrides,
+        f"cache_dir={cache}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
 def run_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """``python -m privimage <args>`` from the repository root, as a user would run it."""
     return subprocess.run(

@@ -24,13 +24,12 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_command
 
 from privimage.config import STAGES
 
@@ -56,14 +55,7 @@ NOISE_TRACES = {
 
 
 def _command(run_dir: Path, cache_dir: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "privimage",
-        *OVERRIDES,
-        f"cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}",
-    ]
+    return cli_command(OVERRIDES, run_dir, cache_dir)
 
 
 def _release(run_dir: Path) -> dict[str, str]:

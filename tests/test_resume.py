@@ -15,13 +15,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
     REPO,
     RESUMABLE_FINETUNE,
+    cli_command,
     copy_run,
     jsonl_lines,
     pretrain_smoke,
@@ -45,15 +45,7 @@ def pretrained(tmp_path_factory, cache_dir):
 
 
 def _command(run_dir, cache_dir, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "privimage",
-        *FINETUNE,
-        f"cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return cli_command(FINETUNE, run_dir, cache_dir, *extra)
 
 
 def _run(run_dir, cache_dir, *extra):
