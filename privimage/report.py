@@ -46,12 +46,11 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
             f"true`, for tests); ε = {eps:.3f} holds only against someone who does not know it."
         )
     elif eps is not None:
+        trained = trained_text(metrics.get("dp_trained"))
         lines.append(
             f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
             f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`; the noise was "
-            "drawn from secret OS entropy."
-            + trained_text(metrics.get("dp_trained"), prefix=" DP fine-tuning ")
-            + ("." if metrics.get("dp_trained") else "")
+            "drawn from secret OS entropy." + (f" DP fine-tuning {trained}." if trained else "")
         )
     else:
         lines.append("Privacy: no ledger (these images do not come from a privimage run).")

@@ -393,12 +393,8 @@ class Folder(Source):
         return root
 
     def _layout(self, root: Path) -> archives.TreeLayout:
+        # tree_layout refuses a tree without images in a recognised layout itself.
         files, folders = archives.walk_tree(root)
-        if not any(is_image_name(f) for f in files):
-            raise DataError(
-                f"folder: no images under {root}; expected <class>/<image> or "
-                "train/<class>/<image> + test/<class>/<image>"
-            )
         return archives.tree_layout(files, str(root), self.name, dirs=folders)
 
     def check(self, cfg: DataConfig) -> None:

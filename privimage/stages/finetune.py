@@ -498,8 +498,12 @@ def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict
         model.requires_grad_(True)
         return {"trainable": "all", "trained_parameters": total, "parameters": total}
     prefixes = [str(x) for x in prefixes]
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise ConfigError(
                 f"finetune.trainable={prefixes}: {prefix!r} names no parameter of the UNet; "
@@ -507,7 +511,7 @@ def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict
             )
     trained = 0
     for n, p in model.named_parameters():
-        keep = any(n == x or n.startswith(x + ".") for x in prefixes)
+        keep = any(under(n, x) for x in prefixes)
         p.requires_grad_(keep)
         trained += p.numel() if keep else 0
     return {"trainable": prefixes, "trained_parameters": trained, "parameters": total}
@@ -636,7 +640,14 @@ def _run_non_private(
     select_trainable(model, ft.trainable)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr)
-    settings = {"steps": steps, "batch_size": ft.batch_size, "lr": ft.lr, "seed": cfg.seed}
+    settings = {
+        "steps": steps,
+        "batch_size": ft.batch_size,
+        "lr": ft.lr,
+        "seed": cfg.seed,
+        # A checkpoint of other trained parameters is not this run's.
+        "trainable": ft.trainable,
+    }
     ckpt_path = out / CHECKPOINT
     ckpt = _load_checkpoint(ckpt_path, device)
     start = 0
