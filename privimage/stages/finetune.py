@@ -35,16 +35,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import os
-import warnings
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -53,7 +48,13 @@ from privimage import data, privacy
 from privimage.config import Config
 from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
-from privimage.dpsgd import make_private, repeat_for_noise_draws
+from privimage.dp.training import (
+    dp_sgd_schedule,
+    select_trainable,
+    start_processes,
+    train_steps,
+)
+from privimage.dpsgd import make_private
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, torch_generator
@@ -90,72 +91,6 @@ MECHANISM = "finetune/dp_sgd"
 # losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
 # completed dp_sgd mechanism, so its model is withheld.
 RELEASE = {"unet": Output(mechanism=MECHANISM, inputs=("pretrain/unet",), dest="model")}
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the fine-tuning processes (torchrun / accelerate launch).
-
-    Every process samples its own shard of the sensitive set at the global Poisson rate
-    and clips its own examples; process 0 adds the noise once for the whole logical batch,
-    writes the ledger, the statistics, the checkpoint and the model.
-    """
-
-    rank: int = 0
-    world: int = 1
-    # Where collective tensors live: NCCL reduces only CUDA tensors, gloo CPU ones.
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def agree(self, ok: bool) -> bool:
-        """True on every process only if ``ok`` was true on every process."""
-        if not self.distributed:
-            return ok
-        flag = torch.tensor([1 if ok else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-
-def start_processes(device: torch.device) -> tuple[Processes, torch.device]:
-    """Join the launcher's process group (gloo on CPUs, NCCL on GPUs) when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Processes(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    return Processes(rank=dist.get_rank(), world=dist.get_world_size(), device=collective), device
-
-
-def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:
-    """Poisson sampling rate and step count exactly as Opacus' DP data loader realises them.
-
-    Opacus samples each record with probability 1 / len(loader) where the loader has
-    ``ceil(N / batch_size)`` batches, so the accounted rate must be that, not
-    ``batch_size / N``.
-    """
-    if batch_size > num_records:
-        raise ConfigError(
-            f"finetune.batch_size={batch_size} exceeds the {num_records} sensitive training "
-            "images; lower it"
-        )
-    sample_rate = 1.0 / math.ceil(num_records / batch_size)
-    steps = max(1, math.ceil(epochs / sample_rate))
-    return sample_rate, steps
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
@@ -440,7 +375,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         procs.barrier()
 
     if start < steps:
-        _train(
+        train_steps(
             cfg,
             dp_model=dp_model,
             optimizer=optimizer,
@@ -480,139 +415,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     ckpt_path.unlink(missing_ok=True)
     procs.barrier()
     return out
-
-
-def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict:
-    """Freeze every parameter of ``model`` outside ``prefixes`` (None: train them all).
-
-    A prefix matches a parameter whose qualified name equals it or starts with it
-    followed by a dot (``up_blocks.1`` matches ``up_blocks.1.resnets.0.conv1.weight``, not
-    ``up_blocks.10...``). Returns what is trained, for the stats and the ledger.
-
-    Raises:
-        ConfigError: A prefix matches no parameter (naming the UNet's top-level modules).
-    """
-    names = [n for n, _ in model.named_parameters()]
-    total = sum(p.numel() for p in model.parameters())
-    if prefixes is None:
-        model.requires_grad_(True)
-        return {"trainable": "all", "trained_parameters": total, "parameters": total}
-    prefixes = [str(x) for x in prefixes]
-
-    def under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
-
-    for prefix in prefixes:
-        if not any(under(n, prefix) for n in names):
-            tops = sorted({n.split(".")[0] for n in names})
-            raise ConfigError(
-                f"finetune.trainable={prefixes}: {prefix!r} names no parameter of the UNet; "
-                f"use prefixes of its modules, e.g. {', '.join(tops)}"
-            )
-    trained = 0
-    for n, p in model.named_parameters():
-        keep = any(under(n, x) for x in prefixes)
-        p.requires_grad_(keep)
-        trained += p.numel() if keep else 0
-    return {"trainable": prefixes, "trained_parameters": trained, "parameters": total}
-
-
-def _train(
-    cfg: Config,
-    *,
-    dp_model: torch.nn.Module,
-    optimizer,
-    dp_loader: DataLoader,
-    ema: torch.nn.Module,
-    device: torch.device,
-    diffusion_generator: torch.Generator,
-    mechanism: privacy.Mechanism,
-    prior: list[privacy.Mechanism],
-    start: int,
-    stats_path: Path,
-    save_checkpoint,
-    procs: Processes,
-) -> None:
-    """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
-    ft = cfg.finetune
-    steps = mechanism.steps
-    null_label = null_class(dp_model._module)
-    if procs.main:
-        truncate_jsonl(stats_path, max_step=start)
-    stats = StatsWriter(stats_path) if procs.main else None
-
-    def epsilon_after(step: int) -> float:
-        return privacy.epsilon_spent(
-            [*prior, replace(mechanism, steps=step)],
-            delta=cfg.privacy.delta,
-            accountant=cfg.privacy.accountant,
-        )
-
-    eps_every = max(1, steps // 50)  # accounting every step would dominate under PRV
-    eps_so_far = epsilon_after(start)
-    bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)", disable=not procs.main)
-    done = start
-    loss_sum, loss_rows = 0.0, 0
-    with (
-        warnings.catch_warnings(),
-        BatchMemoryManager(
-            data_loader=dp_loader,
-            max_physical_batch_size=ft.physical_batch_size,
-            optimizer=optimizer,
-        ) as memory_safe_loader,
-    ):
-        # Opacus' hooks make torch warn on every backward that the first layer's input
-        # needs no gradient; expected (images are data, not parameters), so silenced here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        while done < steps:
-            for x, y in memory_safe_loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(x):
-                    # Label dropout per example (before the K copies), drawn independently
-                    # of the data, so it changes nothing in the privacy analysis.
-                    y = drop_labels(
-                        y,
-                        probability=ft.label_dropout,
-                        null_label=null_label,
-                        generator=diffusion_generator,
-                    )
-                    x, y = repeat_for_noise_draws(x.to(device), y.to(device), ft.noise_multiplicity)
-                    per_row = training_loss(
-                        dp_model, x, y, spec=cfg.diffusion, generator=diffusion_generator
-                    )
-                    # Mean over B*K rows: Opacus then hands the optimizer each row's own
-                    # gradient, which it averages per example before clipping.
-                    per_row.mean().backward()
-                    optimizer.step()
-                    loss_sum += float(per_row.detach().sum())
-                    loss_rows += len(per_row)
-                else:
-                    optimizer.noise_only_step()  # an empty Poisson batch
-                if optimizer.steps_taken == done:
-                    continue  # a physical batch inside a larger logical one
-                done = optimizer.steps_taken
-                ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
-                if procs.distributed:  # the logical batch's loss, over every process
-                    total = torch.tensor(
-                        [loss_sum, float(loss_rows)], dtype=torch.float64, device=procs.device
-                    )
-                    dist.all_reduce(total)
-                    loss_sum, loss_rows = float(total[0]), int(total[1])
-                mean_loss = loss_sum / loss_rows if loss_rows else None
-                loss_sum, loss_rows = 0.0, 0
-                if done % eps_every == 0 or done == steps:
-                    eps_so_far = epsilon_after(done)
-                bar.update(1)
-                bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
-                if stats is not None:
-                    stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
-                if done % ft.checkpoint_every_steps == 0 or done == steps:
-                    save_checkpoint(done)
-                if done >= steps:
-                    break
-    bar.close()
-    if stats is not None:
-        stats.close()
 
 
 def _run_non_private(
