@@ -16,7 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from privimage.errors import ConfigError
 
-STAGES = ("query", "pretrain", "finetune", "sample", "evaluate")
+STAGES = ("query", "pretrain", "finetune", "sample", "evaluate", "audit")
+# What a run does unless ``stages`` says otherwise: the audit is asked for by name.
+DEFAULT_STAGES = STAGES[:5]
+# Test-only ways to break the audited DP-SGD (privimage.stages.audit), so that a test can
+# show the audit notices; the third, a noise stream anyone can regenerate, is
+# privacy.reproducible_noise=true.
+AUDIT_BREAKS = ("none", "no_noise", "no_clipping")
 FORMULATIONS = ("edm", "ddpm")
 # The samplers that fit each formulation (the first is the default).
 SOLVERS = {"edm": ("heun", "euler", "dpmpp_2m"), "ddpm": ("ddim",)}
@@ -220,6 +226,36 @@ class FinetuneConfig:
 
 
 @dataclass
+class AuditConfig:
+    """The one-run privacy audit (privimage.stages.audit): a measured lower bound on epsilon.
+
+    The audit fine-tunes with the run's DP-SGD settings (batch, epochs, clipping, learning
+    rate, K, trainable parameters) but calibrates the noise to its own small claim, since
+    ``canaries`` can show at most about log(guesses / 3).
+    """
+
+    # The claim audited: DP-SGD alone at (epsilon, privacy.delta). Well below the most that
+    # the canaries can show (2.76 for 1000 canaries and 50 guesses), so that a broken
+    # mechanism has room to show above it.
+    epsilon: float = 0.5
+    # Out-of-distribution images, each with its own label, each trained on by a secret coin.
+    canaries: int = 1000
+    # How many of the highest-scoring canaries are guessed "in" (fixed before scoring).
+    guesses: int = 50
+    # A canary's loss is multiplied by this: a worst-case record whose gradient is far
+    # above the clipping norm (clipping makes the factor irrelevant; no clipping does not).
+    canary_loss_scale: float = 1000.0
+    # The bound holds with probability 1 - significance.
+    significance: float = 0.05
+    # EDM noise levels (DDPM: timestep fractions in (0, 1)) at which each canary's loss
+    # is measured, with one fixed noise image per level and canary.
+    score_sigmas: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
+    # TESTS ONLY: break the audited DP-SGD (none, no_noise, no_clipping) to check that
+    # the audit notices; the bound then describes a mechanism privimage never runs.
+    broken: str = "none"
+
+
+@dataclass
 class SampleConfig:
     """Class-conditional sampling of the synthetic dataset."""
 
@@ -354,10 +390,11 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     bnstat: BNStatConfig = field(default_factory=BNStatConfig)
     synthesizer: str = "diffusion"
     name: str = "default"
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 0
     # "auto" picks CUDA when available.
     device: str = "auto"
@@ -386,6 +423,7 @@ def register_configs() -> None:
         ("finetune", FinetuneConfig),
         ("sample", SampleConfig),
         ("evaluate", EvaluateConfig),
+        ("audit", AuditConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=schema)
 
@@ -408,6 +446,27 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
 def _positive(value: float, name: str, hint: str = "") -> None:
     if not value > 0:
         raise ConfigError(f"{name}={value} must be > 0{hint}")
+
+
+def _validate_audit(au: AuditConfig) -> None:
+    _positive(au.epsilon, "audit.epsilon", "; the audit's claim, e.g. audit.epsilon=1")
+    if not math.isfinite(au.epsilon):
+        raise ConfigError(f"audit.epsilon={au.epsilon} must be finite, e.g. audit.epsilon=1")
+    _positive(au.canaries, "audit.canaries", ", e.g. audit.canaries=1000")
+    if not 1 <= au.guesses <= au.canaries:
+        raise ConfigError(
+            f"audit.guesses={au.guesses} must be between 1 and audit.canaries={au.canaries}, "
+            "e.g. a tenth of the canaries"
+        )
+    if not 0 < au.significance < 1:
+        raise ConfigError(f"audit.significance={au.significance} must be in (0, 1), e.g. 0.05")
+    _positive(au.canary_loss_scale, "audit.canary_loss_scale", ", e.g. 1000")
+    if not au.score_sigmas or not all(s > 0 for s in au.score_sigmas):
+        raise ConfigError(
+            f"audit.score_sigmas={au.score_sigmas} must be positive noise levels, e.g. [0.2, 1.0]"
+        )
+    if au.broken not in AUDIT_BREAKS:
+        raise ConfigError(f"audit.broken={au.broken!r}; choose one of {list(AUDIT_BREAKS)}")
 
 
 def _validate_evaluate(ev: EvaluateConfig) -> None:
@@ -652,6 +711,7 @@ def validate(cfg: Config) -> None:
             f"stages={list(cfg.stages)} has {extra}, which synthesizer={cfg.synthesizer} does "
             f"not use; set stages=[{','.join(allowed)}]"
         )
+    _validate_audit(cfg.audit)
     b = cfg.bnstat
     for key in (
         "teacher_width",

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_command
 
-from privimage.config import STAGES
+from privimage.config import DEFAULT_STAGES as STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ Stages talk only through files in the run directory (see each module's docstring
 the fixed names it reads and writes), never through in-memory objects.
 """
 
-from privimage.stages import evaluate, finetune, pretrain, query, sample
+from privimage.stages import audit, evaluate, finetune, pretrain, query, sample
 
 STAGE_MODULES = {
     "query": query,
@@ -12,4 +12,5 @@ STAGE_MODULES = {
     "finetune": finetune,
     "sample": sample,
     "evaluate": evaluate,
+    "audit": audit,
 }

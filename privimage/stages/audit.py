@@ -1,0 +1,479 @@
+"""Stage audit: a measured lower bound on epsilon from one DP-SGD run.
+
+After Steinke, Nasr and Jagielski 2023 ("Privacy auditing with one training run"). The
+accountant's epsilon rests on the code doing what the accountant assumes; this stage
+checks the whole, end to end, on the run's own sensitive data and DP-SGD loop
+(:func:`privimage.dp.training.train_steps`, the loop that makes the released model):
+
+1. ``audit.canaries`` out-of-distribution images (flat grey, one level each, from the
+   public ``seed``), each with **its own label**: the pretrained UNet's class table grows
+   by one row per canary, started at the null (unconditional) row and trained with the
+   rest, so a canary's gradient has a direction no other record shares. A canary is a
+   worst-case record: its loss is scaled by ``audit.canary_loss_scale``, so its gradient
+   is far above any clipping norm, which a correct DP-SGD clips away (the scale then
+   changes nothing) and a broken one lets through. A **secret coin** per canary (fresh OS
+   entropy, never the seed) decides whether it is trained on.
+2. DP-SGD with the run's settings (batch, epochs, clipping, learning rate, K, trainable
+   parameters plus the class table) over the sensitive images and one slot per canary.
+   A canary left out keeps its slot with weight 0 (:func:`train_steps`): its gradient is
+   exactly zero, so the step is the mechanism run on the sensitive data plus the kept
+   canaries, while every random stream (Poisson masks, loss draws, noise) advances as if
+   all slots were there. The noise is calibrated to the audit's own claim
+   ``(audit.epsilon, privacy.delta)`` for DP-SGD alone, because m canaries cannot show
+   more than about ``log(guesses / 3)``.
+3. Each canary's score is how much lower its denoising loss is (fixed noise levels
+   ``audit.score_sigmas``, fixed noise images from the seed) in the audited EMA model
+   than in the same model with the canaries' class rows put back to what they would be
+   without the canaries: their start, or, when the DP streams follow the config's seed
+   (``privacy.reproducible_noise``), their values in a replay of the training with every
+   canary out, which the adversary can run because it knows those streams (the replay's
+   rows got exactly the same noise). The rest of the network, which every record moves,
+   is the same on both sides, so the score measures the canary's own direction.
+4. The top ``audit.guesses`` scores are guessed "in"; :func:`privimage.dp.audit.
+   epsilon_lower_bound` turns the right guesses into the largest epsilon they refute at
+   ``1 - audit.significance`` confidence. ``jax-privacy`` (the dev extra), when
+   installed, computes the same bound as a referee.
+
+The real mechanism must give a bound at or below the claim. ``audit.broken`` (tests only:
+``no_noise``, ``no_clipping``) and ``privacy.reproducible_noise=true`` (a noise stream
+anyone with the config regenerates) break it, and the bound must then exceed the claim.
+
+Privacy: the audit trains on the sensitive data, so the ledger lists it as a
+measurement, and nothing of it is released (``RELEASE`` is empty). A killed audit starts
+over: it spends nothing of the run's budget.
+
+Reads ``pretrain/unet`` and the sensitive training split. Writes ``audit/``:
+``audit.json`` (claim, bound, counts, settings), ``scores.npz`` (scores and coins),
+``scores.png`` (the two score histograms), ``stats.jsonl`` (the audit run's losses).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from privimage import data, privacy
+from privimage.config import Config, DiffusionConfig
+from privimage.diffusion import (
+    add_noise,
+    edm_denoise,
+    edm_loss_weight,
+    linear_alphas_cumprod,
+    unet_denoiser,
+    unet_network,
+)
+from privimage.dp.audit import epsilon_lower_bound
+from privimage.dp.training import Processes, dp_sgd_schedule, select_trainable, train_steps
+from privimage.dpsgd import make_private
+from privimage.errors import ConfigError, PrivImageError
+from privimage.io.seeding import dp_entropy, numpy_generator, torch_generator
+from privimage.models import check_same_diffusion, load_unet, make_opacus_safe
+from privimage.runtime import (
+    cache_root,
+    mark_done,
+    require_upstream,
+    resolve_device,
+    run_ledger,
+    seed_everything,
+    stage_dir,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "audit"
+RESULT_FILE = "audit.json"
+# Nothing of the audit leaves the run: its model saw the sensitive data outside the budget.
+RELEASE: dict = {}
+
+
+def canary_images(count: int, shape: tuple[int, ...], *, seed: int) -> torch.Tensor:
+    """``count`` flat images, each one grey level drawn uniformly in [-1, 1] from ``seed``.
+
+    Out of distribution for natural images, and each told apart from the others only by
+    its level, which the model can learn only through the canary's own class row; a flat
+    image's loss gradient on that row points the same way at every high noise level, so
+    what one training step does to the row is what the score measures.
+    """
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+    levels = torch.rand(count, generator=g) * 2 - 1
+    return levels.view(count, *([1] * len(shape))).expand(count, *shape).contiguous()
+
+
+def with_canary_classes(model: UNet2DModel, count: int) -> UNet2DModel:
+    """A copy of ``model`` whose class table has ``count`` more rows, one per canary.
+
+    Rows ``0 .. C-1`` stay the sensitive classes, rows ``C .. C+count-1`` are the canaries'
+    (each started at the null row, so an untrained canary is generated unconditionally)
+    and the null class stays last, where :func:`privimage.diffusion.null_class` finds it.
+    """
+    rows = model.config.num_class_embeds
+    if rows is None:
+        raise PrivImageError("the pretrained UNet has no class table; the audit needs one")
+    grown = UNet2DModel.from_config({**dict(model.config), "num_class_embeds": rows + count})
+    state = model.state_dict()
+    table = state["class_embedding.weight"]
+    null = table[rows - 1]
+    state["class_embedding.weight"] = torch.cat(
+        [table[: rows - 1], null.expand(count, -1), null[None]]
+    )
+    grown.load_state_dict(state)
+    return grown
+
+
+@torch.no_grad()
+def fixed_noise_losses(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    spec: DiffusionConfig,
+    sigmas: list[float],
+    seed: int,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Each image's denoising loss averaged over ``sigmas``, with noise fixed by ``seed``.
+
+    EDM: the training loss ``lambda(s) * mean (D(x + s n; s) - x)^2`` at each level ``s``.
+    DDPM: the epsilon MSE at timestep ``round(s * (T - 1))`` for each ``s`` in (0, 1].
+    The noise image of (image i, level j) is the same for every model scored, so two
+    models' losses differ only by what the models learnt.
+    """
+    model.eval().to(device)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
+    noise = torch.randn((len(sigmas), *images.shape), generator=g)
+    total = torch.zeros(len(images), dtype=torch.float64)
+    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
+    for j, s in enumerate(sigmas):
+        for lo in range(0, len(images), batch_size):
+            x = images[lo : lo + batch_size].to(device)
+            y = labels[lo : lo + batch_size].to(device)
+            n = noise[j, lo : lo + batch_size].to(device)
+            if spec.formulation == "edm":
+                sigma = torch.full((len(x),), float(s), device=device)
+                denoised = edm_denoise(
+                    unet_network(model), x + s * n, sigma, y, sigma_data=spec.sigma_data
+                )
+                weight = float(edm_loss_weight(torch.tensor(float(s)), sigma_data=spec.sigma_data))
+                loss = weight * (denoised - x).pow(2).flatten(1).mean(1)
+            else:
+                t = round(min(max(float(s), 0.0), 1.0) * (spec.num_train_timesteps - 1))
+                tt = torch.full((len(x),), t, dtype=torch.long, device=device)
+                pred = unet_denoiser(model)(add_noise(x, n, tt, alphas), tt, y)
+                loss = (pred - n).pow(2).flatten(1).mean(1)
+            total[lo : lo + len(x)] += loss.double().cpu()
+    return (total / len(sigmas)).numpy()
+
+
+def _dp_sgd(
+    cfg: Config,
+    model: UNet2DModel,
+    dataset: TensorDataset,
+    *,
+    mechanism: privacy.Mechanism,
+    noise_multiplier: float,
+    entropy: dict[str, int],
+    device: torch.device,
+    stats_path: Path,
+) -> torch.nn.Module:
+    """One DP-SGD run of the run's loop on ``dataset``; returns its EMA model."""
+    ft = cfg.finetune
+    model = copy.deepcopy(model).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    streams = {
+        name: torch_generator(entropy[name], device=dev)
+        for name, dev in (("sampler", "cpu"), ("noise", device), ("diffusion", "cpu"))
+    }
+    dp_model, optimizer, dp_loader, _ = make_private(
+        model,
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
+        DataLoader(dataset, batch_size=ft.batch_size),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=ft.max_grad_norm,
+        noise_multiplicity=ft.noise_multiplicity,
+        sampler_generator=streams["sampler"],
+        noise_generator=streams["noise"],
+        grad_sample_mode=ft.grad_sample_mode,
+    )
+    if cfg.audit.broken == "no_clipping":
+        # Book-keeping clips with its own norm; the optimizer's (for the noise) stays C.
+        dp_model.max_grad_norm = math.inf
+    train_steps(
+        cfg,
+        dp_model=dp_model,
+        optimizer=optimizer,
+        dp_loader=dp_loader,
+        ema=ema,
+        device=device,
+        diffusion_generator=streams["diffusion"],
+        mechanism=mechanism,
+        prior=[],
+        start=0,
+        stats_path=stats_path,
+        save_checkpoint=lambda step: None,  # a killed audit starts over
+        procs=Processes(),
+    )
+    return ema
+
+
+def run(cfg: Config, run_dir: Path) -> Path:
+    """Audit the run's DP-SGD with canaries; see the module docstring."""
+    started = time.perf_counter()
+    pretrain_dir = require_upstream(run_dir, "pretrain", STAGE)
+    out = stage_dir(run_dir, STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    au, ft = cfg.audit, cfg.finetune
+    if not ft.dp:
+        raise ConfigError(
+            "the audit measures DP-SGD, and this run has finetune.dp=false; set finetune.dp=true"
+        )
+    if au.broken == "no_clipping" and ft.grad_sample_mode != "bookkeeping":
+        raise ConfigError(
+            "audit.broken=no_clipping needs finetune.grad_sample_mode=bookkeeping (the hooks "
+            f"path clips and noises with one norm); this run has {ft.grad_sample_mode!r}"
+        )
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    reproducible = cfg.privacy.reproducible_noise
+    ledger = run_ledger(cfg, run_dir)
+    ledger.record_measurement(
+        stage=STAGE,
+        name="one_run_audit",
+        description=f"a DP-SGD run at epsilon {au.epsilon:g} on the sensitive training "
+        f"images plus {au.canaries} canaries, to measure a lower bound on epsilon; "
+        "nothing of it is released",
+    )
+    train = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).train
+    n, m = len(train), au.canaries
+    sample_rate, steps = dp_sgd_schedule(
+        num_records=n + m, batch_size=ft.batch_size, epochs=ft.epochs
+    )
+    claimed_sigma = privacy.calibrate_noise_multiplier(
+        target_epsilon=au.epsilon,
+        delta=cfg.privacy.delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        prior=[],
+        accountant=cfg.privacy.accountant,
+    )
+    mechanism = privacy.dpsgd_mechanism(
+        noise_multiplier=claimed_sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=ft.max_grad_norm,
+    )
+    sigma = 0.0 if au.broken == "no_noise" else claimed_sigma
+
+    pretrained, trained_with = load_unet(pretrain_dir / "unet")
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    num_classes = pretrained.config.num_class_embeds - 1
+    model = with_canary_classes(pretrained, m)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
+    make_opacus_safe(model)
+    trainable = None if ft.trainable is None else [*ft.trainable, "class_embedding"]
+    trained = select_trainable(model, trainable)
+
+    shape = tuple(train.images.shape[1:])
+    canaries = canary_images(m, shape, seed=cfg.seed)
+    canary_labels = num_classes + torch.arange(m)
+    # The coins are the auditor's secret in every setting, broken or not.
+    coins = numpy_generator(dp_entropy(purpose="audit/coins", seed=0, reproducible=False))
+    kept = torch.from_numpy(coins.random(m) < 0.5)
+    images = torch.cat([train.as_float(), canaries])
+    labels = torch.cat([train.labels, canary_labels])
+
+    def slots(weights: torch.Tensor) -> TensorDataset:
+        weights = weights.float() * au.canary_loss_scale
+        return TensorDataset(images, labels, torch.cat([torch.ones(n), weights]))
+
+    entropy = {
+        name: dp_entropy(purpose=f"audit/{name}", seed=cfg.seed, reproducible=reproducible)
+        for name in ("sampler", "noise", "diffusion")
+    }
+    audit_cfg = replace(cfg, finetune=replace(ft, checkpoint_every_steps=steps + 1))
+    log.info(
+        "audit: %d sensitive images + %d canaries (%d kept), q=%.5f, %d steps, noise "
+        "multiplier %.4f for the claim epsilon %g at delta %.1e%s",
+        n,
+        m,
+        int(kept.sum()),
+        sample_rate,
+        steps,
+        sigma,
+        au.epsilon,
+        cfg.privacy.delta,
+        "" if au.broken == "none" else f" (BROKEN on purpose: {au.broken})",
+    )
+    audited = _dp_sgd(
+        audit_cfg,
+        model,
+        slots(kept),
+        mechanism=mechanism,
+        noise_multiplier=sigma,
+        entropy=entropy,
+        device=device,
+        stats_path=out / "stats.jsonl",
+    )
+    # The reference is the audited model with each canary's class row put back to what it
+    # would be had the canary been left out, so the score isolates the canary's own
+    # direction: the rest of the network, which every record moves, is the same in both.
+    if reproducible:
+        # The adversary knows the streams: it reruns the training with every canary out,
+        # whose rows then got exactly the noise the audited rows got.
+        without = _dp_sgd(
+            audit_cfg,
+            model,
+            slots(torch.zeros(m)),
+            mechanism=mechanism,
+            noise_multiplier=sigma,
+            entropy=entropy,
+            device=device,
+            stats_path=out / "replay_stats.jsonl",
+        )
+        reference_kind = "canary rows from a replay with every canary out (streams known)"
+    else:
+        without = model  # rows at their start: the pretrained null row
+        reference_kind = "canary rows at their start"
+    reference = copy.deepcopy(audited)
+    rows = slice(num_classes, num_classes + m)
+    with torch.no_grad():
+        reference.class_embedding.weight[rows] = without.class_embedding.weight[rows].to(
+            reference.class_embedding.weight.device
+        )
+
+    def losses(net: torch.nn.Module) -> np.ndarray:
+        return fixed_noise_losses(
+            net,
+            canaries,
+            canary_labels,
+            spec=cfg.diffusion,
+            sigmas=list(au.score_sigmas),
+            seed=cfg.seed,
+            device=device,
+        )
+
+    with tqdm(total=2, desc="audit: scoring canaries") as bar:
+        before = losses(reference)
+        bar.update(1)
+        after = losses(audited)
+        bar.update(1)
+    scores = before - after
+    keep = kept.numpy()
+    bound = epsilon_lower_bound(
+        scores[keep],
+        scores[~keep],
+        guesses=au.guesses,
+        significance=au.significance,
+        delta=cfg.privacy.delta,
+    )
+    result = {
+        "claimed_epsilon": au.epsilon,
+        "delta": cfg.privacy.delta,
+        "lower_bound": bound["epsilon"],
+        "confidence": 1 - au.significance,
+        "canaries": m,
+        "canaries_kept": int(keep.sum()),
+        "guesses": bound["guesses"],
+        "correct": bound["correct"],
+        "largest_bound": bound["largest"],
+        "threshold": bound["threshold"],
+        "referee_epsilon": _referee(scores[keep], scores[~keep], bound, au, cfg.privacy.delta),
+        "broken": au.broken,
+        "noise_secret": not reproducible,
+        "reference": reference_kind,
+        "noise_multiplier": sigma,
+        "claimed_noise_multiplier": claimed_sigma,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "max_grad_norm": ft.max_grad_norm,
+        "noise_multiplicity": ft.noise_multiplicity,
+        "lr": ft.lr,
+        "sensitive_images": n,
+        **trained,
+        "score_sigmas": list(au.score_sigmas),
+        "canary_loss_scale": au.canary_loss_scale,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    np.savez(out / "scores.npz", scores=scores, kept=keep, loss_before=before, loss_after=after)
+    write_json(out / RESULT_FILE, result)
+    _plot(out / "scores.png", scores, keep, bound, result)
+    log.info("audit: %s", summary_line(result))
+    mark_done(out)
+    return out
+
+
+def _referee(ins, outs, bound: dict, au, delta: float) -> float | None:
+    """jax-privacy's one-run bound on the same scores and threshold (None: not installed)."""
+    try:
+        from jax_privacy.auditing import CanaryScoreAuditor, Explicit
+    except ImportError:
+        return None
+    if delta <= 0:
+        return None  # the referee needs delta > 0
+    return float(
+        CanaryScoreAuditor(ins, outs).epsilon_one_run(
+            au.significance, delta, threshold_strategy=Explicit(bound["threshold"])
+        )
+    )
+
+
+def summary_line(result: dict) -> str:
+    """The audit's headline in one line (CLI, log, report)."""
+    line = (
+        f"claimed epsilon {result['claimed_epsilon']:g} (delta {result['delta']:g}), measured "
+        f"lower bound {result['lower_bound']:.3f} at {result['confidence']:.0%} confidence "
+        f"from {result['canaries']} canaries ({result['correct']} of {result['guesses']} "
+        f"guesses right; at most {result['largest_bound']:.2f} measurable)"
+    )
+    if result["broken"] != "none":
+        line += f"; DP-SGD broken on purpose: {result['broken']}"
+    if not result["noise_secret"]:
+        line += "; noise regenerable from the config"
+    return line
+
+
+def _plot(path: Path, scores: np.ndarray, keep: np.ndarray, bound: dict, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    ax.hist(scores[~keep], bins=bins, alpha=0.6, label=f"left out ({int((~keep).sum())})")
+    ax.hist(scores[keep], bins=bins, alpha=0.6, label=f"trained on ({int(keep.sum())})")
+    ax.axvline(bound["threshold"], color="k", lw=1, ls="--", label="guess 'in' above")
+    ax.set_xlabel("canary score: loss drop against the reference")
+    ax.set_ylabel("canaries")
+    ax.set_title(
+        f"claim eps {result['claimed_epsilon']:g}: bound {result['lower_bound']:.2f} "
+        f"({result['correct']}/{result['guesses']} right)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """``audit/audit.json`` of a finished audit, or None."""
+    path = stage_dir(run_dir, STAGE) / RESULT_FILE
+    if not (path.parent / "DONE").exists() or not path.exists():
+        return None
+    return json.loads(path.read_text())
