@@ -17,7 +17,7 @@ RUNS ?= runs
 REPORT_OUT ?= results
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate all sweep report bench clean
+.PHONY: help install demo test test-fast lint format query pretrain finetune sample evaluate audit all sweep report bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ sample: $(BIN)/privimage ## stage: sample the synthetic dataset (in RUN)
 
 evaluate: $(BIN)/privimage ## stage: fidelity, utility and leakage of the samples (in RUN; or ARGS=evaluate.synthetic=DIR)
 	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[evaluate] hydra.run.dir=$(RUN) $(ARGS)
+
+audit: $(BIN)/privimage ## stage: one-run privacy audit, a measured lower bound on epsilon (in RUN, after pretrain; private)
+	$(BIN)/privimage experiment=$(EXPERIMENT) stages=[audit] hydra.run.dir=$(RUN) $(ARGS)
 
 all: $(BIN)/privimage ## run every stage in RUN (finished stages are skipped)
 	$(BIN)/privimage experiment=$(EXPERIMENT) hydra.run.dir=$(RUN) $(ARGS)

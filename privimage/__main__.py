@@ -49,6 +49,12 @@ def _task(cfg: DictConfig) -> None:
     metrics = run_dir / "evaluate" / "metrics.json"
     if metrics.exists():
         print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")
+    if "audit" in typed.stages:
+        from privimage.stages import audit
+
+        result = audit.read_result(run_dir)
+        if result is not None:
+            print(f"privimage: audit: {audit.summary_line(result)} (private: not in release/)")
     print(f"privimage: outputs in {run_dir}; share only {run_dir / 'release'}")
 
 

@@ -43,6 +43,10 @@ COLUMNS = [
     ("pixel_l2_median", "L2 to nearest", 2),
     ("heldout_pixel_l2_median", "held-out L2 to nearest", 2),
     ("mia_auc", "MIA AUC (cnn)", 3),
+    # The one-run audit (privimage.stages.audit), when the run has one: its own small
+    # claim and the lower bound measured against it.
+    ("audit_claim", "audit: claimed ε", 2),
+    ("audit_bound", "audit: measured ε ≥", 3),
     ("seconds", "wall s", 0),
     ("run", "run", None),
 ]
@@ -101,8 +105,11 @@ def run_row(run_dir: Path) -> dict:
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     ledger_file = run_dir / LEDGER_FILE
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
-    # The last record of a stage is the attempt that finished it.
-    seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir)}
+    # The last record of a stage is the attempt that finished it; the audit is no part of
+    # making the synthetic data.
+    seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != "audit"}
+    audit_file = run_dir / "audit" / "audit.json"
+    audit = json.loads(audit_file.read_text()) if (run_dir / "audit" / "DONE").exists() else {}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {
@@ -126,6 +133,8 @@ def run_row(run_dir: Path) -> dict:
             m, "leakage", "nearest_neighbour", "pixel_l2", "heldout_real", "median"
         ),
         "mia_auc": _get(m, "leakage", "membership_inference", "cnn", "auc"),
+        "audit_claim": audit.get("claimed_epsilon"),
+        "audit_bound": audit.get("lower_bound"),
         "seconds": round(sum(seconds.values()), 1) if seconds else None,
         "run": str(run_dir),
     }

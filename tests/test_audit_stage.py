@@ -96,7 +96,10 @@ def _audit(smoke_run, tmp_path, cache_dir, *overrides: str) -> tuple[dict, objec
     )
     run_pipeline(cfg, run)
     result = json.loads((run / "audit" / "audit.json").read_text())
-    print(f"audit {overrides or 'real mechanism'}: {result['lower_bound']:.3f}")
+    print(
+        f"audit {overrides or 'real mechanism'}: lower bound {result['lower_bound']:.3f} "
+        f"({result['correct']} of {result['guesses']} guesses right)"
+    )
     return result, run
 
 
