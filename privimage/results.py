@@ -21,7 +21,7 @@ import yaml
 
 from privimage.errors import DataError
 from privimage.pipeline import TIMINGS_FILE
-from privimage.runtime import LEDGER_FILE, atomic_write_text
+from privimage.runtime import LEDGER_FILE, atomic_write_text, read_done_json
 
 METRICS = Path("evaluate") / "metrics.json"
 
@@ -108,8 +108,8 @@ def run_row(run_dir: Path) -> dict:
     # The last record of a stage is the attempt that finished it; the audit is no part of
     # making the synthetic data.
     seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != "audit"}
-    audit_file = run_dir / "audit" / "audit.json"
-    audit = json.loads(audit_file.read_text()) if (run_dir / "audit" / "DONE").exists() else {}
+    # Read here rather than through the audit stage, which imports the whole DP stack.
+    audit = read_done_json(run_dir, "audit", "audit.json") or {}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {

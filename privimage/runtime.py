@@ -37,6 +37,14 @@ def is_done(run_dir: Path, stage: str) -> bool:
     return (stage_dir(run_dir, stage) / DONE).exists()
 
 
+def read_done_json(run_dir: Path, stage: str, name: str) -> dict | None:
+    """``<stage>/<name>`` of a finished stage (its DONE written), else None."""
+    path = stage_dir(run_dir, stage) / name
+    if not is_done(run_dir, stage) or not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
 def mark_done(out_dir: Path) -> None:
     """Write the DONE marker; call it last, after every output is in place."""
     atomic_write_text(out_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -27,8 +28,9 @@ from privimage import privacy
 from privimage.config import Config
 from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dpsgd import repeat_for_noise_draws
-from privimage.errors import ConfigError
-from privimage.models import ema_update
+from privimage.errors import ConfigError, PrivImageError
+from privimage.io.seeding import torch_generator
+from privimage.models import ema_update, make_opacus_safe
 from privimage.runtime import StatsWriter, truncate_jsonl
 
 
@@ -79,6 +81,34 @@ def start_processes(device: torch.device) -> tuple[Processes, torch.device]:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return Processes(rank=dist.get_rank(), world=dist.get_world_size(), device=collective), device
+
+
+# The three random streams of a DP-SGD run and where each lives: the Poisson sampler and
+# the loss's draws on the CPU (they index and shape batches), the noise beside the model.
+STREAMS = ("sampler", "noise", "diffusion")
+
+
+def prepare_for_dp_sgd(model: torch.nn.Module) -> torch.nn.Module:
+    """Refuse a model DP-SGD cannot train (BatchNorm, ...) in one line; ready Opacus' hooks."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
+    return make_opacus_safe(model)
+
+
+def dp_streams(entropy: dict[str, int] | None, *, device: torch.device) -> dict:
+    """The run's generators, seeded from secret ``entropy`` (one value per name in STREAMS).
+
+    ``None`` gives unseeded generators, for a resumed run whose checkpoint restores their
+    states: no new entropy is drawn.
+    """
+
+    def where(name: str) -> torch.device | str:
+        return device if name == "noise" else "cpu"
+
+    if entropy is None:
+        return {name: torch.Generator(device=where(name)) for name in STREAMS}
+    return {name: torch_generator(entropy[name], device=where(name)) for name in STREAMS}
 
 
 def dp_sgd_schedule(*, num_records: int, batch_size: int, epochs: float) -> tuple[float, int]:

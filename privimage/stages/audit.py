@@ -50,17 +50,14 @@ Reads ``pretrain/unet`` and the sensitive training split. Writes ``audit/``:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -75,14 +72,23 @@ from privimage.diffusion import (
     unet_network,
 )
 from privimage.dp.audit import epsilon_lower_bound
-from privimage.dp.training import Processes, dp_sgd_schedule, select_trainable, train_steps
+from privimage.dp.training import (
+    STREAMS,
+    Processes,
+    dp_sgd_schedule,
+    dp_streams,
+    prepare_for_dp_sgd,
+    select_trainable,
+    train_steps,
+)
 from privimage.dpsgd import make_private
 from privimage.errors import ConfigError, PrivImageError
-from privimage.io.seeding import dp_entropy, numpy_generator, torch_generator
-from privimage.models import check_same_diffusion, load_unet, make_opacus_safe
+from privimage.io.seeding import dp_entropy, numpy_generator
+from privimage.models import check_same_diffusion, load_unet
 from privimage.runtime import (
     cache_root,
     mark_done,
+    read_done_json,
     require_upstream,
     resolve_device,
     run_ledger,
@@ -193,10 +199,7 @@ def _dp_sgd(
     ft = cfg.finetune
     model = copy.deepcopy(model).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
-    streams = {
-        name: torch_generator(entropy[name], device=dev)
-        for name, dev in (("sampler", "cpu"), ("noise", device), ("diffusion", "cpu"))
-    }
+    streams = dp_streams(entropy, device=device)
     dp_model, optimizer, dp_loader, _ = make_private(
         model,
         torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
@@ -281,10 +284,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
     num_classes = pretrained.config.num_class_embeds - 1
     model = with_canary_classes(pretrained, m)
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
-    make_opacus_safe(model)
+    prepare_for_dp_sgd(model)
     trainable = None if ft.trainable is None else [*ft.trainable, "class_embedding"]
     trained = select_trainable(model, trainable)
 
@@ -303,9 +303,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     entropy = {
         name: dp_entropy(purpose=f"audit/{name}", seed=cfg.seed, reproducible=reproducible)
-        for name in ("sampler", "noise", "diffusion")
+        for name in STREAMS
     }
-    audit_cfg = replace(cfg, finetune=replace(ft, checkpoint_every_steps=steps + 1))
     log.info(
         "audit: %d sensitive images + %d canaries (%d kept), q=%.5f, %d steps, noise "
         "multiplier %.4f for the claim epsilon %g at delta %.1e%s",
@@ -320,7 +319,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "" if au.broken == "none" else f" (BROKEN on purpose: {au.broken})",
     )
     audited = _dp_sgd(
-        audit_cfg,
+        cfg,
         model,
         slots(kept),
         mechanism=mechanism,
@@ -336,7 +335,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # The adversary knows the streams: it reruns the training with every canary out,
         # whose rows then got exactly the noise the audited rows got.
         without = _dp_sgd(
-            audit_cfg,
+            cfg,
             model,
             slots(torch.zeros(m)),
             mechanism=mechanism,
@@ -473,7 +472,4 @@ def _plot(path: Path, scores: np.ndarray, keep: np.ndarray, bound: dict, result:
 
 def read_result(run_dir: Path) -> dict | None:
     """``audit/audit.json`` of a finished audit, or None."""
-    path = stage_dir(run_dir, STAGE) / RESULT_FILE
-    if not (path.parent / "DONE").exists() or not path.exists():
-        return None
-    return json.loads(path.read_text())
+    return read_done_json(run_dir, STAGE, RESULT_FILE)

@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
@@ -49,7 +48,10 @@ from privimage.config import Config
 from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dp.training import (
+    STREAMS,
     dp_sgd_schedule,
+    dp_streams,
+    prepare_for_dp_sgd,
     select_trainable,
     start_processes,
     train_steps,
@@ -57,12 +59,11 @@ from privimage.dp.training import (
 from privimage.dpsgd import make_private
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io.release import Output
-from privimage.io.seeding import dp_entropy, torch_generator
+from privimage.io.seeding import dp_entropy
 from privimage.models import (
     check_same_diffusion,
     ema_update,
     load_unet,
-    make_opacus_safe,
     save_unet,
     weight_files,
 )
@@ -230,10 +231,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     model, trained_with = load_unet(pretrain_dir / "unet")
     check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
     model.train()
-    errors = ModuleValidator.validate(model, strict=False)
-    if errors:
-        raise PrivImageError(f"the UNet has layers DP-SGD cannot train: {errors[0]}")
-    make_opacus_safe(model)
+    prepare_for_dp_sgd(model)
     trained = select_trainable(model, ft.trainable)
 
     identity = {
@@ -296,14 +294,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
 
-    if ckpt is not None:
-        # Resume continues the checkpointed streams (restored below): no new entropy.
-        streams = {
-            "sampler": torch.Generator(),
-            "noise": torch.Generator(device=device),
-            "diffusion": torch.Generator(),
-        }
-    else:
+    # Resume continues the checkpointed streams (restored below): no new entropy.
+    entropy = None
+    if ckpt is None:
         # Secret: fresh OS entropy, kept only in the private checkpoint. The diffusion
         # stream (timesteps, noise and label dropout of the loss) is secret too: it is
         # consumed in batch order, so a known value of it would hand each example draws
@@ -311,15 +304,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # more or less would change every example's gradient, not just its own.
         # With several processes each draws its own: rank r's shard has its own masks.
         rank = f"/rank{procs.rank}" if procs.distributed else ""
-        streams = {
-            name: torch_generator(
-                dp_entropy(
-                    purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
-                ),
-                device=dev,
+        entropy = {
+            name: dp_entropy(
+                purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
             )
-            for name, dev in (("sampler", "cpu"), ("noise", device), ("diffusion", "cpu"))
+            for name in STREAMS
         }
+    streams = dp_streams(entropy, device=device)
     loader = DataLoader(
         TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
         batch_size=ft.batch_size,
