@@ -7,9 +7,10 @@ touching sensitive data, so its answers may choose settings:
 * the training set is the public glyphs of the digits ``0``-``9`` (the selection the DP
   query would make if it chose every digit's own glyph), labelled by digit;
 * a judge CNN trained on those glyphs (cached in ``--judge``) classifies samples drawn
-  from the EMA weights at the steps of ``--eval-at``, 20 per class, for every guidance
-  scale in ``--guidance``; the bench prints the fraction the judge gives the class they
-  were drawn for (0.1 is chance), and the training and sampling seconds.
+  from the EMA weights at the steps of ``--eval-at``, ``--per-class`` (20) per class,
+  for every guidance scale in ``--guidance``; the bench prints the fraction the judge
+  gives the class they were drawn for (0.1 is chance), and the training and sampling
+  seconds.
 
 The loop is the pretraining stage's (EDM loss, Adam, EMA with warm-up, label dropout for
 guidance), without checkpoints or Accelerate.
@@ -36,10 +37,9 @@ from privimage.config import DataConfig, DiffusionConfig, ModelConfig
 from privimage.data import load
 from privimage.diffusion import drop_labels, sample_batch, training_loss
 from privimage.models import build_unet, ema_update
-from privimage.stages.pretrain import warmup_lr
+from privimage.stages.pretrain import scheduled_lr
 
 DIGITS = 10
-PER_CLASS = 20
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
+    ap.add_argument("--decay", default="none", choices=["none", "linear", "cosine"])
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--p-mean", type=float, default=0.6, help="EDM training ln(sigma) mean")
     ap.add_argument("--p-std", type=float, default=1.2)
@@ -56,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--label-dropout", type=float, default=0.1)
     ap.add_argument("--guidance", default="1,3", help="guidance scales to sample with")
+    ap.add_argument("--per-class", type=int, default=20, help="samples per class judged")
     ap.add_argument("--solver-steps", type=int, default=12, help="Euler steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -123,7 +125,9 @@ def main() -> None:
         idx = torch.randint(0, len(x_all), (a.batch_size,), generator=g)
         y = drop_labels(y_all[idx], probability=a.label_dropout, null_label=DIGITS, generator=g)
         for group in opt.param_groups:
-            group["lr"] = warmup_lr(a.lr, step=step, warmup_steps=a.warmup)
+            group["lr"] = scheduled_lr(
+                a.lr, step=step, warmup_steps=a.warmup, total_steps=a.steps, decay=a.decay
+            )
         loss = training_loss(model, x_all[idx], y, spec=spec, generator=g).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,7 +137,7 @@ def main() -> None:
         if step + 1 not in eval_at:
             continue
         row = {"step": step + 1, "train_s": round(train_s, 1), "loss": round(loss.item(), 4)}
-        labels = torch.arange(DIGITS).repeat_interleave(PER_CLASS)
+        labels = torch.arange(DIGITS).repeat_interleave(a.per_class)
         for w in scales:
             t1 = time.perf_counter()
             images = sample_batch(
@@ -152,7 +156,7 @@ def main() -> None:
             if a.grid is not None and step + 1 == a.steps and w == scales[-1]:
                 from torchvision.utils import save_image
 
-                save_image((images + 1) / 2, a.grid, nrow=PER_CLASS)
+                save_image((images + 1) / 2, a.grid, nrow=a.per_class)
         print(json.dumps(row), flush=True)
 
 

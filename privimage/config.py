@@ -36,6 +36,7 @@ SYNTHESIZER_STAGES = {"diffusion": STAGES, "bnstat": ("sample", "evaluate")}
 # What the UNet is pretrained on: the query's semantic subset (PrivImage), the whole public
 # training split (PDP-Diffusion), or nothing at all (DPDM: DP training from scratch).
 PUBLIC_SUBSETS = ("semantic", "all", "none")
+LR_DECAYS = ("none", "linear", "cosine")
 
 
 @dataclass
@@ -176,6 +177,8 @@ class PretrainConfig:
     # Linear learning-rate warm-up over the first steps (0: none); lets short CPU runs
     # use a higher lr without the first steps blowing the weights up.
     warmup_steps: int = 0
+    # After the warm-up: none (constant lr), linear or cosine decay to zero at the end.
+    lr_decay: str = "none"
     ema_decay: float = 0.999
     # Labels replaced by the null class in training, for classifier-free guidance.
     label_dropout: float = 0.1
@@ -633,6 +636,10 @@ def validate(cfg: Config) -> None:
     if cfg.pretrain.warmup_steps < 0:
         raise ConfigError(
             f"pretrain.warmup_steps={cfg.pretrain.warmup_steps} must be >= 0 (0: no warm-up)"
+        )
+    if cfg.pretrain.lr_decay not in LR_DECAYS:
+        raise ConfigError(
+            f"pretrain.lr_decay={cfg.pretrain.lr_decay!r} is not one of {', '.join(LR_DECAYS)}"
         )
     if cfg.pretrain.images_seen is not None:
         _positive(cfg.pretrain.images_seen, "pretrain.images_seen", " (or null to use epochs)")

@@ -7,6 +7,7 @@ glyph dataset, so these tests exercise the pretraining stage alone on real image
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from privimage.errors import ConfigError
 from privimage.models import load_unet
 from privimage.runtime import mark_done, write_json
 from privimage.stages import pretrain
-from privimage.stages.pretrain import epoch_order, micro_batch, step_generator, warmup_lr
+from privimage.stages.pretrain import epoch_order, micro_batch, scheduled_lr, step_generator
 
 BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
 
@@ -103,9 +104,27 @@ def test_each_micro_batch_has_its_own_seeded_stream():
 
 
 def test_warmup_rises_linearly_to_the_learning_rate_and_stays():
-    lrs = [warmup_lr(0.01, step=s, warmup_steps=4) for s in range(6)]
+    lrs = [scheduled_lr(0.01, step=s, warmup_steps=4) for s in range(6)]
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
-    assert warmup_lr(0.01, step=0, warmup_steps=0) == 0.01
+    assert scheduled_lr(0.01, step=0, warmup_steps=0) == 0.01
+
+
+def test_lr_decays_to_zero_at_the_end_after_the_warmup():
+    lin = [
+        scheduled_lr(1.0, step=s, warmup_steps=2, total_steps=6, decay="linear") for s in range(6)
+    ]
+    assert lin == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cos = [
+        scheduled_lr(1.0, step=s, warmup_steps=0, total_steps=4, decay="cosine") for s in range(4)
+    ]
+    assert cos == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)]
+    )
+
+
+def test_unknown_lr_decay_is_refused(cache_dir):
+    with pytest.raises(ConfigError, match="pretrain.lr_decay='step' is not one of none, linear"):
+        typed_config([*BASE, "pretrain.lr_decay=step"], cache_dir)
 
 
 def test_negative_warmup_is_refused(cache_dir):

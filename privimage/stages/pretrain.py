@@ -260,11 +260,20 @@ def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
     )
 
 
-def warmup_lr(lr: float, *, step: int, warmup_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (from 0): linear warm-up, then ``lr``."""
-    if warmup_steps <= 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+def scheduled_lr(
+    lr: float, *, step: int, warmup_steps: int, total_steps: int = 0, decay: str = "none"
+) -> float:
+    """The learning rate of optimizer step ``step`` (from 0 to ``total_steps - 1``).
+
+    Linear warm-up over ``warmup_steps``, then ``lr`` (``decay="none"``), or a decay
+    towards zero at ``total_steps``: ``linear`` or ``cosine``. A decay to zero lets a
+    short run settle into the minimum it has found instead of ending mid-stride.
+    """
+    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    if decay != "none" and step >= warmup_steps:
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        factor *= 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr * factor
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -348,6 +357,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "public_subset": p.public_subset,
             "lr": p.lr,
             "warmup_steps": p.warmup_steps,
+            "lr_decay": p.lr_decay,
             "label_dropout": p.label_dropout,
             "ema_decay": p.ema_decay,
             "seed": cfg.seed,
@@ -384,7 +394,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
             )
         # A function of the step alone, so a resumed run continues the same schedule.
         for group in optimizer.param_groups:
-            group["lr"] = warmup_lr(p.lr, step=step, warmup_steps=p.warmup_steps)
+            group["lr"] = scheduled_lr(
+                p.lr,
+                step=step,
+                warmup_steps=p.warmup_steps,
+                total_steps=steps,
+                decay=p.lr_decay,
+            )
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
