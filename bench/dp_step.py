@@ -63,7 +63,7 @@ from privimage.models import build_unet, count_parameters, make_opacus_safe
 from privimage.stages.finetune import select_trainable
 
 # Preset -> (resolution, channels) of the data it is the default model for.
-PRESETS = {"tiny28": (28, 1), "tiny32": (32, 3), "small32": (32, 3)}
+PRESETS = {"tiny28": (28, 1), "lean28": (28, 1), "tiny32": (32, 3), "small32": (32, 3)}
 NUM_CLASSES = 10
 WARMUP = 2
 # Poisson loader size only (it is never iterated): N = 8 batches, so q = 1/8.

@@ -124,6 +124,7 @@ def test_query_epsilon_share_calibrates_the_query_noise(tmp_path):
 # compact 1.8M-3.8M range at 32x32.
 MODEL_SIZES = {
     "nano": (28, 1, 0.1, 0.3),
+    "lean28": (28, 1, 0.6, 0.8),
     "tiny28": (28, 1, 0.9, 1.3),
     "small28": (28, 1, 2.0, 3.0),
     "tiny32": (32, 3, 1.4, 1.9),
