@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from privimage.classifier import predict_logits, train_classifier
-from privimage.config import DataConfig, DiffusionConfig, ModelConfig
+from privimage.config import LR_DECAYS, DataConfig, DiffusionConfig, ModelConfig
 from privimage.data import load
 from privimage.diffusion import drop_labels, sample_batch, training_loss
 from privimage.models import build_unet, ema_update
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--warmup", type=int, default=20, help="linear lr warm-up steps")
-    ap.add_argument("--decay", default="none", choices=["none", "linear", "cosine"])
+    ap.add_argument("--decay", default="none", choices=LR_DECAYS, help="lr decay after warm-up")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--p-mean", type=float, default=0.6, help="EDM training ln(sigma) mean")
     ap.add_argument("--p-std", type=float, default=1.2)
