@@ -16,14 +16,20 @@ held-out synthetic images) with ``--seeds`` seeds, and prints one JSON line: the
 accuracy on the proxy, each classifier's, and the seconds spent sampling. With the glyph
 judge of ``bench/short_pretraining.py`` at hand (``--judge``), it also prints the fraction
 of samples the judge gives the class they were drawn for: a steadier signal of whether
-the samples carry their class, blind to handwriting style.
+the samples carry their class, blind to handwriting style. With ``--fid`` it also prints
+the Inception FID of the samples against as many proxy digits (their features cached under
+``runs/bench``): a public stand-in for the demo's FID against the sealed MNIST test split,
+again for ranking settings only (the proxy's blur puts its figures on another scale).
 
     python bench/handwriting_proxy.py runs/demo/main/finetune/unet --guidance 1 3 --seeds 2
+    python bench/handwriting_proxy.py runs/demo/main/finetune/unet --fid --seeds 0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -36,6 +42,7 @@ from privimage.classifier import predict_logits
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.metrics.downstream import DownstreamSettings, SealedSplit, evaluate_downstream
+from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
 from privimage.models import load_unet
 
 FIRST_SEED = 10**6
@@ -69,10 +76,37 @@ def proxy_accuracy(images: torch.Tensor, labels: torch.Tensor, seeds: range) -> 
     return out
 
 
+def proxy_fid(images: torch.Tensor, *, cache_dir: Path) -> float:
+    """FID of ``images`` against the first ``len(images)`` proxy digits (near balanced)."""
+    n = len(images)
+    digits = proxy_digits()
+    if n > len(digits.images):
+        raise SystemExit(f"--fid needs at most {len(digits.images)} samples, got {n}")
+    # load_digits cycles through the classes 0-9, so a fixed prefix is close to balanced.
+    reference = cached_features(
+        f"proxy_digits_first{n}",
+        lambda: digits.images[:n],
+        cache_dir=cache_dir,
+        batch_size=25,
+        progress=False,
+    )
+    return frechet_distance_of_features(
+        inception_features(images, batch_size=25, progress=False), reference
+    )
+
+
 def sample(
-    unet_dir: Path, *, per_class: int, guidance: float, steps: int, solver: str
+    unet_dir: Path,
+    *,
+    per_class: int,
+    guidance: float,
+    steps: int,
+    solver: str,
+    sigma_min: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     model, spec = load_unet(unet_dir)
+    if sigma_min is not None:
+        spec = dataclasses.replace(spec, sigma_min=sigma_min)
     model.eval()
     labels = torch.arange(10).repeat_interleave(per_class)
     seeds = list(range(FIRST_SEED, FIRST_SEED + len(labels)))
@@ -100,14 +134,21 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--solver", default="euler")
+    parser.add_argument(
+        "--sigma-min", type=float, nargs="+", default=[None], help="EDM: the last noise level"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="classifier seeds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--judge", type=Path, default=Path("runs/bench/glyph_judge.pt"))
+    parser.add_argument(
+        "--fid", action="store_true", help="also Inception FID against as many proxy digits"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/bench"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     judge = torch.load(args.judge, weights_only=False) if args.judge.exists() else None
     for unet in args.unet:
-        for guidance in args.guidance:
+        for guidance, sigma_min in itertools.product(args.guidance, args.sigma_min):
             start = time.perf_counter()
             x, y = sample(
                 unet,
@@ -115,6 +156,7 @@ def main() -> None:
                 guidance=guidance,
                 steps=args.steps,
                 solver=args.solver,
+                sigma_min=sigma_min,
             )
             sampled = time.perf_counter() - start
             judged = None
@@ -123,6 +165,11 @@ def main() -> None:
                     judge, ImageSplit(x, y).as_float(), batch_size=256, device=torch.device("cpu")
                 )
                 judged = round((logits.argmax(1) == y).float().mean().item(), 3)
+            fid = None
+            if args.fid:
+                start = time.perf_counter()
+                fid = round(proxy_fid(x, cache_dir=args.cache_dir), 1)
+                fid_s = time.perf_counter() - start
             runs = proxy_accuracy(x, y, range(args.seeds))
             per_run = [float(np.mean(list(r.values()))) for r in runs]
             print(
@@ -133,11 +180,14 @@ def main() -> None:
                         "per_class": args.per_class,
                         "solver": args.solver,
                         "steps": args.steps,
+                        "sigma_min": sigma_min,
                         "proxy_accuracy": round(float(np.mean(per_run)), 3) if runs else None,
                         "spread": round(float(np.ptp(per_run)), 3) if runs else None,
                         "glyph_judge_accuracy": judged,
+                        "proxy_fid": fid,
                         "runs": runs,
                         "sample_s": round(sampled),
+                        "fid_s": round(fid_s) if args.fid else None,
                     }
                 ),
                 flush=True,
