@@ -165,11 +165,11 @@ def main() -> None:
                     judge, ImageSplit(x, y).as_float(), batch_size=256, device=torch.device("cpu")
                 )
                 judged = round((logits.argmax(1) == y).float().mean().item(), 3)
-            fid = None
+            fid = fid_s = None
             if args.fid:
                 start = time.perf_counter()
                 fid = round(proxy_fid(x, cache_dir=args.cache_dir), 1)
-                fid_s = time.perf_counter() - start
+                fid_s = round(time.perf_counter() - start)
             runs = proxy_accuracy(x, y, range(args.seeds))
             per_run = [float(np.mean(list(r.values()))) for r in runs]
             print(
@@ -187,7 +187,7 @@ def main() -> None:
                         "proxy_fid": fid,
                         "runs": runs,
                         "sample_s": round(sampled),
-                        "fid_s": round(fid_s) if args.fid else None,
+                        "fid_s": fid_s,
                     }
                 ),
                 flush=True,

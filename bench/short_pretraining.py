@@ -117,6 +117,24 @@ def get_judge(path: Path, train, test) -> torch.nn.Module:
     return judge
 
 
+def fid_reference(test, per_class: int, cache_dir: str):
+    """Inception features of the first ``per_class`` held-out glyphs of each digit (cached).
+
+    Computed once, before training, so a short run fails before its minutes are spent.
+    """
+    fewest = int(torch.bincount(test.labels, minlength=DIGITS).min())
+    if per_class > fewest:
+        raise SystemExit(f"--fid: --per-class {per_class} but some digit has {fewest} held out")
+    idx = torch.cat([torch.nonzero(test.labels == d).squeeze(1)[:per_class] for d in range(DIGITS)])
+    return cached_features(
+        f"digit_glyphs_test_{per_class}_per_class",
+        lambda: test.images[idx],
+        cache_dir=cache_dir,
+        batch_size=25,
+        progress=False,
+    )
+
+
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
@@ -136,13 +154,7 @@ def main() -> None:
     scales = [float(v) for v in a.guidance.split(",")]
     print(json.dumps({k: v for k, v in vars(a).items() if k not in ("judge", "grid")}, default=str))
     print(json.dumps({"training_glyphs_dark_px": dark_fraction(train.images)}))
-    fewest = int(torch.bincount(test.labels, minlength=DIGITS).min())
-    if a.fid and a.per_class > fewest:
-        raise SystemExit(f"--fid: --per-class {a.per_class} but some digit has {fewest} held out")
-    # Class-balanced reference: the first per_class held-out glyphs of each digit.
-    ref_idx = torch.cat(
-        [torch.nonzero(test.labels == d).squeeze(1)[: a.per_class] for d in range(DIGITS)]
-    )
+    reference = fid_reference(test, a.per_class, a.cache_dir) if a.fid else None
     train_s = 0.0
     for step in range(a.steps):
         t0 = time.perf_counter()
@@ -178,14 +190,7 @@ def main() -> None:
             row[f"class_acc_g{w:g}"] = round((pred.argmax(1) == labels).float().mean().item(), 3)
             row[f"sample_s_g{w:g}"] = round(time.perf_counter() - t1, 1)
             row[f"dark_px_g{w:g}"] = dark_fraction(images)
-            if a.fid:
-                reference = cached_features(
-                    f"digit_glyphs_test_{a.per_class}_per_class",
-                    lambda: test.images[ref_idx],
-                    cache_dir=a.cache_dir,
-                    batch_size=25,
-                    progress=False,
-                )
+            if reference is not None:
                 feats = inception_features(to_uint8(images), batch_size=25, progress=False)
                 row[f"fid_g{w:g}"] = round(frechet_distance_of_features(feats, reference), 1)
             if a.grid is not None and step + 1 == a.steps and w == scales[-1]:
