@@ -16,6 +16,12 @@ touching sensitive data, so its answers may choose settings:
   undertrained low-noise denoiser leaves grey speckle where the glyphs are black;
 * with ``--fid``, the Inception FID of the samples against as many held-out digit glyphs.
 
+With ``--selection`` (a query's ``query/selection.json``, itself a DP release) the training
+set is that selection instead: the public classes each sensitive class took, relabelled
+to it, as the pretraining stage sees them. ``--public tinyimagenet --selection ...`` asks
+the same questions of CIFAR-10's pretraining at 32x32 RGB; the judge and the FID reference
+are then that selection's own held-out public images.
+
 The loop is the pretraining stage's (EDM loss, Adam, EMA with warm-up, label dropout for
 guidance), without checkpoints or Accelerate.
 
@@ -26,12 +32,15 @@ Usage::
     .venv/bin/python bench/short_pretraining.py --steps 200 --eval-at 200 --batch-size 32
     .venv/bin/python bench/short_pretraining.py --channels 16,32,64 --steps 920 \
         --eval-at 920 --decay linear --guidance 1 --per-class 50 --fid --p-std 1.6
+    .venv/bin/python bench/short_pretraining.py --public tinyimagenet \
+        --selection runs/scratch/cifar_query/query/selection.json --fid --per-class 50
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -41,12 +50,15 @@ import torch
 from privimage.classifier import predict_logits, train_classifier
 from privimage.config import LR_DECAYS, DataConfig, DiffusionConfig, ModelConfig
 from privimage.data import load
+from privimage.data.containers import ImageSplit
 from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
 from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
 from privimage.models import build_unet, ema_update
 from privimage.stages.pretrain import scheduled_lr
 
 DIGITS = 10
+# What each public source is trained at here (as its conf/public preset loads it).
+PUBLIC_SHAPES = {"glyphs": (28, 1), "tinyimagenet": (32, 3)}
 DARK = 4  # of 255: a pixel below it counts as background (glyphs: 78% of pixels)
 
 
@@ -69,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--p-mean", type=float, default=0.6, help="EDM training ln(sigma) mean")
     ap.add_argument("--p-std", type=float, default=1.2)
     ap.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
+    ap.add_argument("--layers-per-block", type=int, default=ModelConfig.layers_per_block)
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--label-dropout", type=float, default=0.1)
     ap.add_argument("--guidance", default="1,3", help="guidance scales to sample with")
@@ -77,23 +90,61 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="~/.cache/privimage")
-    ap.add_argument("--judge", type=Path, default=Path("runs/bench/glyph_judge.pt"))
+    ap.add_argument("--public", default="glyphs", choices=sorted(PUBLIC_SHAPES))
+    ap.add_argument(
+        "--selection", type=Path, default=None, help="a query's selection.json (default: digits)"
+    )
+    ap.add_argument("--judge", type=Path, default=None, help="judge cache (default: runs/bench)")
     ap.add_argument("--grid", type=Path, default=None, help="save the last samples here")
     ap.add_argument("--fid", action="store_true", help="FID against held-out digit glyphs")
     return ap.parse_args()
 
 
-def digit_glyphs(cache_dir: str):
-    ds = load(DataConfig(source="glyphs", resolution=28, channels=1), cache_dir=cache_dir)
+def training_set(a: argparse.Namespace):
+    """(train, held-out, classes, tag): public images labelled by the class they stand for.
 
-    # Glyph classes 0-9 are the digits (privimage.data.glyphs.CLASS_NAMES).
-    def digits(split):
-        return split.subset(torch.nonzero(split.labels < DIGITS).squeeze(1))
+    Default: the digit glyphs. With ``--selection``: the query's public classes relabelled
+    to their sensitive class; the tag names the selection (judge and FID caches).
+    """
+    resolution, channels = PUBLIC_SHAPES[a.public]
+    ds = load(
+        DataConfig(source=a.public, resolution=resolution, channels=channels), cache_dir=a.cache_dir
+    )
+    if a.selection is None:
+        if a.public != "glyphs":
+            raise SystemExit(f"--public {a.public} needs --selection (a query's selection.json)")
+        # Glyph classes 0-9 are the digits (privimage.data.glyphs.CLASS_NAMES).
+        mapping = {d: d for d in range(DIGITS)}
+        tag = "glyph"
+    else:
+        if not a.selection.exists():
+            raise SystemExit(f"--selection {a.selection}: no such file (run the query stage)")
+        sel = json.loads(a.selection.read_text())
+        if sel["public_source"] != a.public:
+            raise SystemExit(
+                f"--selection is a query of {sel['public_source']}, not --public {a.public}"
+            )
+        mapping = {
+            p["public_class"]: c["sensitive_class"]
+            for c in sel["classes"]
+            for p in c["public_classes"]
+        }
+        digest = hashlib.sha1(json.dumps(sorted(mapping.items())).encode()).hexdigest()[:8]
+        tag = f"{a.public}_{digest}"
+    lookup = torch.full((ds.num_classes,), -1, dtype=torch.long)
+    for public, sensitive in mapping.items():
+        lookup[public] = sensitive
+    classes = len(set(mapping.values()))
 
-    return digits(ds.train), digits(ds.test)
+    def relabelled(split):
+        new = lookup[split.labels]
+        kept = torch.nonzero(new >= 0).squeeze(1)
+        return ImageSplit(images=split.images[kept], labels=new[kept])
+
+    return relabelled(ds.train), relabelled(ds.test), classes, tag
 
 
-def get_judge(path: Path, train, test) -> torch.nn.Module:
+def get_judge(path: Path, train, test, *, classes: int, hflip: bool) -> torch.nn.Module:
     cpu = torch.device("cpu")
     if path.exists():
         judge = torch.load(path, weights_only=False)
@@ -101,33 +152,38 @@ def get_judge(path: Path, train, test) -> torch.nn.Module:
         judge = train_classifier(
             train.as_float(),
             train.labels,
-            num_classes=DIGITS,
+            num_classes=classes,
             width=32,
             epochs=4,
+            hflip=hflip,
             batch_size=128,
             lr=2e-3,
             device=cpu,
             seed=0,
-            desc="judge (public glyphs)",
+            desc="judge (public images)",
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(judge, path)
     pred = predict_logits(judge, test.as_float(), batch_size=256, device=cpu).argmax(1)
-    print(f"judge accuracy on held-out digit glyphs: {(pred == test.labels).float().mean():.3f}")
+    print(f"judge accuracy on held-out public images: {(pred == test.labels).float().mean():.3f}")
     return judge
 
 
-def fid_reference(test, per_class: int, cache_dir: str):
-    """Inception features of the first ``per_class`` held-out glyphs of each digit (cached).
+def fid_reference(test, per_class: int, cache_dir: str, *, classes: int, tag: str):
+    """Inception features of the first ``per_class`` held-out images of each class (cached).
 
     Computed once, before training, so a short run fails before its minutes are spent.
     """
-    fewest = int(torch.bincount(test.labels, minlength=DIGITS).min())
+    fewest = int(torch.bincount(test.labels, minlength=classes).min())
     if per_class > fewest:
-        raise SystemExit(f"--fid: --per-class {per_class} but some digit has {fewest} held out")
-    idx = torch.cat([torch.nonzero(test.labels == d).squeeze(1)[:per_class] for d in range(DIGITS)])
+        raise SystemExit(f"--fid: --per-class {per_class} but some class has {fewest} held out")
+    idx = torch.cat(
+        [torch.nonzero(test.labels == c).squeeze(1)[:per_class] for c in range(classes)]
+    )
+    # The digit glyphs keep their old cache name, so earlier caches stay valid.
+    name = "digit_glyphs" if tag == "glyph" else tag
     return cached_features(
-        f"digit_glyphs_test_{per_class}_per_class",
+        f"{name}_test_{per_class}_per_class",
         lambda: test.images[idx],
         cache_dir=cache_dir,
         batch_size=25,
@@ -138,14 +194,19 @@ def fid_reference(test, per_class: int, cache_dir: str):
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
-    train, test = digit_glyphs(a.cache_dir)
-    judge = get_judge(a.judge, train, test)
+    train, test, classes, tag = training_set(a)
+    natural = a.public != "glyphs"
+    judge_path = a.judge or Path(f"runs/bench/{tag}_judge.pt")
+    judge = get_judge(judge_path, train, test, classes=classes, hflip=natural)
     spec = DiffusionConfig(p_mean=a.p_mean, p_std=a.p_std)
     mc = ModelConfig(
-        block_out_channels=[int(c) for c in a.channels.split(",")], attention=not a.no_attention
+        block_out_channels=[int(c) for c in a.channels.split(",")],
+        layers_per_block=a.layers_per_block,
+        attention=not a.no_attention,
     )
+    resolution, channels = PUBLIC_SHAPES[a.public]
     torch.manual_seed(a.seed)
-    model = build_unet(mc, resolution=28, channels=1, num_classes=DIGITS)
+    model = build_unet(mc, resolution=resolution, channels=channels, num_classes=classes)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     g = torch.Generator().manual_seed(a.seed + 1)
@@ -153,13 +214,15 @@ def main() -> None:
     eval_at = {int(s) for s in a.eval_at.split(",")}
     scales = [float(v) for v in a.guidance.split(",")]
     print(json.dumps({k: v for k, v in vars(a).items() if k not in ("judge", "grid")}, default=str))
-    print(json.dumps({"training_glyphs_dark_px": dark_fraction(train.images)}))
-    reference = fid_reference(test, a.per_class, a.cache_dir) if a.fid else None
+    print(json.dumps({"training_images": len(train), "dark_px": dark_fraction(train.images)}))
+    reference = (
+        fid_reference(test, a.per_class, a.cache_dir, classes=classes, tag=tag) if a.fid else None
+    )
     train_s = 0.0
     for step in range(a.steps):
         t0 = time.perf_counter()
         idx = torch.randint(0, len(x_all), (a.batch_size,), generator=g)
-        y = drop_labels(y_all[idx], probability=a.label_dropout, null_label=DIGITS, generator=g)
+        y = drop_labels(y_all[idx], probability=a.label_dropout, null_label=classes, generator=g)
         for group in opt.param_groups:
             group["lr"] = scheduled_lr(
                 a.lr, step=step, warmup_steps=a.warmup, total_steps=a.steps, decay=a.decay
@@ -173,7 +236,7 @@ def main() -> None:
         if step + 1 not in eval_at:
             continue
         row = {"step": step + 1, "train_s": round(train_s, 1), "loss": round(loss.item(), 4)}
-        labels = torch.arange(DIGITS).repeat_interleave(a.per_class)
+        labels = torch.arange(classes).repeat_interleave(a.per_class)
         for w in scales:
             t1 = time.perf_counter()
             images = sample_batch(
@@ -181,7 +244,7 @@ def main() -> None:
                 spec=spec,
                 seeds=list(range(len(labels))),
                 labels=labels,
-                image_shape=(1, 28, 28),
+                image_shape=(channels, resolution, resolution),
                 num_steps=a.solver_steps,
                 solver="euler",
                 guidance_scale=w,
