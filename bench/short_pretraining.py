@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 
 import torch
+from bnstat_sweep import load_group
 
+from privimage.__main__ import config_dir
 from privimage.classifier import predict_logits, train_classifier
 from privimage.config import LR_DECAYS, DataConfig, DiffusionConfig, ModelConfig
 from privimage.data import load
@@ -57,8 +59,8 @@ from privimage.models import build_unet, ema_update
 from privimage.stages.pretrain import scheduled_lr
 
 DIGITS = 10
-# What each public source is trained at here (as its conf/public preset loads it).
-PUBLIC_SHAPES = {"glyphs": (28, 1), "tinyimagenet": (32, 3)}
+# The public presets (conf/public/*.yaml), loaded as a run loads them.
+PUBLIC_PRESETS = sorted(p.stem for p in (Path(config_dir()) / "public").glob("*.yaml"))
 DARK = 4  # of 255: a pixel below it counts as background (glyphs: 78% of pixels)
 
 
@@ -90,28 +92,26 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="~/.cache/privimage")
-    ap.add_argument("--public", default="glyphs", choices=sorted(PUBLIC_SHAPES))
+    ap.add_argument("--public", default="glyphs", choices=PUBLIC_PRESETS)
     ap.add_argument(
         "--selection", type=Path, default=None, help="a query's selection.json (default: digits)"
     )
     ap.add_argument("--judge", type=Path, default=None, help="judge cache (default: runs/bench)")
     ap.add_argument("--grid", type=Path, default=None, help="save the last samples here")
-    ap.add_argument("--fid", action="store_true", help="FID against held-out digit glyphs")
+    ap.add_argument("--fid", action="store_true", help="FID against held-out public images")
     return ap.parse_args()
 
 
 def training_set(a: argparse.Namespace):
-    """(train, held-out, classes, tag): public images labelled by the class they stand for.
+    """(train, held-out, classes, tag, data): public images labelled by the class they stand for.
 
     Default: the digit glyphs. With ``--selection``: the query's public classes relabelled
     to their sensitive class; the tag names the selection (judge and FID caches).
     """
-    resolution, channels = PUBLIC_SHAPES[a.public]
-    ds = load(
-        DataConfig(source=a.public, resolution=resolution, channels=channels), cache_dir=a.cache_dir
-    )
+    data: DataConfig = load_group("public", a.public, DataConfig)
+    ds = load(data, cache_dir=a.cache_dir)
     if a.selection is None:
-        if a.public != "glyphs":
+        if data.source != "glyphs":
             raise SystemExit(f"--public {a.public} needs --selection (a query's selection.json)")
         # Glyph classes 0-9 are the digits (privimage.data.glyphs.CLASS_NAMES).
         mapping = {d: d for d in range(DIGITS)}
@@ -120,9 +120,9 @@ def training_set(a: argparse.Namespace):
         if not a.selection.exists():
             raise SystemExit(f"--selection {a.selection}: no such file (run the query stage)")
         sel = json.loads(a.selection.read_text())
-        if sel["public_source"] != a.public:
+        if sel["public_source"] != data.source:
             raise SystemExit(
-                f"--selection is a query of {sel['public_source']}, not --public {a.public}"
+                f"--selection is a query of {sel['public_source']}, not --public {data.source}"
             )
         mapping = {
             p["public_class"]: c["sensitive_class"]
@@ -130,7 +130,7 @@ def training_set(a: argparse.Namespace):
             for p in c["public_classes"]
         }
         digest = hashlib.sha1(json.dumps(sorted(mapping.items())).encode()).hexdigest()[:8]
-        tag = f"{a.public}_{digest}"
+        tag = f"{data.source}_{digest}"
     lookup = torch.full((ds.num_classes,), -1, dtype=torch.long)
     for public, sensitive in mapping.items():
         lookup[public] = sensitive
@@ -141,7 +141,7 @@ def training_set(a: argparse.Namespace):
         kept = torch.nonzero(new >= 0).squeeze(1)
         return ImageSplit(images=split.images[kept], labels=new[kept])
 
-    return relabelled(ds.train), relabelled(ds.test), classes, tag
+    return relabelled(ds.train), relabelled(ds.test), classes, tag, data
 
 
 def get_judge(path: Path, train, test, *, classes: int, hflip: bool) -> torch.nn.Module:
@@ -194,17 +194,17 @@ def fid_reference(test, per_class: int, cache_dir: str, *, classes: int, tag: st
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
-    train, test, classes, tag = training_set(a)
-    natural = a.public != "glyphs"
+    train, test, classes, tag, data = training_set(a)
     judge_path = a.judge or Path(f"runs/bench/{tag}_judge.pt")
-    judge = get_judge(judge_path, train, test, classes=classes, hflip=natural)
+    # Flips suit natural images, not glyphs (as the query classifier's presets say).
+    judge = get_judge(judge_path, train, test, classes=classes, hflip=data.source != "glyphs")
     spec = DiffusionConfig(p_mean=a.p_mean, p_std=a.p_std)
     mc = ModelConfig(
         block_out_channels=[int(c) for c in a.channels.split(",")],
         layers_per_block=a.layers_per_block,
         attention=not a.no_attention,
     )
-    resolution, channels = PUBLIC_SHAPES[a.public]
+    resolution, channels = data.resolution, data.channels
     torch.manual_seed(a.seed)
     model = build_unet(mc, resolution=resolution, channels=channels, num_classes=classes)
     ema = copy.deepcopy(model).requires_grad_(False)
