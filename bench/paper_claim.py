@@ -44,6 +44,8 @@ DP_METHODS = ("privimage", "pdp_diffusion", "dpdm")
 
 # Published figures for context (full-scale GPU runs; see docs/results.md for sources).
 PUBLISHED = Path(__file__).with_name("paper_claim_published.md")
+# The GPU recipe's run, written by hand from its output: this bench runs on the CPU.
+GPU_RESULT = Path(__file__).with_name("gpu_recipe_result.md")
 
 
 def git(*args: str) -> str:
@@ -190,6 +192,7 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         costs.append(f"| {r['method']} | {r['target_epsilon'] or 'no DP'} | {parts} |")
     published = PUBLISHED.read_text() if PUBLISHED.exists() else ""
+    gpu = GPU_RESULT.read_text() if GPU_RESULT.exists() else ""
     doc = f"""# Results: PrivImage against its baselines on CIFAR-10
 
 Written by `bench/paper_claim.py` on {time.strftime("%Y-%m-%d")} at commit {commit},
@@ -233,6 +236,7 @@ the paper's compute: absolute figures are far from the published ones.
 
 {chr(10).join(plots)}
 
+{gpu}
 {published}"""
     args.docs.write_text(doc)
     print(f"paper_claim: wrote {args.docs} and {args.out / 'report'}")
