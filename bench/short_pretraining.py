@@ -82,6 +82,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--p-mean", type=float, default=0.6, help="EDM training ln(sigma) mean")
     ap.add_argument("--p-std", type=float, default=1.2)
+    ap.add_argument(
+        "--low-noise-fraction",
+        type=float,
+        default=0.0,
+        help="share of training levels drawn around --low-p-mean instead (a mixture)",
+    )
+    ap.add_argument("--low-p-mean", type=float, default=-1.2)
     ap.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
     ap.add_argument("--layers-per-block", type=int, default=ModelConfig.layers_per_block)
     ap.add_argument("--no-attention", action="store_true")
@@ -198,7 +205,12 @@ def main() -> None:
     judge_path = a.judge or Path(f"runs/bench/{tag}_judge.pt")
     # Flips suit natural images, not glyphs (as the query classifier's presets say).
     judge = get_judge(judge_path, train, test, classes=classes, hflip=data.source != "glyphs")
-    spec = DiffusionConfig(p_mean=a.p_mean, p_std=a.p_std)
+    spec = DiffusionConfig(
+        p_mean=a.p_mean,
+        p_std=a.p_std,
+        low_noise_fraction=a.low_noise_fraction,
+        low_noise_p_mean=a.low_p_mean,
+    )
     mc = ModelConfig(
         block_out_channels=[int(c) for c in a.channels.split(",")],
         layers_per_block=a.layers_per_block,

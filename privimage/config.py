@@ -93,6 +93,9 @@ class DiffusionConfig:
     sigma_data: float = 0.5
     p_mean: float = -1.2
     p_std: float = 1.2
+    # A share of the training levels drawn around low_noise_p_mean instead (0: none).
+    low_noise_fraction: float = 0.0
+    low_noise_p_mean: float = -1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -534,6 +537,11 @@ def _validate_diffusion(cfg: Config) -> None:
         )
     for key in ("sigma_data", "p_std", "sigma_min", "sigma_max", "rho", "num_train_timesteps"):
         _positive(getattr(d, key), f"diffusion.{key}")
+    if not 0 <= d.low_noise_fraction < 1:
+        raise ConfigError(
+            f"diffusion.low_noise_fraction={d.low_noise_fraction} must be in [0, 1) "
+            "(the share of training noise levels drawn around diffusion.low_noise_p_mean)"
+        )
     if not d.sigma_min < d.sigma_max:
         raise ConfigError(
             f"diffusion.sigma_min={d.sigma_min} must be below diffusion.sigma_max={d.sigma_max}"

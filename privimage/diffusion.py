@@ -171,10 +171,27 @@ def edm_loss_weight(sigma: torch.Tensor, *, sigma_data: float) -> torch.Tensor:
 
 
 def sample_training_sigmas(
-    n: int, *, p_mean: float, p_std: float, generator: torch.Generator | None = None
+    n: int,
+    *,
+    p_mean: float,
+    p_std: float,
+    generator: torch.Generator | None = None,
+    low_noise_fraction: float = 0.0,
+    low_noise_p_mean: float = -1.2,
 ) -> torch.Tensor:
-    """Log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2), shape ``(n,)``."""
-    return (torch.randn(n, generator=generator) * p_std + p_mean).exp()
+    """Log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2), shape ``(n,)``.
+
+    With ``low_noise_fraction = f > 0`` each level instead comes, with probability f,
+    from N(low_noise_p_mean, p_std^2): a two-component mixture, so a run centred on high
+    noise (where short runs learn the class) still meets the low levels where the last
+    sampler steps clean the image. The component draws come after the normal draws, so
+    f = 0 gives exactly the plain log-normal stream.
+    """
+    z = torch.randn(n, generator=generator) * p_std
+    if low_noise_fraction <= 0:
+        return (z + p_mean).exp()
+    low = torch.rand(n, generator=generator) < low_noise_fraction
+    return (z + torch.where(low, low_noise_p_mean, p_mean)).exp()
 
 
 def unet_network(model: torch.nn.Module) -> Network:
@@ -241,6 +258,8 @@ def edm_per_example_loss(
     p_std: float,
     generator: torch.Generator | None = None,
     noise_draws: int = 1,
+    low_noise_fraction: float = 0.0,
+    low_noise_p_mean: float = -1.2,
 ) -> torch.Tensor:
     """EDM's weighted denoising loss for each example, shape ``(batch,)``.
 
@@ -253,7 +272,14 @@ def edm_per_example_loss(
     """
 
     def row_loss(x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sigma = sample_training_sigmas(len(x0), p_mean=p_mean, p_std=p_std, generator=generator)
+        sigma = sample_training_sigmas(
+            len(x0),
+            p_mean=p_mean,
+            p_std=p_std,
+            generator=generator,
+            low_noise_fraction=low_noise_fraction,
+            low_noise_p_mean=low_noise_p_mean,
+        )
         noise = torch.randn(x0.shape, generator=generator, device="cpu")
         sigma = sigma.to(x0.device)
         view = (-1,) + (1,) * (x0.ndim - 1)
@@ -422,6 +448,8 @@ def training_loss(
             p_std=spec.p_std,
             generator=generator,
             noise_draws=noise_draws,
+            low_noise_fraction=spec.low_noise_fraction,
+            low_noise_p_mean=spec.low_noise_p_mean,
         )
     alphas = linear_alphas_cumprod(spec.num_train_timesteps)
     denoiser = unet_denoiser(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from privimage.config import DiffusionConfig, ModelConfig
@@ -244,6 +245,30 @@ def test_training_sigmas_are_log_normal():
     )
     assert abs(s.log().mean().item() + 1.2) < 0.01
     assert abs(s.log().std().item() - 1.2) < 0.01
+
+
+def test_training_sigma_mixture_matches_its_cdf():
+    """The low-noise mixture against scipy's CDF of the two-component normal in ln(sigma)."""
+    from scipy.stats import norm
+
+    kw = dict(p_mean=0.6, p_std=1.2, low_noise_fraction=0.3, low_noise_p_mean=-1.2)
+    logs = sample_training_sigmas(200_000, generator=torch.Generator().manual_seed(0), **kw)
+    logs = np.sort(logs.log().double().numpy())
+    cdf = 0.7 * norm.cdf(logs, 0.6, 1.2) + 0.3 * norm.cdf(logs, -1.2, 1.2)
+    empirical = np.arange(1, len(logs) + 1) / len(logs)
+    assert np.abs(cdf - empirical).max() < 0.005  # KS distance; 1.36/sqrt(n) = 0.003
+    # Fraction 0 is the plain log-normal stream, draw for draw.
+    plain = sample_training_sigmas(
+        1000, p_mean=0.6, p_std=1.2, generator=torch.Generator().manual_seed(1)
+    )
+    mixed0 = sample_training_sigmas(
+        1000,
+        p_mean=0.6,
+        p_std=1.2,
+        generator=torch.Generator().manual_seed(1),
+        low_noise_fraction=0.0,
+    )
+    assert torch.equal(plain, mixed0)
 
 
 def test_karras_schedule_known_values():

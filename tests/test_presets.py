@@ -80,6 +80,8 @@ def test_cifar10_with_tinyimagenet_composes(tmp_path):
         ("stages=[query,train]", "train"),
         ("diffusion.formulation=vp", "diffusion.formulation"),
         ("diffusion.sigma_min=100", "diffusion.sigma_min"),
+        ("diffusion.low_noise_fraction=1", "diffusion.low_noise_fraction"),
+        ("diffusion.low_noise_fraction=-0.1", "diffusion.low_noise_fraction"),
         ("sample.sampler=ddim", "sample.sampler"),
         ("sample.guidance_scale=-1", "sample.guidance_scale"),
         ("pretrain.mixed_precision=fp8", "pretrain.mixed_precision"),
