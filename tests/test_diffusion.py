@@ -257,10 +257,8 @@ def test_training_sigma_mixture_matches_its_cdf():
     cdf = 0.7 * norm.cdf(logs, 0.6, 1.2) + 0.3 * norm.cdf(logs, -1.2, 1.2)
     empirical = np.arange(1, len(logs) + 1) / len(logs)
     assert np.abs(cdf - empirical).max() < 0.005  # KS distance; 1.36/sqrt(n) = 0.003
-    # Fraction 0 is the plain log-normal stream, draw for draw.
-    plain = sample_training_sigmas(
-        1000, p_mean=0.6, p_std=1.2, generator=torch.Generator().manual_seed(1)
-    )
+    # Fraction 0 is the plain log-normal stream, draw for draw, as written out here.
+    plain = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 1.2 + 0.6).exp()
     mixed0 = sample_training_sigmas(
         1000,
         p_mean=0.6,
