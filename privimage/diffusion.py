@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
@@ -170,28 +171,45 @@ def edm_loss_weight(sigma: torch.Tensor, *, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def sample_training_sigmas(
-    n: int,
-    *,
-    p_mean: float,
-    p_std: float,
-    generator: torch.Generator | None = None,
-    low_noise_fraction: float = 0.0,
-    low_noise_p_mean: float = -1.2,
-) -> torch.Tensor:
-    """Log-normal training noise levels: ln(sigma) ~ N(p_mean, p_std^2), shape ``(n,)``.
+@dataclass(frozen=True)
+class TrainingNoise:
+    """Where EDM's training noise levels come from: ln(sigma) ~ N(p_mean, p_std^2), or,
+    with ``low_noise_fraction = f > 0``, that normal with probability 1 - f and
+    N(low_noise_p_mean, p_std^2) with probability f.
 
-    With ``low_noise_fraction = f > 0`` each level instead comes, with probability f,
-    from N(low_noise_p_mean, p_std^2): a two-component mixture, so a run centred on high
-    noise (where short runs learn the class) still meets the low levels where the last
-    sampler steps clean the image. The component draws come after the normal draws, so
-    f = 0 gives exactly the plain log-normal stream.
+    One value instead of four loose arguments, so the loss and the sampler of levels
+    cannot be handed a half-updated set. :meth:`of` reads it from a ``DiffusionConfig``.
     """
-    z = torch.randn(n, generator=generator) * p_std
-    if low_noise_fraction <= 0:
-        return (z + p_mean).exp()
-    low = torch.rand(n, generator=generator) < low_noise_fraction
-    return (z + torch.where(low, low_noise_p_mean, p_mean)).exp()
+
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    low_noise_fraction: float = 0.0
+    low_noise_p_mean: float = -1.2
+
+    @classmethod
+    def of(cls, spec: DiffusionConfig) -> TrainingNoise:
+        return cls(
+            p_mean=spec.p_mean,
+            p_std=spec.p_std,
+            low_noise_fraction=spec.low_noise_fraction,
+            low_noise_p_mean=spec.low_noise_p_mean,
+        )
+
+
+def sample_training_sigmas(
+    n: int, levels: TrainingNoise, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` training noise levels drawn from ``levels``, shape ``(n,)``.
+
+    The mixture lets a run centred on high noise (where short runs learn the class) still
+    meet the low levels where the last sampler steps clean the image. The component draws
+    come after the normal draws, so f = 0 gives exactly the plain log-normal stream.
+    """
+    z = torch.randn(n, generator=generator) * levels.p_std
+    if levels.low_noise_fraction <= 0:
+        return (z + levels.p_mean).exp()
+    low = torch.rand(n, generator=generator) < levels.low_noise_fraction
+    return (z + torch.where(low, levels.low_noise_p_mean, levels.p_mean)).exp()
 
 
 def unet_network(model: torch.nn.Module) -> Network:
@@ -254,17 +272,14 @@ def edm_per_example_loss(
     labels: torch.Tensor,
     *,
     sigma_data: float,
-    p_mean: float,
-    p_std: float,
+    levels: TrainingNoise,
     generator: torch.Generator | None = None,
     noise_draws: int = 1,
-    low_noise_fraction: float = 0.0,
-    low_noise_p_mean: float = -1.2,
 ) -> torch.Tensor:
     """EDM's weighted denoising loss for each example, shape ``(batch,)``.
 
-    ``lambda(sigma) * mean over pixels of (D(x0 + sigma n; sigma) - x0)^2`` with
-    ``ln(sigma) ~ N(p_mean, p_std^2)``. With ``noise_draws = K`` each example's loss is
+    ``lambda(sigma) * mean over pixels of (D(x0 + sigma n; sigma) - x0)^2`` with sigma
+    drawn from ``levels`` (:class:`TrainingNoise`). With ``noise_draws = K`` each example's loss is
     the mean over K independent (sigma, n) draws: DPDM's noise multiplicity, whose
     gradient is the average of the K per-draw gradients. Random draws come from
     ``generator`` on the CPU (sigmas first, then the noise), so results do not depend on
@@ -272,14 +287,7 @@ def edm_per_example_loss(
     """
 
     def row_loss(x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sigma = sample_training_sigmas(
-            len(x0),
-            p_mean=p_mean,
-            p_std=p_std,
-            generator=generator,
-            low_noise_fraction=low_noise_fraction,
-            low_noise_p_mean=low_noise_p_mean,
-        )
+        sigma = sample_training_sigmas(len(x0), levels, generator=generator)
         noise = torch.randn(x0.shape, generator=generator, device="cpu")
         sigma = sigma.to(x0.device)
         view = (-1,) + (1,) * (x0.ndim - 1)
@@ -444,12 +452,9 @@ def training_loss(
             x0,
             labels,
             sigma_data=spec.sigma_data,
-            p_mean=spec.p_mean,
-            p_std=spec.p_std,
+            levels=TrainingNoise.of(spec),
             generator=generator,
             noise_draws=noise_draws,
-            low_noise_fraction=spec.low_noise_fraction,
-            low_noise_p_mean=spec.low_noise_p_mean,
         )
     alphas = linear_alphas_cumprod(spec.num_train_timesteps)
     denoiser = unet_denoiser(model)

@@ -21,7 +21,13 @@ import yaml
 
 from privimage.errors import DataError
 from privimage.pipeline import TIMINGS_FILE
-from privimage.runtime import LEDGER_FILE, atomic_write_text, read_done_json
+from privimage.runtime import (
+    AUDIT_RESULT_FILE,
+    AUDIT_STAGE,
+    LEDGER_FILE,
+    atomic_write_text,
+    read_done_json,
+)
 
 METRICS = Path("evaluate") / "metrics.json"
 
@@ -107,9 +113,8 @@ def run_row(run_dir: Path) -> dict:
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
     # The last record of a stage is the attempt that finished it; the audit is no part of
     # making the synthetic data.
-    seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != "audit"}
-    # Read here rather than through the audit stage, which imports the whole DP stack.
-    audit = read_done_json(run_dir, "audit", "audit.json") or {}
+    seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != AUDIT_STAGE}
+    audit = read_done_json(run_dir, AUDIT_STAGE, AUDIT_RESULT_FILE) or {}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 DONE = "DONE"
 LEDGER_FILE = "privacy.json"
+# The audit stage's folder and result, here so that privimage.results can read them
+# without importing the audit stage (and with it the whole DP stack).
+AUDIT_STAGE = "audit"
+AUDIT_RESULT_FILE = "audit.json"
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:

@@ -9,6 +9,7 @@ import torch
 
 from privimage.config import DiffusionConfig, ModelConfig
 from privimage.diffusion import (
+    TrainingNoise,
     add_noise,
     ddim_sample,
     drop_labels,
@@ -191,8 +192,7 @@ def test_edm_loss_of_a_perfect_denoiser_is_zero():
             x0,
             torch.zeros(6, dtype=torch.long),
             sigma_data=0.5,
-            p_mean=-1.2,
-            p_std=1.2,
+            levels=TrainingNoise(p_mean=-1.2, p_std=1.2),
             generator=torch.Generator().manual_seed(0),
             noise_draws=draws,
         )
@@ -203,7 +203,7 @@ def test_edm_loss_of_a_perfect_denoiser_is_zero():
 def test_edm_loss_of_the_zero_network_is_known():
     """F = 0 gives D = c_skip (x0 + sigma n); the loss is lambda * mean((D - x0)^2)."""
     x0 = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1
-    kw = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2)
+    kw = dict(sigma_data=0.5, levels=TrainingNoise(p_mean=-1.2, p_std=1.2))
     loss = edm_per_example_loss(
         lambda x, c, y: torch.zeros_like(x),
         x0,
@@ -224,7 +224,7 @@ def test_edm_noise_draws_average_k_independent_draws():
     x0 = torch.rand(3, 1, 4, 4) * 2 - 1
     y = torch.tensor([0, 1, 2])
     net = unet_network(_tiny_unet())
-    kw = dict(sigma_data=0.5, p_mean=-1.2, p_std=1.2)
+    kw = dict(sigma_data=0.5, levels=TrainingNoise(p_mean=-1.2, p_std=1.2))
     with torch.no_grad():
         k = edm_per_example_loss(
             net, x0, y, generator=torch.Generator().manual_seed(5), noise_draws=4, **kw
@@ -241,7 +241,7 @@ def test_edm_noise_draws_average_k_independent_draws():
 
 def test_training_sigmas_are_log_normal():
     s = sample_training_sigmas(
-        200_000, p_mean=-1.2, p_std=1.2, generator=torch.Generator().manual_seed(0)
+        200_000, TrainingNoise(p_mean=-1.2, p_std=1.2), generator=torch.Generator().manual_seed(0)
     )
     assert abs(s.log().mean().item() + 1.2) < 0.01
     assert abs(s.log().std().item() - 1.2) < 0.01
@@ -251,8 +251,8 @@ def test_training_sigma_mixture_matches_its_cdf():
     """The low-noise mixture against scipy's CDF of the two-component normal in ln(sigma)."""
     from scipy.stats import norm
 
-    kw = dict(p_mean=0.6, p_std=1.2, low_noise_fraction=0.3, low_noise_p_mean=-1.2)
-    logs = sample_training_sigmas(200_000, generator=torch.Generator().manual_seed(0), **kw)
+    mixture = TrainingNoise(p_mean=0.6, p_std=1.2, low_noise_fraction=0.3, low_noise_p_mean=-1.2)
+    logs = sample_training_sigmas(200_000, mixture, generator=torch.Generator().manual_seed(0))
     logs = np.sort(logs.log().double().numpy())
     cdf = 0.7 * norm.cdf(logs, 0.6, 1.2) + 0.3 * norm.cdf(logs, -1.2, 1.2)
     empirical = np.arange(1, len(logs) + 1) / len(logs)
@@ -261,12 +261,17 @@ def test_training_sigma_mixture_matches_its_cdf():
     plain = (torch.randn(1000, generator=torch.Generator().manual_seed(1)) * 1.2 + 0.6).exp()
     mixed0 = sample_training_sigmas(
         1000,
-        p_mean=0.6,
-        p_std=1.2,
+        TrainingNoise(p_mean=0.6, p_std=1.2, low_noise_fraction=0.0),
         generator=torch.Generator().manual_seed(1),
-        low_noise_fraction=0.0,
     )
     assert torch.equal(plain, mixed0)
+
+
+def test_training_noise_reads_every_level_setting_of_the_config():
+    spec = DiffusionConfig(p_mean=0.6, p_std=1.4, low_noise_fraction=0.25, low_noise_p_mean=-2.0)
+    assert TrainingNoise.of(spec) == TrainingNoise(
+        p_mean=0.6, p_std=1.4, low_noise_fraction=0.25, low_noise_p_mean=-2.0
+    )
 
 
 def test_karras_schedule_known_values():

@@ -86,6 +86,8 @@ from privimage.errors import ConfigError, PrivImageError
 from privimage.io.seeding import dp_entropy, numpy_generator
 from privimage.models import check_same_diffusion, load_unet
 from privimage.runtime import (
+    AUDIT_RESULT_FILE,
+    AUDIT_STAGE,
     cache_root,
     mark_done,
     read_done_json,
@@ -99,8 +101,8 @@ from privimage.runtime import (
 
 log = logging.getLogger(__name__)
 
-STAGE = "audit"
-RESULT_FILE = "audit.json"
+STAGE = AUDIT_STAGE
+RESULT_FILE = AUDIT_RESULT_FILE
 # Nothing of the audit leaves the run: its model saw the sensitive data outside the budget.
 RELEASE: dict = {}
 
