@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from short_pretraining import relabelled, selection_mapping
 
 from privimage import data
-from privimage.config import Config, to_config
+from privimage.config import Config, DiffusionConfig, to_config
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.metrics.downstream import SealedSplit, evaluate_downstream
@@ -63,18 +64,13 @@ def selection_test_split(cfg: Config, selection: dict) -> ImageSplit:
             f"but the run's public data is {cfg.public.source}"
         )
     public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir))
-    lookup = torch.full((public.num_classes,), -1, dtype=torch.long)
-    for c in selection["classes"]:
-        for p in c["public_classes"]:
-            lookup[p["public_class"]] = c["sensitive_class"]
-    new = lookup[public.test.labels]
-    kept = torch.nonzero(new >= 0).squeeze(1)
-    return ImageSplit(images=public.test.images[kept], labels=new[kept])
+    return relabelled(public.test, selection_mapping(selection), public.num_classes)
 
 
 @torch.no_grad()
 def sample(
-    unet_dir: Path,
+    model: torch.nn.Module,
+    spec: DiffusionConfig,
     cfg: Config,
     *,
     classes: int,
@@ -82,8 +78,7 @@ def sample(
     guidance: float,
     device: torch.device,
 ) -> ImageSplit:
-    model, spec = load_unet(unet_dir)
-    model.to(device).eval()
+    """``per_class`` images of every class at ``guidance``, with the run's solver and steps."""
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = list(range(FIRST_SEED, FIRST_SEED + len(labels)))
     shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
@@ -127,12 +122,15 @@ def main() -> None:
     selection = json.loads(selection_file.read_text())
     classes = len(selection["classes"])
     test = selection_test_split(cfg, selection)
+    model, spec = load_unet(unet_dir)
+    model.to(device).eval()
     print(json.dumps({"proxy_test_images": len(test), "device": str(device)}), flush=True)
     scores = {}
     for guidance in args.guidance:
         start = time.perf_counter()
         synthetic = sample(
-            unet_dir,
+            model,
+            spec,
             cfg,
             classes=classes,
             per_class=args.per_class,

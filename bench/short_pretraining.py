@@ -109,6 +109,25 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def selection_mapping(selection: dict) -> dict[int, int]:
+    """Public class -> the sensitive class that took it, from a query's selection.json."""
+    return {
+        p["public_class"]: c["sensitive_class"]
+        for c in selection["classes"]
+        for p in c["public_classes"]
+    }
+
+
+def relabelled(split: ImageSplit, mapping: dict[int, int], num_public_classes: int) -> ImageSplit:
+    """The images of ``split`` whose class is in ``mapping``, labelled by its value."""
+    lookup = torch.full((num_public_classes,), -1, dtype=torch.long)
+    for public, sensitive in mapping.items():
+        lookup[public] = sensitive
+    new = lookup[split.labels]
+    kept = torch.nonzero(new >= 0).squeeze(1)
+    return ImageSplit(images=split.images[kept], labels=new[kept])
+
+
 def training_set(a: argparse.Namespace):
     """(train, held-out, classes, tag, data): public images labelled by the class they stand for.
 
@@ -131,24 +150,17 @@ def training_set(a: argparse.Namespace):
             raise SystemExit(
                 f"--selection is a query of {sel['public_source']}, not --public {data.source}"
             )
-        mapping = {
-            p["public_class"]: c["sensitive_class"]
-            for c in sel["classes"]
-            for p in c["public_classes"]
-        }
+        mapping = selection_mapping(sel)
         digest = hashlib.sha1(json.dumps(sorted(mapping.items())).encode()).hexdigest()[:8]
         tag = f"{data.source}_{digest}"
-    lookup = torch.full((ds.num_classes,), -1, dtype=torch.long)
-    for public, sensitive in mapping.items():
-        lookup[public] = sensitive
     classes = len(set(mapping.values()))
-
-    def relabelled(split):
-        new = lookup[split.labels]
-        kept = torch.nonzero(new >= 0).squeeze(1)
-        return ImageSplit(images=split.images[kept], labels=new[kept])
-
-    return relabelled(ds.train), relabelled(ds.test), classes, tag, data
+    return (
+        relabelled(ds.train, mapping, ds.num_classes),
+        relabelled(ds.test, mapping, ds.num_classes),
+        classes,
+        tag,
+        data,
+    )
 
 
 def get_judge(path: Path, train, test, *, classes: int, hflip: bool) -> torch.nn.Module:
