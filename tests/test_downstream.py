@@ -107,3 +107,35 @@ def test_holdout_is_stratified_and_rejects_tiny_sets():
 def test_unknown_classifier_kind():
     with pytest.raises(ValueError, match="unknown downstream classifier"):
         ds.build_downstream("svm", image_shape=(1, 8, 8), num_classes=10, cnn_arch="cnn", width=8)
+
+
+def test_a_narrow_resnet_trains_at_an_odd_batch_size():
+    """Width 8 in channels_last crashed oneDNN's backward (heap corruption, torch 2.14.1,
+    AMD EPYC) at batch 45: the GPU recipe's shrunk CPU copy hit it. It must train, and learn."""
+    from privimage.classifier import _narrowest_conv, train_classifier
+    from privimage.models import build_classifier
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(45) % 3
+    images = (
+        (torch.rand(45, 3, 32, 32, generator=g) * 0.2 - 0.1)
+        + labels[:, None, None, None] * 0.5
+        - 0.5
+    )
+    assert _narrowest_conv(build_classifier("resnet", in_channels=3, num_classes=3, width=8)) < 16
+    model = train_classifier(
+        images,
+        labels,
+        num_classes=3,
+        width=8,
+        epochs=30,
+        batch_size=64,
+        lr=1e-2,
+        device=torch.device("cpu"),
+        seed=0,
+        arch="resnet",
+        augment="none",
+        progress=False,
+    )
+    with torch.no_grad():
+        assert (model(images).argmax(1) == labels).float().mean() > 0.9
