@@ -193,8 +193,14 @@ class PretrainConfig:
     # Optional Accelerate tracker ("tensorboard") logging into pretrain/logs.
     tracker: str | None = None
     max_images: int | None = None
-    # Samples per class in pretrain/grid.png (0: no grid), drawn as the sample stage does.
+    # Samples per class in pretrain/grid.png (0: no grid). The grid has its own sampler
+    # settings, not the sample stage's, so that changing how the sample stage samples
+    # does not change pretraining's reuse key (a shared pretraining is not recomputed
+    # for a picture). grid_sampler None: the formulation's default.
     grid_images_per_class: int = 8
+    grid_sampler: str | None = None
+    grid_num_inference_steps: int = 12
+    grid_guidance_scale: float = 1.0
 
 
 # How DP fine-tuning gets clipped per-example sums (privimage.dpsgd.make_private).
@@ -553,6 +559,19 @@ def sampler_name(cfg: Config) -> str:
     return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
 
 
+def _sampler_settings(cfg: Config, *, key: str, sampler, steps: int, guidance: float) -> None:
+    """Check one set of sampler settings (``key`` is the config prefix, e.g. ``sample.``)."""
+    _positive(steps, f"{key}num_inference_steps")
+    solvers = SOLVERS[cfg.diffusion.formulation]
+    if sampler is not None and sampler not in solvers:
+        raise ConfigError(
+            f"{key}sampler={sampler!r} does not fit "
+            f"diffusion.formulation={cfg.diffusion.formulation}; choose one of {list(solvers)}"
+        )
+    if not guidance >= 0:
+        raise ConfigError(f"{key}guidance_scale={guidance} must be >= 0")
+
+
 def validate(cfg: Config) -> None:
     """Reject bad values with one clear line that names the key and the fix."""
     from privimage.data import SOURCES
@@ -705,15 +724,15 @@ def validate(cfg: Config) -> None:
         )
     _positive(cfg.finetune.checkpoint_every_steps, "finetune.checkpoint_every_steps")
     _positive(cfg.sample.images_per_class, "sample.images_per_class")
-    _positive(cfg.sample.num_inference_steps, "sample.num_inference_steps")
-    solvers = SOLVERS[cfg.diffusion.formulation]
-    if cfg.sample.sampler is not None and cfg.sample.sampler not in solvers:
-        raise ConfigError(
-            f"sample.sampler={cfg.sample.sampler!r} does not fit "
-            f"diffusion.formulation={cfg.diffusion.formulation}; choose one of {list(solvers)}"
+    for key, group in (("sample", cfg.sample), ("pretrain", cfg.pretrain)):
+        prefix = "" if key == "sample" else "grid_"
+        _sampler_settings(
+            cfg,
+            key=f"{key}.{prefix}",
+            sampler=getattr(group, f"{prefix}sampler"),
+            steps=getattr(group, f"{prefix}num_inference_steps"),
+            guidance=getattr(group, f"{prefix}guidance_scale"),
         )
-    if not cfg.sample.guidance_scale >= 0:
-        raise ConfigError(f"sample.guidance_scale={cfg.sample.guidance_scale} must be >= 0")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages={cfg.stages} has unknown {unknown}; choose from {list(STAGES)}")

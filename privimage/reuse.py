@@ -62,8 +62,6 @@ def stage_key(cfg: Config, stage: str) -> str:
             "pretrain": asdict(cfg.pretrain),
             "model": asdict(cfg.model),
             "diffusion": asdict(cfg.diffusion),
-            # pretrain/grid.png is drawn with the sample settings.
-            "grid": [cfg.sample.num_inference_steps, cfg.sample.sampler, cfg.sample.guidance_scale],
         }
     else:
         raise ValueError(f"stage {stage!r} is not shareable; only {SHAREABLE}")

@@ -19,6 +19,7 @@ from privimage.errors import ConfigError
 from privimage.models import build_unet, load_unet
 from privimage.pipeline import run_pipeline
 from privimage.results import method_of
+from privimage.reuse import stage_key
 
 METHODS = {
     "privimage": ("semantic", True),
@@ -187,6 +188,21 @@ def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
         rows = list(csv.DictReader(f))
     assert sorted(float(r["target_epsilon"]) for r in rows) == [4.0, 8.0]
     assert {r["method"] for r in rows} == {"privimage"}
+
+
+def test_a_sampling_change_keeps_the_shared_pretraining(tmp_path):
+    """Sampling settings are the sample stage's: a run that only samples differently
+    reuses the shared pretraining (its grid has settings of its own, which do count)."""
+
+    def key(*overrides: str) -> str:
+        return stage_key(typed_config(["experiment=smoke", *overrides], tmp_path), "pretrain")
+
+    base = key()
+    sampling = ("sample.guidance_scale=3", "sample.sampler=euler", "sample.num_inference_steps=9")
+    assert key(*sampling) == base
+    assert key("pretrain.grid_guidance_scale=3") != base
+    assert key("pretrain.grid_num_inference_steps=5") != base
+    assert key("pretrain.lr=1e-3") != base
 
 
 def test_sweep_composes_with_the_slurm_launcher():

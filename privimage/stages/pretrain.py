@@ -42,7 +42,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from privimage import data
-from privimage.config import Config, sampler_name
+from privimage.config import SOLVERS, Config
 from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io.release import Output
@@ -191,8 +191,9 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
     A model pretrained unconditionally (``public_subset=all``) gets one row, drawn with
     the null label.
     """
-    n = cfg.pretrain.grid_images_per_class
-    if cfg.pretrain.public_subset == "all":
+    p = cfg.pretrain
+    n = p.grid_images_per_class
+    if p.public_subset == "all":
         rows, row_labels = ["unconditional"], torch.full((n,), len(names))
     else:
         rows, row_labels = names, torch.arange(len(names)).repeat_interleave(n)
@@ -202,9 +203,9 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
         seeds=list(range(n)) * len(rows),
         labels=row_labels,
         image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
-        num_steps=cfg.sample.num_inference_steps,
-        solver=sampler_name(cfg),
-        guidance_scale=cfg.sample.guidance_scale,
+        num_steps=p.grid_num_inference_steps,
+        solver=p.grid_sampler or SOLVERS[cfg.diffusion.formulation][0],
+        guidance_scale=p.grid_guidance_scale,
         device=next(ema.parameters()).device,
     )
     images = to_uint8(x.cpu())
@@ -212,7 +213,7 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
         [images[i * n : (i + 1) * n] for i in range(len(rows))],
         path,
         row_labels=rows,
-        title=f"pretrained on public data (EMA), guidance {cfg.sample.guidance_scale:g}",
+        title=f"pretrained on public data (EMA), guidance {p.grid_guidance_scale:g}",
     )
 
 
