@@ -37,14 +37,14 @@ import torch
 from omegaconf import OmegaConf
 
 from privimage import bnstat
-from privimage.__main__ import config_dir
-from privimage.classifier import accuracy, predict_logits, train_classifier
-from privimage.config import BNStatConfig, DataConfig
+from privimage.config.schema import BNStatConfig, DataConfig
+from privimage.config.store import config_dir
 from privimage.data import load
 from privimage.data.splits import stratified_split
 from privimage.metrics import leakage
 from privimage.metrics.neighbours import nearest
-from privimage.models import ResNet
+from privimage.nets.classifier import accuracy, predict_logits, train_classifier
+from privimage.nets.models import ResNet
 from privimage.runtime import cache_root, resolve_device
 from privimage.stages.sample_bnstat import synthesis_weights, train_teacher
 

@@ -22,7 +22,7 @@ from handwriting_proxy import proxy_accuracy
 from torchvision.transforms import v2
 
 from privimage import data
-from privimage.config import DataConfig
+from privimage.config.schema import DataConfig
 
 DEFORMATIONS = {
     "plain": None,

@@ -29,9 +29,9 @@ import statistics
 import torch
 from dp_step import PRESETS, load_preset, time_steps
 
-from privimage.config import DiffusionConfig
+from privimage.config.schema import DiffusionConfig
 from privimage.diffusion import sample_batch, training_loss
-from privimage.models import build_unet, count_parameters, ema_update
+from privimage.nets.models import build_unet, count_parameters, ema_update
 
 NUM_CLASSES = 10
 

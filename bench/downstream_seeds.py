@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from privimage import data
-from privimage.config import to_config
+from privimage.config.store import to_config
 from privimage.data.containers import ImageSplit
 from privimage.metrics import downstream as ds
 from privimage.runtime import cache_root, resolve_device

@@ -7,7 +7,7 @@ and on one fixed batch:
 * a **non-private step**: the plain UNet, EDM diffusion loss (``training_loss(...).mean()``),
   backward, ``torch.optim.Adam`` step;
 * a **DP step** of the same model (same initial weights) and the same batch on each of
-  the two paths of :func:`privimage.dpsgd.make_private`: ``hooks`` (Opacus' per-example
+  the two paths of :func:`privimage.dp.dpsgd.make_private`: ``hooks`` (Opacus' per-example
   gradients, the old default) and ``bookkeeping`` (:mod:`privimage.dp.bookkeeping`, norms
   from activations, one backward pass): forward, backward, ``optimizer.step()``,
   ``optimizer.zero_grad()``. The wrapped model and optimizer are called directly rather
@@ -55,11 +55,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from privimage.__main__ import config_dir
-from privimage.config import DiffusionConfig, ModelConfig
+from privimage.config.schema import DiffusionConfig, ModelConfig
+from privimage.config.store import config_dir
 from privimage.diffusion import training_loss
-from privimage.dpsgd import make_private, repeat_for_noise_draws
-from privimage.models import build_unet, count_parameters, make_opacus_safe
+from privimage.dp.dpsgd import make_private, repeat_for_noise_draws
+from privimage.nets.models import build_unet, count_parameters, make_opacus_safe
 from privimage.stages.finetune import select_trainable
 
 # Preset -> (resolution, channels) of the data it is the default model for.

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from bnstat_sweep import default_cache, load_group
 
-from privimage.classifier import train_classifier
-from privimage.config import DataConfig, EvaluateConfig
+from privimage.config.schema import DataConfig, EvaluateConfig
 from privimage.data import load
 from privimage.diffusion import to_uint8
 from privimage.metrics import leakage
 from privimage.metrics.downstream import build_downstream
 from privimage.metrics.inversion import example_gradient, invert_gradient
+from privimage.nets.classifier import train_classifier
 from privimage.runtime import resolve_device
 
 

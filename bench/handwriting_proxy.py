@@ -38,12 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privimage.classifier import predict_logits
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.metrics.downstream import DownstreamSettings, SealedSplit, evaluate_downstream
 from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
-from privimage.models import load_unet
+from privimage.nets.classifier import predict_logits
+from privimage.nets.models import load_unet
 
 FIRST_SEED = 10**6
 

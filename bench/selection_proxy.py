@@ -36,11 +36,12 @@ from omegaconf import OmegaConf
 from short_pretraining import relabelled, selection_mapping
 
 from privimage import data
-from privimage.config import Config, DiffusionConfig, to_config
+from privimage.config.schema import Config, DiffusionConfig
+from privimage.config.store import to_config
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
 from privimage.metrics.downstream import SealedSplit, evaluate_downstream
-from privimage.models import load_unet
+from privimage.nets.models import load_unet
 from privimage.runtime import cache_root, resolve_device
 from privimage.stages.evaluate import downstream_settings
 

@@ -23,9 +23,9 @@ import time
 import torch
 from dp_step import load_preset
 
-from privimage.config import DiffusionConfig
+from privimage.config.schema import DiffusionConfig
 from privimage.diffusion import training_loss
-from privimage.models import build_unet
+from privimage.nets.models import build_unet
 
 VARIANTS = {"loop": (False, False), "foreach": (True, False), "foreach+channels_last": (True, True)}
 

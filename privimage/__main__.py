@@ -18,17 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from privimage.config import register_configs, to_config
+from privimage.config.store import config_dir, register_configs, to_config
 from privimage.errors import PrivImageError
+from privimage.io import artifacts
 
 log = logging.getLogger("privimage")
-
-
-def config_dir() -> str:
-    """``conf/`` beside the package (a checkout or editable install), or $PRIVIMAGE_CONF."""
-    override = os.environ.get("PRIVIMAGE_CONF")
-    path = Path(override) if override else Path(__file__).resolve().parent.parent / "conf"
-    return str(path)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -46,7 +40,7 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary for a torchrun / accelerate-launch job, from process 0
-    metrics = run_dir / "evaluate" / "metrics.json"
+    metrics = run_dir / "evaluate" / artifacts.METRICS
     if metrics.exists():
         print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")
     if "audit" in typed.stages:

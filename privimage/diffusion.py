@@ -16,7 +16,7 @@ otherwise deterministic, so an image depends on its seed (and label) alone.
 A *network* here is any callable ``(x_in, c_noise, labels) -> output`` (see
 :func:`unet_network`); a DDPM *denoiser* is ``(x_t, t, labels) -> predicted noise``.
 Classifier-free guidance uses the null label ``num_classes`` that
-:func:`privimage.models.build_unet` reserves.
+:func:`privimage.nets.models.build_unet` reserves.
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler
 
-from privimage.config import SOLVERS, DiffusionConfig
+from privimage.config.schema import Config, DiffusionConfig
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 BETA_START = 1e-4
 BETA_END = 0.02
+
+# The samplers that fit each formulation (the first is the default).
+SOLVERS = {"edm": ("heun", "euler", "dpmpp_2m"), "ddpm": ("ddim",)}
+
+
+def sampler_name(cfg: Config) -> str:
+    """The sampler to use: ``sample.sampler`` or the formulation's default."""
+    return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
 
 
 def linear_alphas_cumprod(num_train_timesteps: int) -> torch.Tensor:

@@ -14,14 +14,17 @@ from pathlib import Path
 import yaml
 
 from privimage import data, reuse
-from privimage.config import STAGES, Config
+from privimage.config.schema import Config, method_of
 from privimage.errors import ConfigError
+from privimage.io import artifacts
+from privimage.io.artifacts import STAGES, is_done, stage_dir
+from privimage.io.atomic import write_text
 from privimage.io.release import write_release
-from privimage.runtime import atomic_write_text, cache_root, is_done, stage_dir
+from privimage.runtime import cache_root
+from privimage.stages import STAGE_MODULES, stage_module
 
 log = logging.getLogger(__name__)
 
-TIMINGS_FILE = "timings.jsonl"
 # Stages that share their work among torchrun / accelerate-launch processes.
 MULTI_PROCESS_STAGES = {"pretrain", "finetune"}
 
@@ -56,12 +59,10 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=main_process)
         data.check_classes(sensitive, cfg.data, key="data")
         del sensitive
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
-
-    from privimage.stages import STAGE_MODULES
+    write_text(run_dir / artifacts.RUN_CONFIG, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     for name in (s for s in STAGES if s in cfg.stages):
-        module = STAGE_MODULES[name]
+        module = stage_module(cfg, name)
         if is_done(run_dir, name):
             # A stage may refuse to be skipped when its finished output answers another
             # question than the one asked now.
@@ -82,7 +83,7 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         # Wall time per finished stage, for `privimage report` (a resumed stage appends
         # the time of the attempt that finished it); one writer under torchrun.
         if main_process:
-            with (run_dir / TIMINGS_FILE).open("a") as f:
+            with (run_dir / artifacts.TIMINGS).open("a") as f:
                 f.write(json.dumps({**record, "seconds": round(seconds, 1)}) + "\n")
     if main_process:
         write_release(run_dir, release_declarations(cfg), summary=release_summary(cfg))
@@ -101,10 +102,9 @@ def _reads_sensitive(cfg: Config, stage: str) -> bool:
 
 def release_declarations(cfg: Config) -> dict:
     """Every stage's declared outputs (its ``RELEASE``, or ``release_outputs(cfg)``)."""
-    from privimage.stages import STAGE_MODULES
-
     declared = {}
-    for name, module in STAGE_MODULES.items():
+    for name in STAGE_MODULES:
+        module = stage_module(cfg, name)
         if hasattr(module, "release_outputs"):
             declared[name] = module.release_outputs(cfg)
         else:
@@ -114,8 +114,6 @@ def release_declarations(cfg: Config) -> dict:
 
 def release_summary(cfg: Config) -> dict[str, str]:
     """What RELEASE.md says was done, from the settings (never from the data)."""
-    from privimage.results import method_of
-
     method = method_of(asdict(cfg)) or cfg.synthesizer
     summary = {
         "method": f"{method} (synthesizer {cfg.synthesizer})",

@@ -8,8 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from privimage.io.release import trained_text
-from privimage.runtime import atomic_write_text
+from privimage.io.atomic import write_text
+
+
+def trained_text(details: dict | None, *, prefix: str = "") -> str:
+    """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
+    if not details or "trainable" not in details:
+        return ""
+    what = details["trainable"]
+    what = "every parameter" if what == "all" else ", ".join(f"`{p}`" for p in what)
+    return (
+        f"{prefix}trained {what} ({details['trained_parameters']:,} of "
+        f"{details['parameters']:,} parameters)"
+    )
 
 
 def _f(value, digits: int = 3) -> str:
@@ -316,4 +327,4 @@ def _memorisation(inv: dict) -> list[str]:
 
 def write_report(path: Path, metrics: dict, *, class_names: list[str]) -> None:
     """Write :func:`render_report` to ``path`` atomically."""
-    atomic_write_text(Path(path), render_report(metrics, class_names=class_names))
+    write_text(Path(path), render_report(metrics, class_names=class_names))

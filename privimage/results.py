@@ -19,17 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from privimage.config.schema import method_of
 from privimage.errors import DataError
-from privimage.pipeline import TIMINGS_FILE
-from privimage.runtime import (
-    AUDIT_RESULT_FILE,
-    AUDIT_STAGE,
-    LEDGER_FILE,
-    atomic_write_text,
-    read_done_json,
-)
+from privimage.io import artifacts
+from privimage.io.artifacts import AUDIT_RESULT, AUDIT_STAGE, LEDGER, read_done_json
+from privimage.io.atomic import write_text
 
-METRICS = Path("evaluate") / "metrics.json"
+METRICS = Path("evaluate") / artifacts.METRICS
 
 # (column, header in results.md, digits); the CSV keeps full precision.
 COLUMNS = [
@@ -83,22 +79,10 @@ def _get(d: dict, *keys):
     return d
 
 
-def method_of(cfg: dict) -> str | None:
-    """The method a run's saved ``config.yaml`` describes (from its settings, not its name)."""
-    if not cfg:
-        return None
-    if cfg.get("synthesizer") == "bnstat":
-        return "bnstat"
-    if _get(cfg, "finetune", "dp") is False:
-        return "nonprivate"
-    subset = _get(cfg, "pretrain", "public_subset") or "semantic"
-    return {"semantic": "privimage", "all": "pdp_diffusion", "none": "dpdm"}.get(subset)
-
-
 def read_timings(run_dir: Path) -> list[dict]:
     """The run's ``timings.jsonl`` records (stage, seconds, and for a shared stage how and
     key), oldest first; empty when the run has none."""
-    timings = run_dir / TIMINGS_FILE
+    timings = run_dir / artifacts.TIMINGS
     if not timings.exists():
         return []
     return [json.loads(line) for line in timings.read_text().splitlines()]
@@ -107,14 +91,14 @@ def read_timings(run_dir: Path) -> list[dict]:
 def run_row(run_dir: Path) -> dict:
     """One row of the table from one run directory's files."""
     m = json.loads((run_dir / METRICS).read_text())
-    cfg_file = run_dir / "config.yaml"
+    cfg_file = run_dir / artifacts.RUN_CONFIG
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    ledger_file = run_dir / LEDGER_FILE
+    ledger_file = run_dir / LEDGER
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
     # The last record of a stage is the attempt that finished it; the audit is no part of
     # making the synthetic data.
     seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != AUDIT_STAGE}
-    audit = read_done_json(run_dir, AUDIT_STAGE, AUDIT_RESULT_FILE) or {}
+    audit = read_done_json(run_dir, AUDIT_STAGE, AUDIT_RESULT) or {}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
     private = ledger.get("differentially_private", True) if ledger else None
     return {
@@ -206,7 +190,7 @@ def write_results(rows: list[dict], out: Path) -> list[Path]:
         writer = csv.DictWriter(f, fieldnames=[c for c, _, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(out / "results.md", render_markdown(rows))
+    write_text(out / "results.md", render_markdown(rows))
     written = [out / "results.csv", out / "results.md"]
     if any(r["epsilon_spent"] is not None for r in rows):
         for key, label, name in (

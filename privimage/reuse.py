@@ -29,9 +29,9 @@ from pathlib import Path
 from types import ModuleType
 
 from privimage import data
-from privimage.config import Config
+from privimage.config.schema import Config
 from privimage.data.cache import cache_key
-from privimage.runtime import DONE, mark_done, stage_dir
+from privimage.io.artifacts import DONE, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from privimage.__main__ import config_dir
-from privimage.config import Config, register_configs, to_config
+from privimage.config.schema import Config
+from privimage.config.store import config_dir, register_configs, to_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -18,7 +18,7 @@ import torch
 from conftest import pretrain_smoke, typed_config
 
 from privimage.errors import ConfigError
-from privimage.models import build_unet
+from privimage.nets.models import build_unet
 from privimage.pipeline import run_pipeline
 from privimage.stages.audit import canary_images, fixed_noise_losses, with_canary_classes
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from privimage import bnstat
-from privimage.classifier import train_classifier
-from privimage.config import EvaluateConfig
-from privimage.models import ResNet
+from privimage.config.schema import EvaluateConfig
+from privimage.nets.classifier import train_classifier
+from privimage.nets.models import ResNet
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from conftest import compose_config
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from privimage.config import ModelConfig
+from privimage.config.schema import ModelConfig
 from privimage.diffusion import add_noise, linear_alphas_cumprod
 from privimage.dp import layers as L
 from privimage.dp.bookkeeping import BookKeeping
 from privimage.errors import ConfigError
-from privimage.models import build_unet
+from privimage.nets.models import build_unet
 
 ALPHAS = linear_alphas_cumprod(1000)
 TOLERANCE = 1e-4

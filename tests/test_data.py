@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from privimage import data
-from privimage.config import DataConfig
+from privimage.config.schema import DataConfig
 from privimage.data import archives, glyphs, loading
 from privimage.errors import ConfigError, DataError
 

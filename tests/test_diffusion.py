@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from privimage.config import DiffusionConfig, ModelConfig
+from privimage.config.schema import DiffusionConfig, ModelConfig
 from privimage.diffusion import (
     TrainingNoise,
     add_noise,
@@ -28,7 +28,7 @@ from privimage.diffusion import (
     unet_denoiser,
     unet_network,
 )
-from privimage.models import build_unet
+from privimage.nets.models import build_unet
 
 
 def test_linear_schedule_known_values():
@@ -132,7 +132,7 @@ def test_sampler_uses_the_label():
 
 
 def test_ema_warms_up_then_holds_its_decay():
-    from privimage.models import ema_decay_at, ema_update
+    from privimage.nets.models import ema_decay_at, ema_update
 
     assert ema_decay_at(0, 0.999) == 0.1
     assert ema_decay_at(10**6, 0.999) == 0.999

@@ -31,12 +31,12 @@ STEP_SCRIPT = textwrap.dedent(
     import os, sys
     import torch
     import torch.distributed as dist
-    from privimage.config import ModelConfig
+    from privimage.config.schema import ModelConfig
     from privimage.diffusion import add_noise, linear_alphas_cumprod
     from privimage.dp.bookkeeping import (
         BookKeeping, BookKeepingDPOptimizer, DistributedBookKeepingDPOptimizer,
     )
-    from privimage.models import build_unet
+    from privimage.nets.models import build_unet
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

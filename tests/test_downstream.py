@@ -90,7 +90,7 @@ def test_selection_picks_the_best_validation_epoch_and_decay(digits):
     best = max(sel.history, key=lambda h: h["val_accuracy"])
     assert sel.validation_accuracy == best["val_accuracy"]
     # The kept model is the one from that epoch: re-scoring it reproduces its accuracy.
-    from privimage.classifier import accuracy, predict_logits
+    from privimage.nets.classifier import accuracy, predict_logits
 
     logits = predict_logits(sel.model, val.as_float(), batch_size=64, device="cpu")
     assert accuracy(logits, val.labels) == pytest.approx(sel.validation_accuracy)
@@ -112,8 +112,8 @@ def test_unknown_classifier_kind():
 def test_a_narrow_resnet_trains_at_an_odd_batch_size():
     """Width 8 in channels_last crashed oneDNN's backward (heap corruption, torch 2.14.1,
     AMD EPYC) at batch 45: the GPU recipe's shrunk CPU copy hit it. It must train, and learn."""
-    from privimage.classifier import _narrowest_conv, train_classifier
-    from privimage.models import build_classifier
+    from privimage.nets.classifier import _narrowest_conv, train_classifier
+    from privimage.nets.models import build_classifier
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(45) % 3

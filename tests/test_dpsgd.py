@@ -21,12 +21,12 @@ from scipy import stats
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
-from privimage.config import ModelConfig
+from privimage.config.schema import ModelConfig
 from privimage.diffusion import add_noise, linear_alphas_cumprod
 from privimage.dp.bookkeeping import BookKeeping, BookKeepingDPOptimizer
-from privimage.dpsgd import NoiseMultiplicityDPOptimizer, make_private, repeat_for_noise_draws
+from privimage.dp.dpsgd import NoiseMultiplicityDPOptimizer, make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError
-from privimage.models import build_unet, make_opacus_safe
+from privimage.nets.models import build_unet, make_opacus_safe
 
 RES = 16
 K = 3

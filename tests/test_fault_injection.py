@@ -31,7 +31,9 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_command
 
-from privimage.config import DEFAULT_STAGES as STAGES
+from privimage.config.schema import Config
+
+STAGES = Config().stages
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from privimage.__main__ import config_dir
-from privimage.config import register_configs
+from privimage.config.schema import method_of
+from privimage.config.store import config_dir, register_configs
 from privimage.errors import ConfigError
-from privimage.models import build_unet, load_unet
+from privimage.nets.models import build_unet, load_unet
 from privimage.pipeline import run_pipeline
-from privimage.results import method_of
 from privimage.reuse import stage_key
 
 METHODS = {

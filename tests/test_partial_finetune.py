@@ -20,7 +20,7 @@ from torch import nn
 
 from privimage.dp.bookkeeping import BookKeeping
 from privimage.errors import ConfigError
-from privimage.models import load_unet
+from privimage.nets.models import load_unet
 from privimage.pipeline import run_pipeline
 from privimage.stages.finetune import select_trainable
 

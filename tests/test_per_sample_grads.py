@@ -12,9 +12,9 @@ from conftest import compose_config
 from opacus import GradSampleModule
 from torch.func import functional_call, grad, vmap
 
-from privimage.config import ModelConfig
+from privimage.config.schema import ModelConfig
 from privimage.diffusion import add_noise, linear_alphas_cumprod
-from privimage.models import build_unet, make_opacus_safe
+from privimage.nets.models import build_unet, make_opacus_safe
 
 
 def _model_config(preset: str, **overrides) -> ModelConfig:

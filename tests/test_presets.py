@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_config, typed_config
 
-from privimage.__main__ import config_dir
-from privimage.config import Config
+from privimage.config.schema import Config
+from privimage.config.store import config_dir
 from privimage.errors import ConfigError
 
 CONF = Path(config_dir())
@@ -147,7 +147,7 @@ def test_every_model_preset_is_dp_trainable(preset, tmp_path):
     import torch
     from opacus.validators import ModuleValidator
 
-    from privimage.models import build_unet, count_parameters
+    from privimage.nets.models import build_unet, count_parameters
 
     resolution, channels, lo, hi = MODEL_SIZES[preset]
     cfg = typed_config([f"model={preset}"], tmp_path)

@@ -23,10 +23,12 @@ from diffusers import UNet2DModel
 
 from privimage import data
 from privimage.errors import ConfigError
-from privimage.models import load_unet
-from privimage.runtime import mark_done, write_json
+from privimage.io.artifacts import mark_done
+from privimage.io.atomic import write_json
+from privimage.io.seeding import step_generator
+from privimage.nets.models import load_unet
 from privimage.stages import pretrain
-from privimage.stages.pretrain import epoch_order, micro_batch, scheduled_lr, step_generator
+from privimage.stages.pretrain import epoch_order, micro_batch, scheduled_lr
 
 BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
 

@@ -7,7 +7,7 @@ import torch
 from conftest import typed_config
 
 from privimage import data
-from privimage.models import ResNet, build_classifier
+from privimage.nets.models import ResNet, build_classifier
 from privimage.stages.query import _classifier_key, query_classifier
 
 
@@ -59,7 +59,7 @@ def test_classifier_key_follows_the_public_data_and_its_own_settings(cache_dir):
 def test_strong_augmentation_is_seeded_in_range_and_changes_images(channels):
     import torch
 
-    from privimage.classifier import strong_augment
+    from privimage.nets.classifier import strong_augment
 
     x = torch.rand(16, channels, 32, 32) * 2 - 1
     a = strong_augment(x, torch.Generator().manual_seed(0), hflip=True)
@@ -75,8 +75,8 @@ def test_strong_augmentation_is_seeded_in_range_and_changes_images(channels):
 
 
 def test_unknown_augmentation_is_refused(cache_dir):
-    from privimage.classifier import train_classifier
     from privimage.errors import ConfigError
+    from privimage.nets.classifier import train_classifier
 
     with pytest.raises(ConfigError, match="query.classifier_augment"):
         typed_config(["experiment=smoke", "query.classifier_augment=mixup"], cache_dir)

@@ -16,8 +16,9 @@ from conftest import typed_config
 from PIL import Image
 
 from privimage.errors import ConfigError
-from privimage.models import build_unet, save_unet
-from privimage.runtime import mark_done, write_json
+from privimage.io.artifacts import mark_done
+from privimage.io.atomic import write_json
+from privimage.nets.models import build_unet, save_unet
 from privimage.stages import sample
 
 CLASSES = ["zero", "one", "two"]

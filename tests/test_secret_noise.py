@@ -151,14 +151,14 @@ class Crash(Exception):
 
 
 def _crash_after_checkpoint(monkeypatch, step):
-    saved = finetune.atomic_torch_save
+    saved = finetune.torch_save
 
     def save_then_crash(obj, path):
         saved(obj, path)
         if obj.get("step") == step:
             raise Crash
 
-    monkeypatch.setattr(finetune, "atomic_torch_save", save_then_crash)
+    monkeypatch.setattr(finetune, "torch_save", save_then_crash)
 
 
 def _crashed(pretrained, tmp_path, cache_dir, monkeypatch, *extra):

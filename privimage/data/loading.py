@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from privimage.config import DataConfig
+from privimage.config.schema import DataConfig
 from privimage.data import cache, splits
 from privimage.data.containers import ImageDataset
 from privimage.data.preprocess import hf_progress, preprocess, raw_dataset

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from privimage.config import DataConfig
+from privimage.config.schema import DataConfig
 from privimage.data import archives, glyphs
 from privimage.data.archives import find_archive, is_image_name, path_hint, scan_tar
 from privimage.data.preprocess import hf_progress

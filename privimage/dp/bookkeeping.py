@@ -210,7 +210,7 @@ class BookKeeping(nn.Module):
         if rows % k:
             raise PrivImageError(
                 f"{rows} rows are not a multiple of noise_multiplicity={k}; feed batches "
-                "through privimage.dpsgd.repeat_for_noise_draws"
+                "through privimage.dp.dpsgd.repeat_for_noise_draws"
             )
         b = rows // k
         if not self._callback_queued:

@@ -1,7 +1,7 @@
 """The DP-SGD training loop and its bookkeeping, shared by fine-tuning and the audit.
 
 :func:`train_steps` runs logical DP-SGD steps on an Opacus-wrapped model (from
-:func:`privimage.dpsgd.make_private`): label dropout and the K diffusion-noise draws per
+:func:`privimage.dp.dpsgd.make_private`): label dropout and the K diffusion-noise draws per
 example, the EMA, the statistics and the checkpoints; :func:`dp_sgd_schedule` is the
 sampling rate and step count Opacus realises; :func:`select_trainable` freezes what is
 not trained. The fine-tuning stage (:mod:`privimage.stages.finetune`) runs them on the
@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from privimage import privacy
-from privimage.config import Config
+from privimage.config.schema import Config
 from privimage.diffusion import drop_labels, null_class, training_loss
-from privimage.dpsgd import repeat_for_noise_draws
+from privimage.dp.dpsgd import repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io.seeding import torch_generator
-from privimage.models import ema_update, make_opacus_safe
-from privimage.runtime import StatsWriter, truncate_jsonl
+from privimage.io.stats import StatsWriter, truncate_jsonl
+from privimage.nets.models import ema_update, make_opacus_safe
 
 
 @dataclass(frozen=True)

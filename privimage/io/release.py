@@ -33,7 +33,8 @@ from typing import Any
 
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
-from privimage.runtime import LEDGER_FILE, is_done
+from privimage.io.artifacts import LEDGER, is_done
+from privimage.report import trained_text
 
 RELEASE_DIR = "release"
 MANIFEST = "MANIFEST.json"
@@ -132,7 +133,7 @@ def write_release(
         leaves the old or the new release, never a mix.
     """
     run_dir = Path(run_dir)
-    ledger_path = run_dir / LEDGER_FILE
+    ledger_path = run_dir / LEDGER
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
     outputs = {
         f"{stage}/{path}": output
@@ -181,9 +182,7 @@ def write_release(
                 _copy(src, tmp / output.dest / rel, tmp, copy_of=copy_of, mechanisms=mechanisms)
             )
     if ledger_path.exists():
-        files.append(
-            _copy(ledger_path, tmp / LEDGER_FILE, tmp, copy_of=LEDGER_FILE, mechanisms=set())
-        )
+        files.append(_copy(ledger_path, tmp / LEDGER, tmp, copy_of=LEDGER, mechanisms=set()))
     manifest = {
         "built_from": built_from,
         # What the files are: the guarantee in words, and as flags. Seeded noise keeps
@@ -252,18 +251,6 @@ def privacy_headline(ledger: dict) -> str:
     )
 
 
-def trained_text(details: dict | None, *, prefix: str = "") -> str:
-    """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
-    if not details or "trainable" not in details:
-        return ""
-    what = details["trainable"]
-    what = "every parameter" if what == "all" else ", ".join(f"`{p}`" for p in what)
-    return (
-        f"{prefix}trained {what} ({details['trained_parameters']:,} of "
-        f"{details['parameters']:,} parameters)"
-    )
-
-
 def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> str:
     """RELEASE.md: the guarantee, what was done, what is here and what is not."""
     lines = ["# privimage release", "", f"**{privacy_headline(ledger)}.**", ""]
@@ -289,7 +276,7 @@ def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> 
     for f in manifest["files"]:
         top = f["path"].split("/")[0]
         by_top[top] = by_top.get(top, 0) + 1
-    if list(by_top) == [LEDGER_FILE] or not by_top:
+    if list(by_top) == [LEDGER] or not by_top:
         lines.append("Only the ledger: no output of this run is covered by the guarantee.")
     for top, count in by_top.items():
         lines.append(f"- `{top}`: {count} file(s)")

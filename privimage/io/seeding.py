@@ -66,3 +66,12 @@ def torch_generator(entropy: int, device: torch.device | str = "cpu") -> torch.G
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     seed = int(state[0]) | (int(state[1]) << 32)
     return torch.Generator(device=device).manual_seed(seed)
+
+
+# Randomness that the guarantee does not depend on: seeded, one stream per purpose.
+
+
+def step_generator(*, seed: int, step: int, process: int, micro: int) -> torch.Generator:
+    """The random stream of one micro-batch (diffusion noise, label dropout)."""
+    state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage.classifier import accuracy, predict_logits, train_classifier
 from privimage.data.containers import ImageSplit
 from privimage.data.splits import stratified_split
 from privimage.errors import DataError
-from privimage.models import build_classifier
+from privimage.nets.classifier import accuracy, predict_logits, train_classifier
+from privimage.nets.models import build_classifier
 
 log = logging.getLogger(__name__)
 

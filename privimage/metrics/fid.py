@@ -25,9 +25,7 @@ Typical use::
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -41,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privimage.errors import DataError
+from privimage.io.atomic import save_npz
 
 #: Size of the pool-3 feature vector the network returns.
 FEATURE_DIM = 2048
@@ -339,19 +338,6 @@ def frechet_distance_of_features(features_a: np.ndarray, features_b: np.ndarray)
     return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2.0 * trace_root)
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` to a temp file in the same folder, then rename, so readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """Cached ``(mu, sigma)``, or None when absent, unreadable or from another pipeline."""
     try:
@@ -395,7 +381,7 @@ def cached_statistics(
         return cached
     images = images_fn()
     mu, sigma = feature_statistics(inception_features(images, **feature_kwargs))
-    _save_npz_atomic(path, mu=mu, sigma=sigma, n=np.int64(len(images)), pipeline=_PIPELINE_ID)
+    save_npz(path, mu=mu, sigma=sigma, n=np.int64(len(images)), pipeline=_PIPELINE_ID)
     return mu, sigma
 
 
@@ -437,7 +423,7 @@ def cached_features(
     if cached is not None:
         return cached.astype(np.float64)
     features = inception_features(images_fn(), **feature_kwargs)
-    _save_npz_atomic(path, features=features.astype(np.float32), pipeline=_PIPELINE_ID)
+    save_npz(path, features=features.astype(np.float32), pipeline=_PIPELINE_ID)
     return features.astype(np.float32).astype(np.float64)
 
 

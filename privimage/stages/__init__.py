@@ -4,7 +4,10 @@ Stages talk only through files in the run directory (see each module's docstring
 the fixed names it reads and writes), never through in-memory objects.
 """
 
-from privimage.stages import audit, evaluate, finetune, pretrain, query, sample
+from types import ModuleType
+
+from privimage.config.schema import Config
+from privimage.stages import audit, evaluate, finetune, pretrain, query, sample, sample_bnstat
 
 STAGE_MODULES = {
     "query": query,
@@ -14,3 +17,11 @@ STAGE_MODULES = {
     "evaluate": evaluate,
     "audit": audit,
 }
+
+
+def stage_module(cfg: Config, name: str) -> ModuleType:
+    """The module that runs stage ``name`` for ``cfg``: the synthesizer picks the sample
+    stage (BN-statistics synthesis writes the same files as diffusion sampling)."""
+    if name == "sample" and cfg.synthesizer == "bnstat":
+        return sample_bnstat
+    return STAGE_MODULES[name]

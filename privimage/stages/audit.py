@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from privimage import data, privacy
-from privimage.config import Config, DiffusionConfig
+from privimage.config.schema import Config, DiffusionConfig
 from privimage.diffusion import (
     add_noise,
     edm_denoise,
@@ -72,6 +72,7 @@ from privimage.diffusion import (
     unet_network,
 )
 from privimage.dp.audit import epsilon_lower_bound
+from privimage.dp.dpsgd import make_private
 from privimage.dp.training import (
     STREAMS,
     Processes,
@@ -81,28 +82,26 @@ from privimage.dp.training import (
     select_trainable,
     train_steps,
 )
-from privimage.dpsgd import make_private
 from privimage.errors import ConfigError, PrivImageError
-from privimage.io.seeding import dp_entropy, numpy_generator
-from privimage.models import check_same_diffusion, load_unet
-from privimage.runtime import (
-    AUDIT_RESULT_FILE,
+from privimage.io import artifacts
+from privimage.io.artifacts import (
+    AUDIT_RESULT,
     AUDIT_STAGE,
-    cache_root,
     mark_done,
     read_done_json,
     require_upstream,
-    resolve_device,
-    run_ledger,
-    seed_everything,
     stage_dir,
-    write_json,
 )
+from privimage.io.atomic import write_json
+from privimage.io.seeding import dp_entropy, numpy_generator
+from privimage.io.stats import STATS
+from privimage.nets.models import check_same_diffusion, load_unet
+from privimage.runtime import cache_root, resolve_device, run_ledger, seed_everything
 
 log = logging.getLogger(__name__)
 
 STAGE = AUDIT_STAGE
-RESULT_FILE = AUDIT_RESULT_FILE
+RESULT_FILE = AUDIT_RESULT
 # Nothing of the audit leaves the run: its model saw the sensitive data outside the budget.
 RELEASE: dict = {}
 
@@ -282,8 +281,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     sigma = 0.0 if au.broken == "no_noise" else claimed_sigma
 
-    pretrained, trained_with = load_unet(pretrain_dir / "unet")
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    pretrained, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
     num_classes = pretrained.config.num_class_embeds - 1
     model = with_canary_classes(pretrained, m)
     prepare_for_dp_sgd(model)
@@ -328,7 +327,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         noise_multiplier=sigma,
         entropy=entropy,
         device=device,
-        stats_path=out / "stats.jsonl",
+        stats_path=out / STATS,
     )
     # The reference is the audited model with each canary's class row put back to what it
     # would be had the canary been left out, so the score isolates the canary's own

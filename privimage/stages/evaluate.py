@@ -41,11 +41,14 @@ import numpy as np
 import torch
 
 from privimage import bnstat, data
-from privimage.config import Config, EvaluateConfig
+from privimage.config.schema import Config, EvaluateConfig
 from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
 from privimage.diffusion import to_uint8
 from privimage.errors import ConfigError, DataError
+from privimage.io import artifacts
+from privimage.io.artifacts import LEDGER, mark_done, read_json, require_upstream, stage_dir
+from privimage.io.atomic import write_json
 from privimage.metrics import (
     cached_features,
     frechet_distance_of_features,
@@ -57,16 +60,7 @@ from privimage.metrics.inversion import example_gradient, invert_gradient
 from privimage.metrics.neighbours import nearest
 from privimage.plots import save_histograms, save_image_grid, save_pairs
 from privimage.report import write_report
-from privimage.runtime import (
-    LEDGER_FILE,
-    cache_root,
-    mark_done,
-    read_json,
-    require_upstream,
-    resolve_device,
-    stage_dir,
-    write_json,
-)
+from privimage.runtime import cache_root, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +101,7 @@ def load_synthetic(
         )
         return split, str(cfg.evaluate.synthetic)
     sample_dir = require_upstream(run_dir, "sample", STAGE)
-    path = sample_dir / "samples.npz"
+    path = sample_dir / artifacts.SAMPLES
     split = load_image_set(path, class_names=class_names, resolution=resolution, channels=channels)
     return split, str(path)
 
@@ -115,13 +109,13 @@ def load_synthetic(
 def _requested_source(cfg: Config, run_dir: Path) -> Path:
     if cfg.evaluate.synthetic is not None:
         return Path(cfg.evaluate.synthetic).expanduser().resolve()
-    return (stage_dir(run_dir, "sample") / "samples.npz").resolve()
+    return (stage_dir(run_dir, "sample") / artifacts.SAMPLES).resolve()
 
 
 def check_done(cfg: Config, run_dir: Path) -> None:
     """Called instead of :func:`run` when ``evaluate/DONE`` exists: refuse to pass off the
     scores of one image set as those of another (``evaluate.synthetic`` changed)."""
-    metrics_path = stage_dir(run_dir, STAGE) / "metrics.json"
+    metrics_path = stage_dir(run_dir, STAGE) / artifacts.METRICS
     if not metrics_path.exists():
         return
     scored = Path(read_json(metrics_path).get("synthetic", "")).expanduser().resolve()
@@ -527,7 +521,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     # --- pictures and report ------------------------------------------------------------
     _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, ev, n_near)
-    ledger_path = Path(run_dir) / LEDGER_FILE
+    ledger_path = Path(run_dir) / LEDGER
     # The ledger speaks for this run's samples only, not for images from elsewhere.
     own_samples = ev.synthetic is None
     ledger = read_json(ledger_path) if own_samples and ledger_path.exists() else None
@@ -574,8 +568,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     }
     lap("pictures")
     seconds["total"] = round(sum(seconds.values()), 1)
-    write_json(out / "metrics.json", metrics)
-    write_report(out / "report.md", metrics, class_names=class_names)
+    write_json(out / artifacts.METRICS, metrics)
+    write_report(out / artifacts.REPORT, metrics, class_names=class_names)
     log.info(
         "FID %.2f, precision %.3f, recall %.3f, downstream accuracy %s, near-copies %d",
         fidelity["fid"],

@@ -1,6 +1,6 @@
 """Stage 3: DP-SGD fine-tuning of the pretrained UNet on the sensitive training split.
 
-Stock Opacus (:mod:`privimage.dpsgd`): Poisson sampling, each example's loss averaged
+Stock Opacus (:mod:`privimage.dp.dpsgd`): Poisson sampling, each example's loss averaged
 over ``noise_multiplicity`` diffusion-noise draws before its gradient is clipped to
 ``max_grad_norm``, Gaussian noise. The noise multiplier is calibrated on the run's
 composed history (the query's Gaussian histogram plus every DP-SGD step) so that together
@@ -44,9 +44,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from privimage import data, privacy
-from privimage.config import Config
+from privimage.config.schema import Config
 from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
+from privimage.dp.dpsgd import make_private
 from privimage.dp.training import (
     STREAMS,
     dp_sgd_schedule,
@@ -56,31 +57,21 @@ from privimage.dp.training import (
     start_processes,
     train_steps,
 )
-from privimage.dpsgd import make_private
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
+from privimage.io import artifacts
+from privimage.io.artifacts import LEDGER, is_done, mark_done, require_upstream, stage_dir
+from privimage.io.atomic import torch_save
 from privimage.io.release import Output
-from privimage.io.seeding import dp_entropy
-from privimage.models import (
+from privimage.io.seeding import dp_entropy, step_generator
+from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
+from privimage.nets.models import (
     check_same_diffusion,
     ema_update,
     load_unet,
     save_unet,
     weight_files,
 )
-from privimage.runtime import (
-    LEDGER_FILE,
-    StatsWriter,
-    atomic_torch_save,
-    cache_root,
-    is_done,
-    mark_done,
-    require_upstream,
-    resolve_device,
-    run_ledger,
-    seed_everything,
-    stage_dir,
-    truncate_jsonl,
-)
+from privimage.runtime import cache_root, resolve_device, run_ledger, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +82,11 @@ MECHANISM = "finetune/dp_sgd"
 # The DP model is released as release/model/ (privimage.io.release); stats.jsonl (exact
 # losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
 # completed dp_sgd mechanism, so its model is withheld.
-RELEASE = {"unet": Output(mechanism=MECHANISM, inputs=("pretrain/unet",), dest="model")}
+RELEASE = {
+    artifacts.UNET: Output(
+        mechanism=MECHANISM, inputs=(f"pretrain/{artifacts.UNET}",), dest="model"
+    )
+}
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
@@ -196,7 +191,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         # The query spent budget on the sensitive data; calibrating without it would
         # overspend. This happens when a run folder is copied or edited by hand.
         raise PrivacyBudgetError(
-            f"{Path(run_dir) / 'query'} is finished but {Path(run_dir) / LEDGER_FILE} records "
+            f"{Path(run_dir) / 'query'} is finished but {Path(run_dir) / LEDGER} records "
             "no query spend; restore the run's privacy.json (or delete query/ and rerun it)"
         )
     try:
@@ -228,8 +223,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     # Loaded before the ledger entry, which records which of its parameters are trained
     # (a bad finetune.trainable fails here, before anything is spent).
-    model, trained_with = load_unet(pretrain_dir / "unet")
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
     model.train()
     prepare_for_dp_sgd(model)
     trained = select_trainable(model, ft.trainable)
@@ -244,7 +239,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "world_size": procs.world,
         # The same sensitive images and the same starting model, not just the same shapes.
         "data_key": data.content_key(cfg.data),
-        "pretrained_weights": weights_digest(pretrain_dir / "unet"),
+        "pretrained_weights": weights_digest(pretrain_dir / artifacts.UNET),
         "trainable": ft.trainable,
     }
     start = 0
@@ -351,7 +346,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             everyone = [None] * procs.world
             dist.all_gather_object(everyone, rng)
         if procs.main:
-            atomic_torch_save(
+            torch_save(
                 {
                     "step": step,
                     **identity,
@@ -377,7 +372,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             mechanism=mechanism,
             prior=prior,
             start=start,
-            stats_path=out / "stats.jsonl",
+            stats_path=out / STATS,
             save_checkpoint=save_checkpoint,
             procs=procs,
         )
@@ -400,7 +395,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
             f"{cfg.privacy.target_epsilon}"
         )
-    save_unet(ema, out / "unet", diffusion=cfg.diffusion)
+    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     ckpt_path.unlink(missing_ok=True)
@@ -424,11 +419,9 @@ def _run_non_private(
     needs only the weights, the optimizer and the step (checkpointed atomically like the
     DP path) and reproduces an uninterrupted run.
     """
-    from privimage.stages.pretrain import step_generator
-
     ft = cfg.finetune
-    model, trained_with = load_unet(pretrain_dir / "unet")
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / "unet")
+    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
     model.to(device).train()
     select_trainable(model, ft.trainable)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -453,7 +446,7 @@ def _run_non_private(
     del ckpt
     null_label = null_class(model)
     images, labels = train.as_float(), train.labels
-    stats_path = out / "stats.jsonl"
+    stats_path = out / STATS
     truncate_jsonl(stats_path, max_step=start)
     stats = StatsWriter(stats_path)
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="finetune (no DP)"):
@@ -480,7 +473,7 @@ def _run_non_private(
         ema_update(ema, model, decay=ft.ema_decay, step=step)
         stats.write(step=step + 1, loss=loss_sum / len(idx), epsilon=None)
         if (step + 1) % ft.checkpoint_every_steps == 0 or step + 1 == steps:
-            atomic_torch_save(
+            torch_save(
                 {
                     "step": step + 1,
                     "settings": settings,
@@ -491,6 +484,6 @@ def _run_non_private(
                 ckpt_path,
             )
     stats.close()
-    save_unet(ema, out / "unet", diffusion=cfg.diffusion)
+    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
     mark_done(out)
     ckpt_path.unlink(missing_ok=True)

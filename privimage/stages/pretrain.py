@@ -42,27 +42,22 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from privimage import data
-from privimage.config import SOLVERS, Config
-from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
+from privimage.config.schema import Config
+from privimage.diffusion import SOLVERS, drop_labels, sample_batch, to_uint8, training_loss
 from privimage.errors import ConfigError, PrivImageError
+from privimage.io import artifacts
+from privimage.io.artifacts import mark_done, require_upstream, stage_dir
+from privimage.io.atomic import write_json
 from privimage.io.release import Output
-from privimage.models import build_unet, count_parameters, ema_update, save_unet
+from privimage.io.seeding import step_generator
+from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
+from privimage.nets.models import build_unet, count_parameters, ema_update, save_unet
 from privimage.plots import save_image_grid, save_loss_curve
-from privimage.runtime import (
-    StatsWriter,
-    cache_root,
-    mark_done,
-    read_json,
-    require_upstream,
-    stage_dir,
-    truncate_jsonl,
-    write_json,
-)
+from privimage.runtime import cache_root
 
 log = logging.getLogger(__name__)
 
 STAGE = "pretrain"
-CLASSES_FILE = "classes.json"
 CHECKPOINT = "checkpoint"
 
 
@@ -74,10 +69,11 @@ def release_outputs(cfg: Config) -> dict[str, Output]:
     names it reads are public by assumption.
     """
     if cfg.pretrain.public_subset == "semantic":
-        inputs = ("query/public_index.npy", "query/public_labels.npy", "public")
+        inputs = tuple(f"query/{n}" for n in (artifacts.PUBLIC_INDEX, artifacts.PUBLIC_LABELS))
+        inputs = (*inputs, "public")
     else:
         inputs = ("public",)
-    return {"unet": Output(inputs=inputs)}
+    return {artifacts.UNET: Output(inputs=inputs)}
 
 
 class TrainState:
@@ -135,12 +131,6 @@ def micro_batch(
     per = batch_size // (num_processes * accumulation)
     start = step_in_epoch * batch_size + (micro * num_processes + process) * per
     return order[start : start + per]
-
-
-def step_generator(*, seed: int, step: int, process: int, micro: int) -> torch.Generator:
-    """The random stream of one micro-batch (diffusion noise, label dropout)."""
-    state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def _check_batch(cfg: Config, num_images: int, num_processes: int) -> int:
@@ -230,35 +220,13 @@ def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
     subset = cfg.pretrain.public_subset
     if subset == "semantic":
         query_dir = require_upstream(run_dir, "query", STAGE)
-        index = np.load(query_dir / "public_index.npy")
-        labels = torch.from_numpy(np.load(query_dir / "public_labels.npy"))
-        if len(index) == 0:
-            raise PrivImageError(
-                f"the query selected no public images ({query_dir}/selection.json)"
-            )
-        names = [c["name"] for c in read_json(query_dir / "selection.json")["classes"]]
-        return index, labels, names
+        index, labels, names = artifacts.load_selection(query_dir)
+        return index, torch.from_numpy(labels), names
     names = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).class_names
     if subset == "none":
         return np.empty(0, np.int64), torch.empty(0, dtype=torch.long), names
     index = np.arange(len(public.train))
     return index, torch.full((len(index),), len(names), dtype=torch.long), names
-
-
-def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
-    """The sensitive class names in label order, as pretraining or the query recorded them."""
-    recorded = stage_dir(run_dir, STAGE) / CLASSES_FILE
-    if recorded.exists():
-        return read_json(recorded)["classes"]
-    # Runs pretrained before classes.json existed had a query, which names them too.
-    selection = stage_dir(run_dir, "query") / "selection.json"
-    if selection.exists():
-        return [c["name"] for c in read_json(selection)["classes"]]
-    folder = require_upstream(run_dir, STAGE, needed_by)  # explains an unfinished pretraining
-    raise PrivImageError(
-        f"stage {needed_by!r} needs the class names, but {folder} has no {CLASSES_FILE} and "
-        f"there is no query; rerun pretraining (delete {folder})"
-    )
 
 
 def scheduled_lr(
@@ -377,8 +345,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     stats = None
     if main:
-        truncate_jsonl(out / "stats.jsonl", max_step=state.step)
-        stats = StatsWriter(out / "stats.jsonl")
+        truncate_jsonl(out / STATS, max_step=state.step)
+        stats = StatsWriter(out / STATS)
     bar = tqdm(total=steps, initial=state.step, desc="pretrain (public)", disable=not main)
     accum = p.gradient_accumulation_steps
     seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
@@ -456,10 +424,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     everyone = accelerator.gather(mine.to(accelerator.device).double()).cpu().view(world, -1)
     accelerator.wait_for_everyone()
     if main:
-        save_unet(ema, out / "unet", diffusion=cfg.diffusion)
+        save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
         stats.close()
         # The class names, in label order, for the stages after fine-tuning.
-        write_json(out / CLASSES_FILE, {"public_subset": p.public_subset, "classes": names})
+        write_json(out / artifacts.CLASSES, {"public_subset": p.public_subset, "classes": names})
         write_json(
             out / "processes.json",
             {
@@ -478,11 +446,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
             },
         )
         if steps > 0:
-            save_loss_curve(
-                out / "stats.jsonl", out / "loss.png", title="pretraining loss (public)"
-            )
+            save_loss_curve(out / STATS, out / "loss.png", title="pretraining loss (public)")
         if p.grid_images_per_class > 0 and steps > 0:
-            _save_grid(cfg, ema, names, out / "grid.png")
+            _save_grid(cfg, ema, names, out / artifacts.GRID)
         for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
         mark_done(out)

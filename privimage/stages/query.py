@@ -27,26 +27,19 @@ import numpy as np
 import torch
 
 from privimage import data, privacy, selection_score
-from privimage.classifier import accuracy, predict_logits, train_classifier
-from privimage.config import Config
+from privimage.config.schema import Config
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
 from privimage.errors import ConfigError
+from privimage.io import artifacts
+from privimage.io.artifacts import mark_done, read_json, stage_dir
+from privimage.io.atomic import save_npy, torch_save, write_json
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, numpy_generator
-from privimage.models import build_classifier
+from privimage.nets.classifier import accuracy, predict_logits, train_classifier
+from privimage.nets.models import build_classifier
 from privimage.plots import save_image_grid
-from privimage.runtime import (
-    atomic_torch_save,
-    cache_root,
-    mark_done,
-    read_json,
-    resolve_device,
-    run_ledger,
-    save_npy,
-    stage_dir,
-    write_json,
-)
+from privimage.runtime import cache_root, resolve_device, run_ledger
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +48,19 @@ MECHANISM = "query/gaussian_histogram"
 
 # What of query/ may be shared (privimage.io.release). Everything here is the noisy
 # histogram or a function of it and the public data; selection_score.json is not.
-_FROM_HISTOGRAM = ("query/histogram_noisy.npy", "public")
+_FROM_HISTOGRAM = (f"query/{artifacts.HISTOGRAM_NOISY}", "public")
 RELEASE = {
-    "histogram_noisy.npy": Output(mechanism=MECHANISM, dest="selection/histogram_noisy.npy"),
+    artifacts.HISTOGRAM_NOISY: Output(
+        mechanism=MECHANISM, dest=f"selection/{artifacts.HISTOGRAM_NOISY}"
+    ),
     **{
         name: Output(inputs=_FROM_HISTOGRAM, dest=f"selection/{name}")
-        for name in ("selection.json", "public_index.npy", "public_labels.npy", "selection.png")
+        for name in (
+            artifacts.SELECTION,
+            artifacts.PUBLIC_INDEX,
+            artifacts.PUBLIC_LABELS,
+            artifacts.SELECTION_PNG,
+        )
     },
 }
 
@@ -124,9 +124,7 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     log.info("query classifier trained in %.0f s; public test top-1 %.3f", seconds, top1)
     state = {k: v.contiguous() for k, v in model.cpu().state_dict().items()}
     # A unique temporary name: runs of a sweep may train the same classifier at once.
-    atomic_torch_save(
-        {"state_dict": state, "public_test_top1": top1, "train_seconds": seconds}, path
-    )
+    torch_save({"state_dict": state, "public_test_top1": top1, "train_seconds": seconds}, path)
     return model.to(device).eval(), top1
 
 
@@ -232,10 +230,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     public_index = np.concatenate(index_parts) if index_parts else np.empty(0, np.int64)
     public_relabel = np.concatenate(label_parts) if label_parts else np.empty(0, np.int64)
 
-    save_npy(out / "public_index.npy", public_index.astype(np.int64))
-    save_npy(out / "public_labels.npy", public_relabel)
+    save_npy(out / artifacts.PUBLIC_INDEX, public_index.astype(np.int64))
+    save_npy(out / artifacts.PUBLIC_LABELS, public_relabel)
     write_json(
-        out / "selection.json",
+        out / artifacts.SELECTION,
         {
             "public_source": cfg.public.source,
             "sensitive_source": cfg.data.source,
@@ -249,7 +247,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "classes": classes_json,
         },
     )
-    _save_selection_grid(cfg, public, selection, sensitive.class_names, out / "selection.png")
+    _save_selection_grid(
+        cfg, public, selection, sensitive.class_names, out / artifacts.SELECTION_PNG
+    )
     if cfg.query.score_selection:
         _record_judge(ledger)  # before the judge reads the sensitive data
         score = _score_selection(cfg, public, sensitive, selection, device)
@@ -287,7 +287,7 @@ def _drawn_release(
     with fresh secret noise would be a second release.
     """
     status = ledger.status(*mechanism.key)
-    saved, draw = out / "histogram_noisy.npy", out / DRAW
+    saved, draw = out / artifacts.HISTOGRAM_NOISY, out / DRAW
     if status is None or not (saved.exists() and draw.exists()):
         return None
     recorded = read_json(draw)
@@ -335,8 +335,8 @@ def _noisy_histogram(
     )
     # The exact counts are sensitive and never written; only the noisy ones are released.
     del rng, counts
-    save_npy(out / "histogram_noisy.npy", noisy)
-    sha = file_digest(out / "histogram_noisy.npy")["sha256"]
+    save_npy(out / artifacts.HISTOGRAM_NOISY, noisy)
+    sha = file_digest(out / artifacts.HISTOGRAM_NOISY)["sha256"]
     write_json(out / DRAW, {"identity": _draw_identity(cfg, mechanism), "sha256": sha})
     ledger.complete(mechanism)
     return noisy

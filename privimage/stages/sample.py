@@ -13,43 +13,34 @@ seeds, class names), ``dataset/`` (Hugging Face ``save_to_disk``), ``grid.png``,
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from privimage.config import Config, sampler_name
+from privimage.config.schema import Config
 from privimage.data.imagesets import safe_name
-from privimage.diffusion import sample_batch, to_uint8
+from privimage.diffusion import sample_batch, sampler_name, to_uint8
+from privimage.io import artifacts
+from privimage.io.artifacts import mark_done, read_json, require_upstream, stage_dir
+from privimage.io.atomic import write_json
 from privimage.io.release import Output
-from privimage.models import check_same_diffusion, load_unet, weight_files
-from privimage.plots import save_image_grid
-from privimage.runtime import (
-    mark_done,
-    read_json,
-    require_upstream,
-    resolve_device,
-    stage_dir,
-    write_json,
-)
-from privimage.stages import pretrain
+from privimage.nets.models import check_same_diffusion, load_unet, weight_files
+from privimage.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 STAGE = "sample"
 
 # Post-processing of the DP model with public seeds (privimage.io.release): released as
-# release/synthetic/. BN-statistics images have no DP model behind them and are withheld.
-_FROM_MODEL = ("finetune/unet", "public")
+# release/synthetic/. (BN-statistics synthesis, stages/sample_bnstat.py, declares its own.)
+_FROM_MODEL = (f"finetune/{artifacts.UNET}", "public")
 RELEASE = {
     name: Output(inputs=_FROM_MODEL, dest=f"synthetic/{name}")
-    for name in ("images", "samples.npz", "dataset", "grid.png")
+    for name in (artifacts.IMAGES, artifacts.SAMPLES, artifacts.DATASET, artifacts.GRID)
 }
 
 
@@ -58,11 +49,6 @@ def class_seeds(*, num_classes: int, images_per_class: int, first_seed: int) -> 
     return first_seed + np.arange(num_classes * images_per_class).reshape(
         num_classes, images_per_class
     )
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    arr = image.numpy()
-    return Image.fromarray(arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0)))
 
 
 def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
@@ -79,75 +65,18 @@ def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
     }
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    # Written aside and renamed, so a crash never leaves a truncated PNG to resume from.
-    tmp = path.with_name(path.name + ".tmp")
-    to_pil(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_dataset(
-    out: Path,
-    *,
-    paths: list[Path],
-    labels: np.ndarray,
-    seeds: np.ndarray,
-    class_names: list[str],
-    grid_images_per_class: int,
-    title: str,
-) -> None:
-    """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``paths``.
-
-    Everything is rebuilt from the PNGs (lossless), so a resumed run's outputs are
-    byte-for-byte those of an uninterrupted one. Shared by every synthesizer, so the
-    evaluation reads the same files whichever made them.
-    """
-    num_classes = len(class_names)
-    pil_images = [Image.open(p).copy() for p in paths]
-    arrays = [np.asarray(im) for im in pil_images]
-    images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
-    np.savez_compressed(
-        out / "samples.npz",
-        images=images,
-        labels=labels.astype(np.int64),
-        seeds=seeds.astype(np.int64),
-        class_names=np.array(class_names),
-    )
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=class_names),
-            "seed": datasets.Value("int64"),
-        }
-    )
-    ds = datasets.Dataset.from_dict(
-        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
-        features=features,
-    )
-    if (out / "dataset").exists():
-        shutil.rmtree(out / "dataset")
-    ds.save_to_disk(str(out / "dataset"))
-    tensor = torch.from_numpy(images)
-    rows = [tensor[labels == c][:grid_images_per_class] for c in range(num_classes)]
-    save_image_grid(rows, out / "grid.png", row_labels=class_names, title=title)
-
-
 def run(cfg: Config, run_dir: Path) -> Path:
     """Sample ``images_per_class`` images per class; see the module docstring for outputs."""
-    if cfg.synthesizer == "bnstat":
-        from privimage.stages.sample_bnstat import run_bnstat
-
-        return run_bnstat(cfg, run_dir)
     finetune_dir = require_upstream(run_dir, "finetune", STAGE)
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    class_names = pretrain.class_names(run_dir, needed_by=STAGE)
+    class_names = artifacts.class_names(run_dir, needed_by=STAGE)
     num_classes = len(class_names)
     solver = sampler_name(cfg)
 
-    model, trained_with = load_unet(finetune_dir / "unet")
-    check_same_diffusion(trained_with, cfg.diffusion, finetune_dir / "unet")
+    model, trained_with = load_unet(finetune_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, finetune_dir / artifacts.UNET)
     model = model.to(device).eval()
     seeds = class_seeds(
         num_classes=num_classes,
@@ -155,7 +84,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         first_seed=cfg.sample.first_seed,
     ).reshape(-1)
     labels = np.repeat(np.arange(num_classes), cfg.sample.images_per_class)
-    image_dir = out / "images"
+    image_dir = out / artifacts.IMAGES
     paths = [
         image_dir / safe_name(class_names[label]) / f"{seed:06d}.png"
         for label, seed in zip(labels, seeds, strict=True)
@@ -163,7 +92,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     # Resume: every image is a function of its seed alone, so the PNGs of an interrupted
     # attempt are kept and only the missing seeds are sampled.
-    fingerprint = _fingerprint(cfg, finetune_dir / "unet", solver)
+    fingerprint = _fingerprint(cfg, finetune_dir / artifacts.UNET, solver)
     progress_file = out / "progress.json"
     if progress_file.exists() and read_json(progress_file) != fingerprint:
         log.info("sample: settings or weights changed since the last attempt; starting over")
@@ -193,10 +122,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 device=device,
             )
             for i, img in zip(chunk, to_uint8(x.cpu()), strict=True):
-                save_png(img, paths[i])
+                artifacts.save_png(img, paths[i])
             bar.update(len(chunk))
 
-    write_dataset(
+    artifacts.write_sample_set(
         out,
         paths=paths,
         labels=labels,

@@ -27,26 +27,26 @@ import torch
 from tqdm.auto import tqdm
 
 from privimage import bnstat, data
-from privimage.classifier import train_classifier
-from privimage.config import BNStatConfig, Config
+from privimage.config.schema import BNStatConfig, Config
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
-from privimage.models import ResNet
-from privimage.runtime import (
-    atomic_torch_save,
-    cache_root,
-    mark_done,
-    read_json,
-    resolve_device,
-    run_ledger,
-    stage_dir,
-    write_json,
-)
-from privimage.stages.sample import save_png, write_dataset
+from privimage.io import artifacts
+from privimage.io.artifacts import mark_done, read_json, stage_dir
+from privimage.io.atomic import torch_save, write_json
+from privimage.io.release import Output
+from privimage.nets.classifier import train_classifier
+from privimage.nets.models import ResNet
+from privimage.runtime import cache_root, resolve_device, run_ledger
 
 log = logging.getLogger(__name__)
 
 STAGE = "sample"
+# The images come from a teacher trained without DP on the sensitive data; the ledger
+# records that use, so the release withholds them (privimage.io.release).
+RELEASE = {
+    name: Output(inputs=("data",), dest=f"synthetic/{name}")
+    for name in (artifacts.IMAGES, artifacts.SAMPLES, artifacts.DATASET, artifacts.GRID)
+}
 NON_PRIVATE_NOTE = (
     "BN-statistics synthesis: a BatchNorm classifier trains on the sensitive training split "
     "without noise and the images are optimised to match its class-wise BN statistics; no "
@@ -133,7 +133,7 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
         device=device,
         seed=cfg.seed,
     )
-    atomic_torch_save(
+    torch_save(
         {
             "settings": settings,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -144,7 +144,7 @@ def _teacher(cfg: Config, sensitive: data.ImageDataset, out: Path, device: torch
     return model, stats, settings
 
 
-def run_bnstat(cfg: Config, run_dir: Path) -> Path:
+def run(cfg: Config, run_dir: Path) -> Path:
     """Make ``images_per_class`` images per class by BN-statistics synthesis."""
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
         "first_seed": s.first_seed,
     }
     progress_file = out / "progress.json"
-    image_dir = out / "images"
+    image_dir = out / artifacts.IMAGES
     if progress_file.exists() and read_json(progress_file) != fingerprint:
         log.info("bnstat: settings changed since the last attempt; starting over")
         shutil.rmtree(image_dir, ignore_errors=True)
@@ -214,14 +214,14 @@ def run_bnstat(cfg: Config, run_dir: Path) -> Path:
             )
             paths[batch[0]].parent.mkdir(parents=True, exist_ok=True)
             for j, img in zip(batch, to_uint8(images), strict=True):
-                save_png(img, paths[j])
+                artifacts.save_png(img, paths[j])
             log_file.write(json.dumps({"class": c, "first_seed": int(seeds[batch[0]]), **last}))
             log_file.write("\n")
             log_file.flush()
             bar.update(len(batch))
             bar.set_postfix(bn=f"{last['bn']:.3f}", ce=f"{last['ce']:.3f}")
 
-    write_dataset(
+    artifacts.write_sample_set(
         out,
         paths=paths,
         labels=labels,

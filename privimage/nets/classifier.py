@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from privimage.config import AUGMENTATIONS
-from privimage.models import build_classifier
+from privimage.nets.models import build_classifier
+
+# Query-classifier training augmentations: small translations, or random resized crops,
+# colour jitter, greyscale and label smoothing (transfers better to another dataset).
+AUGMENTATIONS = ("shift", "strong")
 
 
 def random_shift(x: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
@@ -106,7 +109,7 @@ def train_classifier(
     Args:
         images: float images in [-1, 1], ``(N, C, H, W)``.
         labels: int64 labels ``(N,)``.
-        arch: ``"cnn"`` or ``"resnet"`` (see :func:`privimage.models.build_classifier`).
+        arch: ``"cnn"`` or ``"resnet"`` (see :func:`privimage.nets.models.build_classifier`).
         model: Train this network instead of building ``arch`` (``width`` is then unused).
         weight_decay: L2 penalty of Adam.
         epoch_end: Called as ``epoch_end(model, epoch)`` after every epoch, the model in

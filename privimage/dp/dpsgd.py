@@ -22,7 +22,7 @@ gives, each through a public Opacus extension point rather than a copy of Opacus
   The caller seeds it, and the noise generator, with secret OS entropy
   (:mod:`privimage.io.seeding`): Opacus' ``secure_mode`` would need ``torchcsprng``, which
   has no build for current torch.
-* **Contiguous activations** (:func:`privimage.models.make_opacus_safe`), so per-sample
+* **Contiguous activations** (:func:`privimage.nets.models.make_opacus_safe`), so per-sample
   gradients stay exact after diffusers' attention blocks.
 """
 

@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from privimage.config import DiffusionConfig, ModelConfig
+from privimage.config.schema import DiffusionConfig, ModelConfig
 from privimage.errors import ConfigError
 
 DIFFUSION_FILE = "diffusion.json"

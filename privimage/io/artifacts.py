@@ -1,0 +1,194 @@
+"""Every file a stage writes for another, named once, with typed save and load.
+
+The stage contract: a stage writes only ``run_dir/<stage>/``, writes ``DONE`` last, and
+is skipped when ``DONE`` exists. Stages talk through the files below and nothing else,
+so a stage never imports another stage: it reads what the upstream one wrote, through
+these functions. Files are written with :mod:`privimage.io.atomic`.
+
+Who writes what (``docs/architecture.md`` has the table):
+
+- run root: ``privacy.json`` (the ledger), ``timings.jsonl``, ``config.yaml``
+- ``query/``: ``selection.json``, ``selection.png``, ``public_index.npy``,
+  ``public_labels.npy``, ``histogram_noisy.npy``
+- ``pretrain/`` and ``finetune/``: ``unet/`` (diffusers ``save_pretrained``);
+  ``pretrain/classes.json``
+- ``sample/``: ``images/<class>/<seed>.png``, ``samples.npz``, ``dataset/``, ``grid.png``
+- ``evaluate/``: ``metrics.json``, ``report.md``
+- ``audit/``: ``audit.json``
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privimage.errors import PrivImageError
+from privimage.io.atomic import atomic_file, write_text
+
+# The stage folders of a run, in the order the pipeline runs them; the audit runs only
+# when asked for by name.
+STAGES = ("query", "pretrain", "finetune", "sample", "evaluate", "audit")
+# The stages each synthesizer runs: PrivImage's DP diffusion pipeline, or BN-statistics
+# synthesis (Soufleri et al. 2022; not differentially private), which makes its images
+# in the sample stage.
+SYNTHESIZER_STAGES = {"diffusion": STAGES, "bnstat": ("sample", "evaluate")}
+DONE = "DONE"
+# The run root.
+LEDGER = "privacy.json"
+TIMINGS = "timings.jsonl"
+RUN_CONFIG = "config.yaml"
+# query/
+SELECTION = "selection.json"
+SELECTION_PNG = "selection.png"
+PUBLIC_INDEX = "public_index.npy"
+PUBLIC_LABELS = "public_labels.npy"
+HISTOGRAM_NOISY = "histogram_noisy.npy"
+# pretrain/ and finetune/
+UNET = "unet"
+CLASSES = "classes.json"
+# sample/
+IMAGES = "images"
+SAMPLES = "samples.npz"
+DATASET = "dataset"
+GRID = "grid.png"
+# evaluate/
+METRICS = "metrics.json"
+REPORT = "report.md"
+# audit/
+AUDIT_STAGE = "audit"
+AUDIT_RESULT = "audit.json"
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """The folder a stage owns inside the run directory."""
+    return Path(run_dir) / stage
+
+
+def is_done(run_dir: Path, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / DONE).exists()
+
+
+def mark_done(out_dir: Path) -> None:
+    """Write the DONE marker; call it last, after every output is in place."""
+    write_text(Path(out_dir) / DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def read_done_json(run_dir: Path, stage: str, name: str) -> dict | None:
+    """``<stage>/<name>`` of a finished stage (its DONE written), else None."""
+    path = stage_dir(run_dir, stage) / name
+    if not is_done(run_dir, stage) or not path.exists():
+        return None
+    return read_json(path)
+
+
+def require_upstream(run_dir: Path, stage: str, needed_by: str) -> Path:
+    """Return the finished folder of an upstream stage or explain how to produce it."""
+    folder = stage_dir(run_dir, stage)
+    if not (folder / DONE).exists():
+        raise PrivImageError(
+            f"stage {needed_by!r} needs the finished {stage!r} stage in {folder}; "
+            f"run it first (stages=[{stage},{needed_by}])"
+        )
+    return folder
+
+
+def unet_dir(run_dir: Path, stage: str) -> Path:
+    """Where ``stage`` (pretrain or finetune) saves its UNet."""
+    return stage_dir(run_dir, stage) / UNET
+
+
+def load_selection(query_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The query's release: selected public indices, their sensitive labels, class names."""
+    index = np.load(query_dir / PUBLIC_INDEX)
+    labels = np.load(query_dir / PUBLIC_LABELS)
+    if len(index) == 0:
+        raise PrivImageError(f"the query selected no public images ({query_dir}/{SELECTION})")
+    return index, labels, [c["name"] for c in read_json(query_dir / SELECTION)["classes"]]
+
+
+def class_names(run_dir: Path, *, needed_by: str) -> list[str]:
+    """The sensitive class names in label order, as pretraining or the query recorded them."""
+    recorded = stage_dir(run_dir, "pretrain") / CLASSES
+    if recorded.exists():
+        return read_json(recorded)["classes"]
+    # Without pretrain/classes.json (a run that starts at a later stage from a query
+    # folder), the query's selection names them too.
+    selection = stage_dir(run_dir, "query") / SELECTION
+    if selection.exists():
+        return [c["name"] for c in read_json(selection)["classes"]]
+    folder = require_upstream(run_dir, "pretrain", needed_by)  # explains an unfinished one
+    raise PrivImageError(
+        f"stage {needed_by!r} needs the class names, but {folder} has no {CLASSES} and "
+        f"there is no query; rerun pretraining (delete {folder})"
+    )
+
+
+def save_png(image, path: Path) -> None:
+    """One uint8 image, (C, H, W) (an array or a CPU tensor), as a PNG."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    arr = image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
+    with atomic_file(path) as f:
+        Image.fromarray(arr).save(f, format="PNG")
+
+
+def write_sample_set(
+    out: Path,
+    *,
+    paths: list[Path],
+    labels: np.ndarray,
+    seeds: np.ndarray,
+    class_names: list[str],
+    grid_images_per_class: int,
+    title: str,
+) -> None:
+    """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``paths``.
+
+    Everything is rebuilt from the PNGs (lossless), so a resumed run's outputs are
+    byte-for-byte those of an uninterrupted one. Shared by every synthesizer, so the
+    evaluation reads the same files whichever made them.
+    """
+    import datasets
+    import torch
+    from PIL import Image
+
+    from privimage.plots import save_image_grid
+
+    pil_images = [Image.open(p).copy() for p in paths]
+    arrays = [np.asarray(im) for im in pil_images]
+    images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
+    with atomic_file(out / SAMPLES) as f:
+        np.savez_compressed(
+            f,
+            images=images,
+            labels=labels.astype(np.int64),
+            seeds=seeds.astype(np.int64),
+            class_names=np.array(class_names),
+        )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=class_names),
+            "seed": datasets.Value("int64"),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
+        features=features,
+    )
+    if (out / DATASET).exists():
+        shutil.rmtree(out / DATASET)
+    ds.save_to_disk(str(out / DATASET))
+    tensor = torch.from_numpy(images)
+    rows = [tensor[labels == c][:grid_images_per_class] for c in range(len(class_names))]
+    save_image_grid(rows, out / GRID, row_labels=class_names, title=title)
