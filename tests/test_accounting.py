@@ -1,6 +1,6 @@
 """The accountant against an independent referee and against published numbers.
 
-``privimage.privacy`` composes its history with stock Opacus accountants. Here every
+``privimage.dp.accounting`` composes its history with stock Opacus accountants. Here every
 epsilon is checked against Google's ``dp-accounting`` (an independent implementation of
 the same RDP analysis and of privacy-loss distributions), against published golden values
 with their provenance, and the calibration and input refusals are checked end to end.
@@ -44,9 +44,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from scipy.integrate import quad
 
-from privimage.errors import ConfigError
-from privimage.privacy import (
-    Ledger,
+from privimage.dp.accounting import (
     Mechanism,
     calibrate_noise_multiplier,
     check_delta,
@@ -54,6 +52,8 @@ from privimage.privacy import (
     epsilon_spent,
     query_mechanism,
 )
+from privimage.dp.ledger import Ledger
+from privimage.errors import ConfigError
 
 # Opacus' RDPAccountant.DEFAULT_ALPHAS, written out so that a change in Opacus shows up
 # as a failure of test_orders_are_opacus_defaults rather than as a silent change of what

@@ -115,7 +115,7 @@ def test_epsilon_shorthand_sets_the_target(tmp_path):
 
 
 def test_query_epsilon_share_calibrates_the_query_noise(tmp_path):
-    from privimage.privacy import epsilon_spent, query_mechanism
+    from privimage.dp.accounting import epsilon_spent, query_mechanism
     from privimage.stages.query import query_noise_multiplier
 
     cfg = typed_config(["query.epsilon=0.5"], tmp_path)

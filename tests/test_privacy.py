@@ -20,17 +20,19 @@ from scipy.optimize import brentq
 from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
-from privimage.errors import ConfigError, PrivacyBudgetError
-from privimage.privacy import (
-    Ledger,
+from privimage.dp.accounting import (
     Mechanism,
-    add_gaussian_noise,
     calibrate_noise_multiplier,
     check_delta,
-    classes_to_keep,
     dpsgd_mechanism,
     epsilon_spent,
     query_mechanism,
+)
+from privimage.dp.ledger import Ledger
+from privimage.errors import ConfigError, PrivacyBudgetError
+from privimage.query.histogram import (
+    add_gaussian_noise,
+    classes_to_keep,
     select_public_classes,
     topk_histogram,
 )

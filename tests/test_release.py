@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
+from privimage.dp.accounting import dpsgd_mechanism, query_mechanism
+from privimage.dp.ledger import Ledger
 from privimage.io.release import Output, write_release
-from privimage.privacy import Ledger, dpsgd_mechanism, query_mechanism
 
 QUERY = query_mechanism(noise_multiplier=10.0, top_k=1)
 SGD = dpsgd_mechanism(noise_multiplier=1.0, sample_rate=0.01, steps=10, max_grad_norm=1.0)

@@ -256,7 +256,8 @@ def test_a_checkpoint_is_not_resumed_on_other_weights_or_other_data(
 
 
 def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_path):
-    from privimage.privacy import Ledger, dpsgd_mechanism
+    from privimage.dp.accounting import dpsgd_mechanism
+    from privimage.dp.ledger import Ledger
 
     ledger = Ledger(tmp_path / "privacy.json", target_epsilon=1.0, delta=1e-5, accountant="rdp")
     attempt = dpsgd_mechanism(noise_multiplier=5.0, sample_rate=0.01, steps=10, max_grad_norm=1)

@@ -24,9 +24,9 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from privimage import privacy
 from privimage.config.schema import Config
 from privimage.diffusion import drop_labels, null_class, training_loss
+from privimage.dp import accounting
 from privimage.dp.dpsgd import repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io.seeding import torch_generator
@@ -172,8 +172,8 @@ def train_steps(
     ema: torch.nn.Module,
     device: torch.device,
     diffusion_generator: torch.Generator,
-    mechanism: privacy.Mechanism,
-    prior: list[privacy.Mechanism],
+    mechanism: accounting.Mechanism,
+    prior: list[accounting.Mechanism],
     start: int,
     stats_path: Path,
     save_checkpoint,
@@ -188,7 +188,7 @@ def train_steps(
     stats = StatsWriter(stats_path) if procs.main else None
 
     def epsilon_after(step: int) -> float:
-        return privacy.epsilon_spent(
+        return accounting.epsilon_spent(
             [*prior, replace(mechanism, steps=step)],
             delta=cfg.privacy.delta,
             accountant=cfg.privacy.accountant,

@@ -1,6 +1,6 @@
-"""Files and randomness every stage shares: DP seeding and the release boundary.
+"""Files and randomness every stage shares. Each module is a unit of its own:
 
-The target home (see DESIGN.md) of atomic writes, artifact names, the ledger and
-checkpoints as well; for now it holds :mod:`privimage.io.seeding` and
-:mod:`privimage.io.release`.
+``atomic`` (the one file writer), ``artifacts`` (every inter-stage file name and the
+stage contract), ``stats`` (a stage's ``stats.jsonl``), ``seeding`` (secret DP entropy and
+seeded public streams) and ``release`` (the release boundary).
 """

@@ -61,7 +61,7 @@ from diffusers import UNet2DModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from privimage import data, privacy
+from privimage import data
 from privimage.config.schema import Config, DiffusionConfig
 from privimage.diffusion import (
     add_noise,
@@ -71,8 +71,10 @@ from privimage.diffusion import (
     unet_denoiser,
     unet_network,
 )
+from privimage.dp import accounting
 from privimage.dp.audit import epsilon_lower_bound
 from privimage.dp.dpsgd import make_private
+from privimage.dp.ledger import run_ledger
 from privimage.dp.training import (
     STREAMS,
     Processes,
@@ -96,7 +98,7 @@ from privimage.io.atomic import write_json
 from privimage.io.seeding import dp_entropy, numpy_generator
 from privimage.io.stats import STATS
 from privimage.nets.models import check_same_diffusion, load_unet
-from privimage.runtime import cache_root, resolve_device, run_ledger, seed_everything
+from privimage.runtime import cache_root, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def _dp_sgd(
     model: UNet2DModel,
     dataset: TensorDataset,
     *,
-    mechanism: privacy.Mechanism,
+    mechanism: accounting.Mechanism,
     noise_multiplier: float,
     entropy: dict[str, int],
     device: torch.device,
@@ -265,7 +267,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     sample_rate, steps = dp_sgd_schedule(
         num_records=n + m, batch_size=ft.batch_size, epochs=ft.epochs
     )
-    claimed_sigma = privacy.calibrate_noise_multiplier(
+    claimed_sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=au.epsilon,
         delta=cfg.privacy.delta,
         sample_rate=sample_rate,
@@ -273,7 +275,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         prior=[],
         accountant=cfg.privacy.accountant,
     )
-    mechanism = privacy.dpsgd_mechanism(
+    mechanism = accounting.dpsgd_mechanism(
         noise_multiplier=claimed_sigma,
         sample_rate=sample_rate,
         steps=steps,

@@ -43,11 +43,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from privimage import data, privacy
+from privimage import data
 from privimage.config.schema import Config
 from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
+from privimage.dp import accounting
 from privimage.dp.dpsgd import make_private
+from privimage.dp.ledger import Ledger, run_ledger
 from privimage.dp.training import (
     STREAMS,
     dp_sgd_schedule,
@@ -71,7 +73,7 @@ from privimage.nets.models import (
     save_unet,
     weight_files,
 )
-from privimage.runtime import cache_root, resolve_device, run_ledger, seed_everything
+from privimage.runtime import cache_root, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def weights_digest(unet_dir: Path) -> str:
     return ",".join(f"{w.name}:{file_digest(w)['sha256']}" for w in weights)
 
 
-def _budget_after_abandoned(ledger: privacy.Ledger, exc: PrivacyBudgetError) -> PrivImageError:
+def _budget_after_abandoned(ledger: Ledger, exc: PrivacyBudgetError) -> PrivImageError:
     """The error for a restart that cannot fit beside the attempts it abandoned."""
     abandoned = [e for e in ledger.events if e.get("abandoned_attempt") and e.get("stage") == STAGE]
     if not abandoned:
@@ -172,7 +174,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
     sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
     n = len(sensitive.train)
-    privacy.check_delta(delta=cfg.privacy.delta, num_records=n)
+    accounting.check_delta(delta=cfg.privacy.delta, num_records=n)
     sample_rate, steps = dp_sgd_schedule(num_records=n, batch_size=ft.batch_size, epochs=ft.epochs)
     if not ft.dp:
         _run_non_private(
@@ -195,7 +197,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             "no query spend; restore the run's privacy.json (or delete query/ and rerun it)"
         )
     try:
-        sigma = privacy.calibrate_noise_multiplier(
+        sigma = accounting.calibrate_noise_multiplier(
             target_epsilon=cfg.privacy.target_epsilon,
             delta=cfg.privacy.delta,
             sample_rate=sample_rate,
@@ -215,7 +217,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             sigma,
             abandoned[0].noise_multiplier,
         )
-    mechanism = privacy.dpsgd_mechanism(
+    mechanism = accounting.dpsgd_mechanism(
         noise_multiplier=sigma,
         sample_rate=sample_rate,
         steps=steps,

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privimage import data, privacy, selection_score
+from privimage import data, selection_score
 from privimage.config.schema import Config
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
+from privimage.dp import accounting
+from privimage.dp.ledger import Ledger, run_ledger
 from privimage.errors import ConfigError
 from privimage.io import artifacts
 from privimage.io.artifacts import mark_done, read_json, stage_dir
@@ -39,7 +41,8 @@ from privimage.io.seeding import dp_entropy, numpy_generator
 from privimage.nets.classifier import accuracy, predict_logits, train_classifier
 from privimage.nets.models import build_classifier
 from privimage.plots import save_image_grid
-from privimage.runtime import cache_root, resolve_device, run_ledger
+from privimage.query import histogram
+from privimage.runtime import cache_root, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +131,9 @@ def query_classifier(cfg: Config, public: data.ImageDataset, device: torch.devic
     return model.to(device).eval(), top1
 
 
-def query_mechanism(cfg: Config) -> privacy.Mechanism:
+def query_mechanism(cfg: Config) -> accounting.Mechanism:
     """The semantic query as the ledger records it (the same for a run and its adopters)."""
-    return privacy.query_mechanism(
+    return accounting.query_mechanism(
         noise_multiplier=query_noise_multiplier(cfg), top_k=cfg.query.top_k
     )
 
@@ -143,7 +146,7 @@ def query_noise_multiplier(cfg: Config) -> float:
     """
     if cfg.query.epsilon is None:
         return cfg.query.noise_multiplier
-    return privacy.calibrate_noise_multiplier(
+    return accounting.calibrate_noise_multiplier(
         target_epsilon=cfg.query.epsilon,
         delta=cfg.privacy.delta,
         sample_rate=1.0,
@@ -191,11 +194,11 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     sensitive = data.load(cfg.data, cache_dir=cache)
     n_sensitive = len(sensitive.train)
-    privacy.check_delta(delta=cfg.privacy.delta, num_records=n_sensitive)
+    accounting.check_delta(delta=cfg.privacy.delta, num_records=n_sensitive)
     k = cfg.query.top_k
     if k > public.num_classes:
         raise ConfigError(f"query.top_k={k} exceeds the {public.num_classes} public classes")
-    per_class = privacy.classes_to_keep(
+    per_class = histogram.classes_to_keep(
         num_public_classes=public.num_classes,
         num_sensitive_classes=sensitive.num_classes,
         classes_per_sensitive_class=cfg.query.classes_per_sensitive_class,
@@ -206,7 +209,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     noisy = _drawn_release(cfg, ledger, mechanism, out)
     if noisy is None:
         noisy = _noisy_histogram(cfg, ledger, mechanism, out, semantic_logits, sensitive, public)
-    selection = privacy.select_public_classes(noisy, classes_per_sensitive_class=per_class)
+    selection = histogram.select_public_classes(noisy, classes_per_sensitive_class=per_class)
 
     public_labels_np = public.train.labels.numpy()
     index_parts, label_parts, classes_json = [], [], []
@@ -267,7 +270,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
 DRAW = "draw.json"  # what the saved noisy histogram was drawn from (not released)
 
 
-def _draw_identity(cfg: Config, mechanism: privacy.Mechanism) -> dict:
+def _draw_identity(cfg: Config, mechanism: accounting.Mechanism) -> dict:
     return {
         "mechanism": mechanism.to_dict(),
         "data": data.content_key(cfg.data),
@@ -277,7 +280,7 @@ def _draw_identity(cfg: Config, mechanism: privacy.Mechanism) -> dict:
 
 
 def _drawn_release(
-    cfg: Config, ledger: privacy.Ledger, mechanism: privacy.Mechanism, out: Path
+    cfg: Config, ledger: Ledger, mechanism: accounting.Mechanism, out: Path
 ) -> np.ndarray | None:
     """The noisy histogram an interrupted attempt of this run already drew, if any.
 
@@ -305,8 +308,8 @@ def _drawn_release(
 
 def _noisy_histogram(
     cfg: Config,
-    ledger: privacy.Ledger,
-    mechanism: privacy.Mechanism,
+    ledger: Ledger,
+    mechanism: accounting.Mechanism,
     out: Path,
     semantic_logits,
     sensitive: data.ImageDataset,
@@ -321,7 +324,7 @@ def _noisy_histogram(
     k = cfg.query.top_k
     logits = semantic_logits(sensitive.train.as_float())
     topk = logits.topk(k, dim=1).indices.numpy()
-    counts = privacy.topk_histogram(
+    counts = histogram.topk_histogram(
         topk,
         sensitive.train.labels.numpy(),
         num_sensitive_classes=sensitive.num_classes,
@@ -330,7 +333,7 @@ def _noisy_histogram(
     # Secret: drawn now from OS entropy and kept nowhere, so the noise cannot be
     # regenerated from anything the run writes (unless privacy.reproducible_noise).
     rng = numpy_generator(dp_entropy(purpose=MECHANISM, seed=cfg.seed, reproducible=reproducible))
-    noisy = privacy.add_gaussian_noise(
+    noisy = histogram.add_gaussian_noise(
         counts, noise_multiplier=mechanism.noise_multiplier, top_k=k, rng=rng
     )
     # The exact counts are sensitive and never written; only the noisy ones are released.
@@ -366,7 +369,7 @@ def adopt(cfg: Config, run_dir: Path, copy_in) -> None:
     ledger.complete(mechanism)
 
 
-def _record_judge(ledger: privacy.Ledger) -> None:
+def _record_judge(ledger: Ledger) -> None:
     """The selection judge in the ledger: it reads the sensitive data outside any mechanism."""
     ledger.record_measurement(
         stage=STAGE,

@@ -30,13 +30,14 @@ from privimage import bnstat, data
 from privimage.config.schema import BNStatConfig, Config
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
+from privimage.dp.ledger import run_ledger
 from privimage.io import artifacts
 from privimage.io.artifacts import mark_done, read_json, stage_dir
 from privimage.io.atomic import torch_save, write_json
 from privimage.io.release import Output
 from privimage.nets.classifier import train_classifier
 from privimage.nets.models import ResNet
-from privimage.runtime import cache_root, resolve_device, run_ledger
+from privimage.runtime import cache_root, resolve_device
 
 log = logging.getLogger(__name__)
 
