@@ -23,8 +23,8 @@ from privimage import data
 from privimage.config.store import to_config
 from privimage.data.containers import ImageSplit
 from privimage.metrics import downstream as ds
+from privimage.metrics.downstream import downstream_settings
 from privimage.runtime import cache_root, resolve_device
-from privimage.stages.evaluate import downstream_settings
 
 
 def main() -> None:

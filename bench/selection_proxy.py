@@ -40,10 +40,9 @@ from privimage.config.schema import Config, DiffusionConfig
 from privimage.config.store import to_config
 from privimage.data.containers import ImageSplit
 from privimage.diffusion import sample_batch, to_uint8
-from privimage.metrics.downstream import SealedSplit, evaluate_downstream
+from privimage.metrics.downstream import SealedSplit, downstream_settings, evaluate_downstream
 from privimage.nets.models import load_unet
 from privimage.runtime import cache_root, resolve_device
-from privimage.stages.evaluate import downstream_settings
 
 FIRST_SEED = 10**6
 

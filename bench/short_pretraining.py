@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from bnstat_sweep import load_group
 
-from privimage.config.schema import LR_DECAYS, DataConfig, DiffusionConfig, ModelConfig
+from privimage.config.schema import DataConfig, DiffusionConfig, ModelConfig
 from privimage.config.store import config_dir
 from privimage.data import load
 from privimage.data.containers import ImageSplit
@@ -56,7 +56,7 @@ from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_lo
 from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
 from privimage.nets.classifier import predict_logits, train_classifier
 from privimage.nets.models import build_unet, ema_update
-from privimage.stages.pretrain import scheduled_lr
+from privimage.schedule import LR_DECAYS, scheduled_lr
 
 DIGITS = 10
 # The public presets (conf/public/*.yaml), loaded as a run loads them.

@@ -36,6 +36,7 @@ LAYERS = {
     "query": 2,
     "dp": 2,
     "diffusion": 2,
+    "schedule": 1,
     "nets": 2,
     "clip_query": 2,
     "selection_score": 2,

@@ -27,8 +27,8 @@ from privimage.io.artifacts import mark_done
 from privimage.io.atomic import write_json
 from privimage.io.seeding import step_generator
 from privimage.nets.models import load_unet
+from privimage.schedule import epoch_order, micro_batch, scheduled_lr
 from privimage.stages import pretrain
-from privimage.stages.pretrain import epoch_order, micro_batch, scheduled_lr
 
 BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
 

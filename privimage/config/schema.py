@@ -21,7 +21,6 @@ FORMULATIONS = ("edm", "ddpm")
 # training split (PDP-Diffusion), or nothing at all (DPDM: DP training from scratch).
 PUBLIC_SUBSETS = ("semantic", "all", "none")
 METHOD_OF_SUBSET = {"semantic": "privimage", "all": "pdp_diffusion", "none": "dpdm"}
-LR_DECAYS = ("none", "linear", "cosine")
 
 
 @dataclass

@@ -11,7 +11,6 @@ from privimage.config.schema import (
     DOWNSTREAM_CLASSIFIERS,
     FORMULATIONS,
     GRAD_SAMPLE_MODES,
-    LR_DECAYS,
     PUBLIC_SUBSETS,
     AuditConfig,
     Config,
@@ -22,6 +21,7 @@ from privimage.diffusion import SOLVERS
 from privimage.errors import ConfigError
 from privimage.io.artifacts import STAGES, SYNTHESIZER_STAGES
 from privimage.nets.classifier import AUGMENTATIONS
+from privimage.schedule import LR_DECAYS
 
 
 def _positive(value: float, name: str, hint: str = "") -> None:

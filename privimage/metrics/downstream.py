@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privimage.config.schema import EvaluateConfig
 from privimage.data.containers import ImageSplit
 from privimage.data.splits import stratified_split
 from privimage.errors import DataError
@@ -284,3 +285,25 @@ def evaluate_downstream(
     chosen.update({f"real/{kind}": sel for kind, sel in on_real.items()})
     report["real_test_images"] = len(real_test)
     return report, chosen, real_test
+
+
+def downstream_settings(
+    ev: EvaluateConfig, *, seed: int, progress: bool = True
+) -> DownstreamSettings:
+    """The downstream classifiers' settings from the evaluation config."""
+    return DownstreamSettings(
+        kinds=tuple(ev.classifiers),
+        cnn_arch=ev.classifier_arch,
+        cnn_width=ev.classifier_width,
+        cnn_epochs=ev.classifier_epochs,
+        linear_epochs=ev.linear_epochs,
+        batch_size=ev.classifier_batch_size,
+        lr=ev.classifier_lr,
+        linear_lr=ev.linear_lr,
+        cnn_weight_decay=ev.cnn_weight_decay,
+        weight_decays=tuple(ev.weight_decays),
+        validation_fraction=ev.validation_fraction,
+        hflip=ev.classifier_hflip,
+        seed=seed,
+        progress=progress,
+    )

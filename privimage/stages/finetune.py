@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,20 +151,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     out = stage_dir(run_dir, STAGE)
     out.mkdir(parents=True, exist_ok=True)
     ft = cfg.finetune
-    if ft.physical_batch_size > ft.batch_size:
-        raise ConfigError(
-            f"finetune.physical_batch_size={ft.physical_batch_size} exceeds "
-            f"finetune.batch_size={ft.batch_size}; it only splits a logical batch for memory"
-        )
-    seed_everything(cfg.seed)
-    procs, device = start_processes(resolve_device(cfg.device))
-    if procs.distributed and (not ft.dp or ft.grad_sample_mode != "bookkeeping"):
-        raise ConfigError(
-            f"{procs.world} processes run DP fine-tuning with finetune.grad_sample_mode="
-            f"bookkeeping only (this run has finetune.dp={ft.dp}, grad_sample_mode="
-            f"{ft.grad_sample_mode}); launch it as one process"
-        )
-
+    procs, device = _start(cfg)
     ledger = run_ledger(cfg, run_dir)
     if not ft.dp:
         # Recorded before the sensitive data is opened, like every mechanism.
@@ -182,13 +171,105 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
         return out
 
-    reproducible = cfg.privacy.reproducible_noise
     ckpt_path = out / CHECKPOINT
     ckpt = _load_checkpoint(ckpt_path, device)
+    prior, mechanism = _plan(
+        cfg, run_dir, ledger, sample_rate=sample_rate, steps=steps, resuming=ckpt is not None
+    )
+    # Loaded before the ledger entry, which records which of its parameters are trained
+    # (a bad finetune.trainable fails here, before anything is spent).
+    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
+    model.train()
+    prepare_for_dp_sgd(model)
+    trained = select_trainable(model, ft.trainable)
+    identity = _identity(cfg, mechanism, num_records=n, world=procs.world, pretrained=pretrain_dir)
+    start = 0
+    if ckpt is not None:
+        _check_checkpoint(ckpt, identity, ckpt_path)
+        start = int(ckpt["step"])
+    already_completed = _begin(cfg, ledger, procs, mechanism, start=start, details=trained)
+    log.info(
+        "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
+        "delta %.1e%s",
+        n,
+        sample_rate,
+        steps,
+        mechanism.noise_multiplier,
+        ft.noise_multiplicity,
+        cfg.privacy.target_epsilon,
+        cfg.privacy.delta,
+        f"; resuming after step {start}" if start else "",
+    )
+    state = _DPTraining.build(cfg, model, sensitive.train, mechanism, ckpt, procs, device)
+    del ckpt
+    if start < steps:
+        train_steps(
+            cfg,
+            dp_model=state.dp_model,
+            optimizer=state.optimizer,
+            dp_loader=state.dp_loader,
+            ema=state.ema,
+            device=device,
+            diffusion_generator=state.streams["diffusion"],
+            mechanism=mechanism,
+            prior=prior,
+            start=start,
+            stats_path=out / STATS,
+            save_checkpoint=lambda step: state.save(step, identity, ckpt_path, procs),
+            procs=procs,
+        )
+    _finish(cfg, ledger, mechanism, state, out, procs, already_completed=already_completed)
+    return out
+
+
+def _identity(
+    cfg: Config, mechanism: accounting.Mechanism, *, num_records: int, world: int, pretrained
+) -> dict:
+    """What a checkpoint must match to be resumed: the same mechanism on the same data
+    from the same starting model."""
+    return {
+        "mechanism": mechanism.to_dict(),
+        "noise_multiplicity": cfg.finetune.noise_multiplicity,
+        "num_records": num_records,
+        "seed": cfg.seed,
+        "reproducible_noise": cfg.privacy.reproducible_noise,
+        # Each process samples its own shard with its own streams.
+        "world_size": world,
+        # The same sensitive images and the same starting model, not just the same shapes.
+        "data_key": data.content_key(cfg.data),
+        "pretrained_weights": weights_digest(pretrained / artifacts.UNET),
+        "trainable": cfg.finetune.trainable,
+    }
+
+
+def _start(cfg: Config):
+    """Refuse settings that cannot run, seed, and start the process group (if launched)."""
+    ft = cfg.finetune
+    if ft.physical_batch_size > ft.batch_size:
+        raise ConfigError(
+            f"finetune.physical_batch_size={ft.physical_batch_size} exceeds "
+            f"finetune.batch_size={ft.batch_size}; it only splits a logical batch for memory"
+        )
+    seed_everything(cfg.seed)
+    procs, device = start_processes(resolve_device(cfg.device))
+    if procs.distributed and (not ft.dp or ft.grad_sample_mode != "bookkeeping"):
+        raise ConfigError(
+            f"{procs.world} processes run DP fine-tuning with finetune.grad_sample_mode="
+            f"bookkeeping only (this run has finetune.dp={ft.dp}, grad_sample_mode="
+            f"{ft.grad_sample_mode}); launch it as one process"
+        )
+    return procs, device
+
+
+def _plan(
+    cfg: Config, run_dir: Path, ledger: Ledger, *, sample_rate: float, steps: int, resuming: bool
+) -> tuple[list[accounting.Mechanism], accounting.Mechanism]:
+    """The history this attempt composes with, and its mechanism with sigma calibrated on it."""
     key = ("finetune", "dp_sgd")
     # A resumed attempt continues the started mechanism; a fresh one composes with every
     # earlier attempt whose secret noise it cannot replay.
-    prior = ledger.prior(key, resuming=ckpt is not None, noise_secret=not reproducible)
+    prior = ledger.prior(key, resuming=resuming, noise_secret=not cfg.privacy.reproducible_noise)
     if is_done(run_dir, "query") and not any(m.stage == "query" for m in prior):
         # The query spent budget on the sensitive data; calibrating without it would
         # overspend. This happens when a run folder is copied or edited by hand.
@@ -221,49 +302,32 @@ def run(cfg: Config, run_dir: Path) -> Path:
         noise_multiplier=sigma,
         sample_rate=sample_rate,
         steps=steps,
-        max_grad_norm=ft.max_grad_norm,
+        max_grad_norm=cfg.finetune.max_grad_norm,
     )
-    # Loaded before the ledger entry, which records which of its parameters are trained
-    # (a bad finetune.trainable fails here, before anything is spent).
-    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
-    model.train()
-    prepare_for_dp_sgd(model)
-    trained = select_trainable(model, ft.trainable)
+    return prior, mechanism
 
-    identity = {
-        "mechanism": mechanism.to_dict(),
-        "noise_multiplicity": ft.noise_multiplicity,
-        "num_records": n,
-        "seed": cfg.seed,
-        "reproducible_noise": reproducible,
-        # Each process samples its own shard with its own streams.
-        "world_size": procs.world,
-        # The same sensitive images and the same starting model, not just the same shapes.
-        "data_key": data.content_key(cfg.data),
-        "pretrained_weights": weights_digest(pretrain_dir / artifacts.UNET),
-        "trainable": ft.trainable,
-    }
-    start = 0
-    if ckpt is not None:
-        _check_checkpoint(ckpt, identity, ckpt_path)
-        start = int(ckpt["step"])
+
+def _begin(
+    cfg: Config, ledger: Ledger, procs, mechanism: accounting.Mechanism, *, start: int, details
+) -> bool:
+    """Record the mechanism in the ledger before any sensitive gradient; True when a
+    previous attempt already completed it. Every process learns whether process 0 refused."""
     already_completed = ledger.status(*mechanism.key) == "completed"
     # Every process has read the ledger before process 0 writes to it.
     procs.barrier()
     refused: Exception | None = None
     if procs.main:
         try:
-            if already_completed and start < steps:
+            if already_completed and start < mechanism.steps:
                 ledger.begin(mechanism)  # refuses: the mechanism would be spent twice
             if not already_completed:
                 # Refuses before any sensitive gradient is computed if the budget would be
                 # exceeded; on resume, also if the mechanism differs from the one started.
                 ledger.begin(
                     mechanism,
-                    noise_secret=not reproducible,
+                    noise_secret=not cfg.privacy.reproducible_noise,
                     resume_from_step=start,
-                    details=trained,
+                    details=details,
                 )
         except PrivImageError as exc:
             refused = exc
@@ -271,75 +335,81 @@ def run(cfg: Config, run_dir: Path) -> Path:
         raise refused or PrivImageError(
             "fine-tuning process 0 refused to start (its error says why)"
         )
-    log.info(
-        "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
-        "delta %.1e%s",
-        n,
-        sample_rate,
-        steps,
-        sigma,
-        ft.noise_multiplicity,
-        cfg.privacy.target_epsilon,
-        cfg.privacy.delta,
-        f"; resuming after step {start}" if start else "",
-    )
+    return already_completed
 
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
 
-    # Resume continues the checkpointed streams (restored below): no new entropy.
-    entropy = None
-    if ckpt is None:
-        # Secret: fresh OS entropy, kept only in the private checkpoint. The diffusion
-        # stream (timesteps, noise and label dropout of the loss) is secret too: it is
-        # consumed in batch order, so a known value of it would hand each example draws
-        # that depend on which other records the Poisson mask picked, and one record
-        # more or less would change every example's gradient, not just its own.
-        # With several processes each draws its own: rank r's shard has its own masks.
-        rank = f"/rank{procs.rank}" if procs.distributed else ""
-        entropy = {
-            name: dp_entropy(
-                purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
+@dataclass
+class _DPTraining:
+    """What DP-SGD trains with: the Opacus-wrapped model, optimizer, Poisson loader and
+    accountant, the EMA, and the three secret random streams."""
+
+    dp_model: torch.nn.Module
+    optimizer: Any
+    dp_loader: DataLoader
+    engine: Any
+    ema: torch.nn.Module
+    streams: dict[str, torch.Generator]
+
+    @classmethod
+    def build(cls, cfg, model, train, mechanism, ckpt, procs, device) -> _DPTraining:
+        """Fresh, or restored from ``ckpt`` (weights, optimizer, accountant, streams)."""
+        ft = cfg.finetune
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        model.to(device).train()
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
+        # Resume continues the checkpointed streams (restored below): no new entropy.
+        entropy = None
+        if ckpt is None:
+            # Secret: fresh OS entropy, kept only in the private checkpoint. The diffusion
+            # stream (timesteps, noise and label dropout of the loss) is secret too: it is
+            # consumed in batch order, so a known value of it would hand each example draws
+            # that depend on which other records the Poisson mask picked, and one record
+            # more or less would change every example's gradient, not just its own.
+            # With several processes each draws its own: rank r's shard has its own masks.
+            rank = f"/rank{procs.rank}" if procs.distributed else ""
+            reproducible = cfg.privacy.reproducible_noise
+            entropy = {
+                name: dp_entropy(
+                    purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
+                )
+                for name in STREAMS
+            }
+        streams = dp_streams(entropy, device=device)
+        loader = DataLoader(TensorDataset(train.as_float(), train.labels), batch_size=ft.batch_size)
+        dp_model, optimizer, dp_loader, engine = make_private(
+            model,
+            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
+            loader,
+            noise_multiplier=mechanism.noise_multiplier,
+            max_grad_norm=ft.max_grad_norm,
+            noise_multiplicity=ft.noise_multiplicity,
+            sampler_generator=streams["sampler"],
+            noise_generator=streams["noise"],
+            grad_sample_mode=ft.grad_sample_mode,
+            distributed=procs.distributed,
+        )
+        sampled_rate = dp_loader.batch_sampler.sample_rate
+        if abs(sampled_rate - mechanism.sample_rate) > 1e-12:
+            raise RuntimeError(
+                f"Opacus samples at rate {sampled_rate}, accounted {mechanism.sample_rate}"
             )
-            for name in STREAMS
-        }
-    streams = dp_streams(entropy, device=device)
-    loader = DataLoader(
-        TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
-        batch_size=ft.batch_size,
-    )
-    dp_model, optimizer, dp_loader, engine = make_private(
-        model,
-        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
-        loader,
-        noise_multiplier=sigma,
-        max_grad_norm=ft.max_grad_norm,
-        noise_multiplicity=ft.noise_multiplicity,
-        sampler_generator=streams["sampler"],
-        noise_generator=streams["noise"],
-        grad_sample_mode=ft.grad_sample_mode,
-        distributed=procs.distributed,
-    )
-    sampled_rate = dp_loader.batch_sampler.sample_rate
-    if abs(sampled_rate - sample_rate) > 1e-12:
-        raise RuntimeError(f"Opacus samples at rate {sampled_rate}, accounted {sample_rate}")
-    if ckpt is not None:
-        optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
-        engine.accountant.load_state_dict(ckpt["accountant"])
-        mine = ckpt["rng"]["processes"][procs.rank]
-        for name, generator in streams.items():
-            generator.set_state(mine[name].cpu())
-        torch.set_rng_state(mine["torch"].cpu())
-        optimizer.steps_taken = start
-    del ckpt
+        if ckpt is not None:
+            optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
+            engine.accountant.load_state_dict(ckpt["accountant"])
+            mine = ckpt["rng"]["processes"][procs.rank]
+            for name, generator in streams.items():
+                generator.set_state(mine[name].cpu())
+            torch.set_rng_state(mine["torch"].cpu())
+            optimizer.steps_taken = int(ckpt["step"])
+        return cls(dp_model, optimizer, dp_loader, engine, ema, streams)
 
-    def save_checkpoint(step: int) -> None:
+    def save(self, step: int, identity: dict, path: Path, procs) -> None:
+        """The private checkpoint: everything a resume needs, every process's streams."""
         rng = {
-            **{name: g.get_state().cpu() for name, g in streams.items()},
+            **{name: g.get_state().cpu() for name, g in self.streams.items()},
             "torch": torch.get_rng_state(),
         }
         # Process 0 writes every process's streams; the weights are the same everywhere.
@@ -352,36 +422,31 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 {
                     "step": step,
                     **identity,
-                    "model": dp_model._module.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.original_optimizer.state_dict(),
-                    "accountant": engine.accountant.state_dict(),
+                    "model": self.dp_model._module.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "optimizer": self.optimizer.original_optimizer.state_dict(),
+                    "accountant": self.engine.accountant.state_dict(),
                     "rng": {"processes": everyone},
                 },
-                ckpt_path,
+                path,
             )
         procs.barrier()
 
-    if start < steps:
-        train_steps(
-            cfg,
-            dp_model=dp_model,
-            optimizer=optimizer,
-            dp_loader=dp_loader,
-            ema=ema,
-            device=device,
-            diffusion_generator=streams["diffusion"],
-            mechanism=mechanism,
-            prior=prior,
-            start=start,
-            stats_path=out / STATS,
-            save_checkpoint=save_checkpoint,
-            procs=procs,
-        )
 
+def _finish(
+    cfg: Config,
+    ledger: Ledger,
+    mechanism: accounting.Mechanism,
+    state: _DPTraining,
+    out: Path,
+    procs,
+    *,
+    already_completed: bool,
+) -> None:
+    """Check Opacus ran the mechanism the ledger planned, record it, write the model."""
     # Opacus' accountant saw every step the optimizer really took (across restarts, via
     # the checkpoint); it must agree with what the ledger is about to record.
-    taken = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
+    taken = [(float(s), float(q), int(k)) for s, q, k in state.engine.accountant.history]
     if taken != [(mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps)]:
         raise RuntimeError(
             f"Opacus took steps {taken} but the ledger plans {mechanism.describe()}; refusing "
@@ -389,7 +454,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         )
     if not procs.main:
         procs.barrier()  # process 0 records the mechanism and writes the model
-        return out
+        return
     if not already_completed:
         ledger.complete(mechanism)
     if ledger.epsilon_spent > cfg.privacy.target_epsilon * (1 + 1e-9):
@@ -397,12 +462,11 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
             f"{cfg.privacy.target_epsilon}"
         )
-    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    save_unet(state.ema, out / artifacts.UNET, diffusion=cfg.diffusion)
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
-    ckpt_path.unlink(missing_ok=True)
+    (out / CHECKPOINT).unlink(missing_ok=True)
     procs.barrier()
-    return out
 
 
 def _run_non_private(
@@ -446,34 +510,14 @@ def _run_non_private(
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
     del ckpt
-    null_label = null_class(model)
     images, labels = train.as_float(), train.labels
     stats_path = out / STATS
     truncate_jsonl(stats_path, max_step=start)
     stats = StatsWriter(stats_path)
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="finetune (no DP)"):
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = torch.from_numpy(rng.choice(len(images), ft.batch_size, replace=False))
-        g = step_generator(seed=cfg.seed + 2, step=step, process=0, micro=0)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for part in idx.split(ft.physical_batch_size):
-            y = drop_labels(
-                labels[part], probability=ft.label_dropout, null_label=null_label, generator=g
-            )
-            per_example = training_loss(
-                model,
-                images[part].to(device),
-                y.to(device),
-                spec=cfg.diffusion,
-                generator=g,
-                noise_draws=ft.noise_multiplicity,
-            )
-            (per_example.sum() / len(idx)).backward()
-            loss_sum += float(per_example.detach().sum())
-        optimizer.step()
+        loss = _non_private_step(cfg, model, optimizer, images, labels, step=step, device=device)
         ema_update(ema, model, decay=ft.ema_decay, step=step)
-        stats.write(step=step + 1, loss=loss_sum / len(idx), epsilon=None)
+        stats.write(step=step + 1, loss=loss, epsilon=None)
         if (step + 1) % ft.checkpoint_every_steps == 0 or step + 1 == steps:
             torch_save(
                 {
@@ -489,3 +533,29 @@ def _run_non_private(
     save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
     mark_done(out)
     ckpt_path.unlink(missing_ok=True)
+
+
+def _non_private_step(cfg, model, optimizer, images, labels, *, step: int, device) -> float:
+    """One step of the non-private path; returns the batch's mean loss."""
+    ft = cfg.finetune
+    rng = np.random.default_rng([cfg.seed, step])
+    idx = torch.from_numpy(rng.choice(len(images), ft.batch_size, replace=False))
+    g = step_generator(seed=cfg.seed + 2, step=step, process=0, micro=0)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for part in idx.split(ft.physical_batch_size):
+        y = drop_labels(
+            labels[part], probability=ft.label_dropout, null_label=null_class(model), generator=g
+        )
+        per_example = training_loss(
+            model,
+            images[part].to(device),
+            y.to(device),
+            spec=cfg.diffusion,
+            generator=g,
+            noise_draws=ft.noise_multiplicity,
+        )
+        (per_example.sum() / len(idx)).backward()
+        loss_sum += float(per_example.detach().sum())
+    optimizer.step()
+    return loss_sum / len(idx)

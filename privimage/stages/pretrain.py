@@ -32,7 +32,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
 from privimage.nets.models import build_unet, count_parameters, ema_update, save_unet
 from privimage.plots import save_image_grid, save_loss_curve
 from privimage.runtime import cache_root
+from privimage.schedule import epoch_order, micro_batch, scheduled_lr
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +106,6 @@ def mixed_precision(setting: str, device: str) -> str:
         return setting
     use_cuda = device != "cpu" and torch.cuda.is_available()
     return "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
-
-
-def epoch_order(*, seed: int, epoch: int, num_images: int) -> np.ndarray:
-    """The shuffled image order of one epoch: a function of ``(seed, epoch)`` alone."""
-    return np.random.default_rng([seed, epoch]).permutation(num_images)
-
-
-def micro_batch(
-    order: np.ndarray,
-    *,
-    step_in_epoch: int,
-    batch_size: int,
-    process: int,
-    num_processes: int,
-    micro: int,
-    accumulation: int,
-) -> np.ndarray:
-    """Indices of one process's micro-batch: the global batch cut into equal disjoint parts.
-
-    Global batch ``b`` of the epoch is ``order[b*B:(b+1)*B]``; it splits into
-    ``num_processes * accumulation`` parts, part ``micro * num_processes + process``
-    going to that process at that accumulation step.
-    """
-    per = batch_size // (num_processes * accumulation)
-    start = step_in_epoch * batch_size + (micro * num_processes + process) * per
-    return order[start : start + per]
 
 
 def _check_batch(cfg: Config, num_images: int, num_processes: int) -> int:
@@ -229,22 +204,6 @@ def _public_subset(cfg: Config, run_dir: Path, public: data.ImageDataset):
     return index, torch.full((len(index),), len(names), dtype=torch.long), names
 
 
-def scheduled_lr(
-    lr: float, *, step: int, warmup_steps: int, total_steps: int = 0, decay: str = "none"
-) -> float:
-    """The learning rate of optimizer step ``step`` (from 0 to ``total_steps - 1``).
-
-    Linear warm-up over ``warmup_steps``, then ``lr`` (``decay="none"``), or a decay
-    towards zero at ``total_steps``: ``linear`` or ``cosine``. A decay to zero lets a
-    short run settle into the minimum it has found instead of ending mid-stride.
-    """
-    factor = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-    if decay != "none" and step >= warmup_steps:
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        factor *= 1.0 - t if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-    return lr * factor
-
-
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """Optimizer steps: ``images_seen / batch_size`` when set (matched compute), else epochs."""
     p = cfg.pretrain
@@ -257,27 +216,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     """Pretrain on the chosen public images; see the module docstring for outputs."""
     out = stage_dir(run_dir, STAGE)
     p = cfg.pretrain
-
-    tracker = p.tracker
-    if tracker == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "pretrain.tracker=tensorboard needs the tensorboard package; "
-                "pip install tensorboard, or set pretrain.tracker=null"
-            ) from None
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision(p.mixed_precision, cfg.device),
-        cpu=cfg.device == "cpu",
-        log_with=tracker,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
+    accelerator = _accelerator(cfg, out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-
     public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir), progress=main)
     index, labels, names = _public_subset(cfg, run_dir, public)
     if p.max_images is not None and len(index) > p.max_images:
@@ -285,9 +227,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         index, labels = index[keep], labels[keep]
     # Index before converting: the selection is a small part of a large public set.
     images = data.ImageSplit(public.train.images[torch.from_numpy(index)], labels).as_float()
-    num_classes = len(names)
     if len(images):
-        steps_per_epoch = _check_batch(cfg, len(images), world)
+        steps_per_epoch = _check_batch(cfg, len(images), accelerator.num_processes)
         steps = total_steps(cfg, steps_per_epoch)
     else:  # public_subset=none: the initial weights are the output
         steps_per_epoch, steps = 1, 0
@@ -297,9 +238,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
         cfg.model,
         resolution=cfg.data.resolution,
         channels=cfg.data.channels,
-        num_classes=num_classes,
+        num_classes=len(names),
     )
-    null_label = num_classes
     ema = copy.deepcopy(model).requires_grad_(False)
     if main:
         log.info(
@@ -310,68 +250,145 @@ def run(cfg: Config, run_dir: Path) -> Path:
             len(images),
             steps,
             p.batch_size,
-            world,
+            accelerator.num_processes,
             accelerator.mixed_precision,
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ema.to(accelerator.device)
-    state = TrainState(
-        {
-            "num_images": len(images),
-            "batch_size": p.batch_size,
-            "gradient_accumulation_steps": p.gradient_accumulation_steps,
-            "epochs": p.epochs,
-            "images_seen": p.images_seen,
-            "public_subset": p.public_subset,
-            "lr": p.lr,
-            "warmup_steps": p.warmup_steps,
-            "lr_decay": p.lr_decay,
-            "label_dropout": p.label_dropout,
-            "ema_decay": p.ema_decay,
-            "seed": cfg.seed,
-            "model": asdict(cfg.model),
-            "diffusion": asdict(cfg.diffusion),
-        }
-    )
+    state = TrainState(_settings(cfg, len(images)))
     accelerator.register_for_checkpointing(ema, state)
     checkpoint = _find_checkpoint(out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         if main:
             log.info("resuming pretraining at step %d/%d from %s", state.step, steps, checkpoint)
-    if tracker is not None:
+    if p.tracker is not None:
         accelerator.init_trackers("pretrain", config={"lr": p.lr, "batch_size": p.batch_size})
-
-    stats = None
+    loop = _Loop(cfg, accelerator, model, optimizer, ema, state, images, labels, len(names))
+    seen, first_ids = loop.train(out, steps=steps, steps_per_epoch=steps_per_epoch)
+    # What each process did, for the record (and the multi-process test).
+    world = accelerator.num_processes
+    mine = torch.tensor(
+        [accelerator.process_index, *seen.tolist(), *(first_ids + [-1] * (8 - len(first_ids)))]
+    )
+    everyone = accelerator.gather(mine.to(accelerator.device).double()).cpu().view(world, -1)
+    accelerator.wait_for_everyone()
     if main:
-        truncate_jsonl(out / STATS, max_step=state.step)
-        stats = StatsWriter(out / STATS)
-    bar = tqdm(total=steps, initial=state.step, desc="pretrain (public)", disable=not main)
-    accum = p.gradient_accumulation_steps
-    seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
-    first_ids: list[int] = []
-    order, order_epoch = None, -1
-    started, started_step = time.perf_counter(), state.step
-    model.train()
-    for step in range(state.step, steps):
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = (
-                epoch_order(seed=cfg.seed, epoch=epoch, num_images=len(images)),
-                epoch,
-            )
-        # A function of the step alone, so a resumed run continues the same schedule.
-        for group in optimizer.param_groups:
-            group["lr"] = scheduled_lr(
-                p.lr,
-                step=step,
-                warmup_steps=p.warmup_steps,
-                total_steps=steps,
-                decay=p.lr_decay,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=accelerator.device)
+        _write_outputs(cfg, out, ema, names, everyone, steps=steps, accelerator=accelerator)
+    if p.tracker is not None:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _accelerator(cfg: Config, out: Path) -> Accelerator:
+    tracker = cfg.pretrain.tracker
+    if tracker == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "pretrain.tracker=tensorboard needs the tensorboard package; "
+                "pip install tensorboard, or set pretrain.tracker=null"
+            ) from None
+    return Accelerator(
+        mixed_precision=mixed_precision(cfg.pretrain.mixed_precision, cfg.device),
+        cpu=cfg.device == "cpu",
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def _settings(cfg: Config, num_images: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this run."""
+    p = cfg.pretrain
+    return {
+        "num_images": num_images,
+        "batch_size": p.batch_size,
+        "gradient_accumulation_steps": p.gradient_accumulation_steps,
+        "epochs": p.epochs,
+        "images_seen": p.images_seen,
+        "public_subset": p.public_subset,
+        "lr": p.lr,
+        "warmup_steps": p.warmup_steps,
+        "lr_decay": p.lr_decay,
+        "label_dropout": p.label_dropout,
+        "ema_decay": p.ema_decay,
+        "seed": cfg.seed,
+        "model": asdict(cfg.model),
+        "diffusion": asdict(cfg.diffusion),
+    }
+
+
+@dataclass
+class _Loop:
+    """The pretraining loop's moving parts, on one process of ``accelerator``."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: torch.nn.Module
+    state: TrainState
+    images: torch.Tensor
+    labels: torch.Tensor
+    null_label: int
+
+    def train(self, out: Path, *, steps: int, steps_per_epoch: int) -> tuple[torch.Tensor, list]:
+        """Steps ``state.step .. steps - 1``; returns (images seen, sum of their ids) and
+        the first ids this process saw."""
+        p, acc, state = self.cfg.pretrain, self.accelerator, self.state
+        main = acc.is_main_process
+        stats = None
+        if main:
+            truncate_jsonl(out / STATS, max_step=state.step)
+            stats = StatsWriter(out / STATS)
+        bar = tqdm(total=steps, initial=state.step, desc="pretrain (public)", disable=not main)
+        seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
+        first_ids: list[int] = []
+        order, order_epoch = None, -1
+        started, started_step = time.perf_counter(), state.step
+        self.model.train()
+        for step in range(state.step, steps):
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order = epoch_order(seed=self.cfg.seed, epoch=epoch, num_images=len(self.images))
+                order_epoch = epoch
+            # A function of the step alone, so a resumed run continues the same schedule.
+            for group in self.optimizer.param_groups:
+                group["lr"] = scheduled_lr(
+                    p.lr,
+                    step=step,
+                    warmup_steps=p.warmup_steps,
+                    total_steps=steps,
+                    decay=p.lr_decay,
+                )
+            step_loss, ids = self._step(order, step=step, in_epoch=in_epoch)
+            for idx in ids:
+                seen += torch.tensor([len(idx), float(idx.sum())], dtype=torch.float64)
+                if not first_ids:
+                    first_ids = idx[:8].tolist()
+            state.step = step + 1
+            bar.update(1)
+            if state.step % p.log_every_steps == 0 or state.step == steps:
+                rate = (state.step - started_step) * p.batch_size / (time.perf_counter() - started)
+                self._log(step_loss, epoch=epoch, rate=rate, bar=bar, stats=stats)
+            if state.step % p.checkpoint_every_steps == 0 and state.step < steps:
+                _save_checkpoint(acc, out)
+        bar.close()
+        if stats is not None:
+            stats.close()
+        return seen, first_ids
+
+    def _step(self, order, *, step: int, in_epoch: int) -> tuple[torch.Tensor, list]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
+        p, acc = self.cfg.pretrain, self.accelerator
+        accum = p.gradient_accumulation_steps
+        rank, world = acc.process_index, acc.num_processes
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=acc.device)
+        ids = []
         for micro in range(accum):
             idx = micro_batch(
                 order,
@@ -382,77 +399,69 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 micro=micro,
                 accumulation=accum,
             )
-            seen += torch.tensor([len(idx), float(idx.sum())], dtype=torch.float64)
-            if not first_ids:
-                first_ids = idx[:8].tolist()
-            g = step_generator(seed=cfg.seed, step=step, process=rank, micro=micro)
-            x = images[idx].to(accelerator.device)
+            ids.append(idx)
+            g = step_generator(seed=self.cfg.seed, step=step, process=rank, micro=micro)
+            x = self.images[idx].to(acc.device)
             y = drop_labels(
-                labels[idx], probability=p.label_dropout, null_label=null_label, generator=g
-            ).to(accelerator.device)
+                self.labels[idx],
+                probability=p.label_dropout,
+                null_label=self.null_label,
+                generator=g,
+            ).to(acc.device)
             # Gradients are all-reduced on the last micro-batch only.
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.model)
             with sync:
-                with accelerator.autocast():
-                    loss = training_loss(model, x, y, spec=cfg.diffusion, generator=g).mean()
-                accelerator.backward(loss / accum)
+                with acc.autocast():
+                    loss = training_loss(self.model, x, y, spec=self.cfg.diffusion, generator=g)
+                    loss = loss.mean()
+                acc.backward(loss / accum)
             step_loss += loss.detach() / accum
-        optimizer.step()
-        ema_update(ema, accelerator.unwrap_model(model), decay=p.ema_decay, step=step)
-        state.step = step + 1
-        bar.update(1)
-        if state.step % p.log_every_steps == 0 or state.step == steps:
-            # A collective: every process reaches it at the same steps.
-            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-            if not math.isfinite(mean_loss):
-                raise PrivImageError(
-                    f"pretraining diverged (loss={mean_loss}) at step {state.step}; "
-                    f"lower pretrain.lr={p.lr}"
-                )
-            rate = (state.step - started_step) * p.batch_size / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, img_s=f"{rate:.0f}")
-            if stats is not None:
-                stats.write(step=state.step, epoch=epoch, loss=mean_loss, images_per_s=rate)
-            if tracker is not None:
-                accelerator.log({"loss": mean_loss, "images_per_s": rate}, step=state.step)
-        if state.step % p.checkpoint_every_steps == 0 and state.step < steps:
-            _save_checkpoint(accelerator, out)
-    bar.close()
+        self.optimizer.step()
+        ema_update(self.ema, acc.unwrap_model(self.model), decay=p.ema_decay, step=step)
+        return step_loss, ids
 
-    # What each process did, for the record (and the multi-process test).
-    mine = torch.tensor([rank, *seen.tolist(), *(first_ids + [-1] * (8 - len(first_ids)))])
-    everyone = accelerator.gather(mine.to(accelerator.device).double()).cpu().view(world, -1)
-    accelerator.wait_for_everyone()
-    if main:
-        save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
-        stats.close()
-        # The class names, in label order, for the stages after fine-tuning.
-        write_json(out / artifacts.CLASSES, {"public_subset": p.public_subset, "classes": names})
-        write_json(
-            out / "processes.json",
-            {
-                "world_size": world,
-                "mixed_precision": accelerator.mixed_precision,
-                "steps": steps,
-                "processes": [
-                    {
-                        "rank": int(r[0]),
-                        "images_seen": int(r[1]),
-                        "image_id_sum": int(r[2]),
-                        "first_image_ids": [int(v) for v in r[3:] if v >= 0],
-                    }
-                    for r in everyone
-                ],
-            },
-        )
-        if steps > 0:
-            save_loss_curve(out / STATS, out / "loss.png", title="pretraining loss (public)")
-        if p.grid_images_per_class > 0 and steps > 0:
-            _save_grid(cfg, ema, names, out / artifacts.GRID)
-        for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        mark_done(out)
-    if tracker is not None:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return out
+    def _log(self, step_loss: torch.Tensor, *, epoch: int, rate: float, bar, stats) -> None:
+        # A collective: every process reaches it at the same steps.
+        mean_loss = self.accelerator.reduce(step_loss, reduction="mean").item()
+        if not math.isfinite(mean_loss):
+            raise PrivImageError(
+                f"pretraining diverged (loss={mean_loss}) at step {self.state.step}; "
+                f"lower pretrain.lr={self.cfg.pretrain.lr}"
+            )
+        bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=epoch, img_s=f"{rate:.0f}")
+        if stats is not None:
+            stats.write(step=self.state.step, epoch=epoch, loss=mean_loss, images_per_s=rate)
+        if self.cfg.pretrain.tracker is not None:
+            self.accelerator.log({"loss": mean_loss, "images_per_s": rate}, step=self.state.step)
+
+
+def _write_outputs(cfg, out, ema, names, everyone, *, steps: int, accelerator) -> None:
+    """The pretrained UNet and what goes with it; process 0 only, DONE last."""
+    p = cfg.pretrain
+    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    # The class names, in label order, for the stages after fine-tuning.
+    write_json(out / artifacts.CLASSES, {"public_subset": p.public_subset, "classes": names})
+    write_json(
+        out / "processes.json",
+        {
+            "world_size": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "steps": steps,
+            "processes": [
+                {
+                    "rank": int(r[0]),
+                    "images_seen": int(r[1]),
+                    "image_id_sum": int(r[2]),
+                    "first_image_ids": [int(v) for v in r[3:] if v >= 0],
+                }
+                for r in everyone
+            ],
+        },
+    )
+    if steps > 0:
+        save_loss_curve(out / STATS, out / "loss.png", title="pretraining loss (public)")
+    if p.grid_images_per_class > 0 and steps > 0:
+        _save_grid(cfg, ema, names, out / artifacts.GRID)
+    for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    mark_done(out)

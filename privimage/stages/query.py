@@ -164,6 +164,46 @@ def run(cfg: Config, run_dir: Path) -> Path:
     cache = cache_root(cfg.cache_dir)
 
     public = data.load(cfg.public, cache_dir=cache)
+    semantic_logits, public_top1 = _semantic_function_of(cfg, public, device)
+    sensitive = data.load(cfg.data, cache_dir=cache)
+    n_sensitive = len(sensitive.train)
+    accounting.check_delta(delta=cfg.privacy.delta, num_records=n_sensitive)
+    k = cfg.query.top_k
+    if k > public.num_classes:
+        raise ConfigError(f"query.top_k={k} exceeds the {public.num_classes} public classes")
+    per_class = histogram.classes_to_keep(
+        num_public_classes=public.num_classes,
+        num_sensitive_classes=sensitive.num_classes,
+        classes_per_sensitive_class=cfg.query.classes_per_sensitive_class,
+        fraction_of_public_classes=cfg.query.fraction_of_public_classes,
+    )
+    mechanism = query_mechanism(cfg)
+    ledger = run_ledger(cfg, run_dir)
+    noisy = _drawn_release(cfg, ledger, mechanism, out)
+    if noisy is None:
+        noisy = _noisy_histogram(cfg, ledger, mechanism, out, semantic_logits, sensitive, public)
+    selection = histogram.select_public_classes(noisy, classes_per_sensitive_class=per_class)
+
+    _write_selection(
+        cfg, out, public, sensitive, selection, noisy, mechanism, per_class, public_top1
+    )
+    if cfg.query.score_selection:
+        _record_judge(ledger)  # before the judge reads the sensitive data
+        score = _score_selection(cfg, public, sensitive, selection, device)
+        write_json(out / "selection_score.json", score)
+        log.info(
+            "selection score %.3f vs %.3f for a random selection of the same shape (%.1fx)",
+            score["score"],
+            score["random_baseline"],
+            score["ratio"] or float("nan"),
+        )
+    mark_done(out)
+    return out
+
+
+def _semantic_function_of(cfg: Config, public: data.ImageDataset, device: torch.device):
+    """The semantic function (public-class logits of an image batch) and, for the
+    classifier, its top-1 accuracy on the public test split."""
     if cfg.query.method == "clip":
         # Imported here: open_clip is needed only by this query method, so every other
         # stage and method runs on machines without it.
@@ -192,25 +232,15 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 logits = (logits + mirrored) / 2
             return logits
 
-    sensitive = data.load(cfg.data, cache_dir=cache)
-    n_sensitive = len(sensitive.train)
-    accounting.check_delta(delta=cfg.privacy.delta, num_records=n_sensitive)
-    k = cfg.query.top_k
-    if k > public.num_classes:
-        raise ConfigError(f"query.top_k={k} exceeds the {public.num_classes} public classes")
-    per_class = histogram.classes_to_keep(
-        num_public_classes=public.num_classes,
-        num_sensitive_classes=sensitive.num_classes,
-        classes_per_sensitive_class=cfg.query.classes_per_sensitive_class,
-        fraction_of_public_classes=cfg.query.fraction_of_public_classes,
-    )
-    mechanism = query_mechanism(cfg)
-    ledger = run_ledger(cfg, run_dir)
-    noisy = _drawn_release(cfg, ledger, mechanism, out)
-    if noisy is None:
-        noisy = _noisy_histogram(cfg, ledger, mechanism, out, semantic_logits, sensitive, public)
-    selection = histogram.select_public_classes(noisy, classes_per_sensitive_class=per_class)
+    return semantic_logits, public_top1
 
+
+def _write_selection(
+    cfg, out, public, sensitive, selection, noisy, mechanism, per_class, public_top1
+) -> None:
+    """The released selection: indices and labels of the chosen public images, the
+    selection as JSON with the noisy counts behind it, and its picture."""
+    k = cfg.query.top_k
     public_labels_np = public.train.labels.numpy()
     index_parts, label_parts, classes_json = [], [], []
     for s, chosen in enumerate(selection):
@@ -253,18 +283,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     _save_selection_grid(
         cfg, public, selection, sensitive.class_names, out / artifacts.SELECTION_PNG
     )
-    if cfg.query.score_selection:
-        _record_judge(ledger)  # before the judge reads the sensitive data
-        score = _score_selection(cfg, public, sensitive, selection, device)
-        write_json(out / "selection_score.json", score)
-        log.info(
-            "selection score %.3f vs %.3f for a random selection of the same shape (%.1fx)",
-            score["score"],
-            score["random_baseline"],
-            score["ratio"] or float("nan"),
-        )
-    mark_done(out)
-    return out
 
 
 DRAW = "draw.json"  # what the saved noisy histogram was drawn from (not released)

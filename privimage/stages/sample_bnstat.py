@@ -181,6 +181,27 @@ def run(cfg: Config, run_dir: Path) -> Path:
         image_dir / safe_name(class_names[c]) / f"{seed:06d}.png"
         for c, seed in zip(labels, seeds, strict=True)
     ]
+    _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, device)
+
+    artifacts.write_sample_set(
+        out,
+        paths=paths,
+        labels=labels,
+        seeds=seeds,
+        class_names=class_names,
+        grid_images_per_class=s.grid_images_per_class,
+        title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
+    )
+    log.info("bnstat: wrote %d images to %s (not differentially private)", len(paths), out)
+    mark_done(out)
+    return out
+
+
+def _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, device) -> None:
+    """Synthesize every batch whose PNGs are not all on disk yet (a resumed run makes only
+    the missing ones); each batch's last loss parts go to ``synthesis.jsonl``."""
+    b, s = cfg.bnstat, cfg.sample
+    num_classes = int(labels.max()) + 1
     image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     batches = []
     for c in range(num_classes):
@@ -221,16 +242,3 @@ def run(cfg: Config, run_dir: Path) -> Path:
             log_file.flush()
             bar.update(len(batch))
             bar.set_postfix(bn=f"{last['bn']:.3f}", ce=f"{last['ce']:.3f}")
-
-    artifacts.write_sample_set(
-        out,
-        paths=paths,
-        labels=labels,
-        seeds=seeds,
-        class_names=class_names,
-        grid_images_per_class=s.grid_images_per_class,
-        title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
-    )
-    log.info("bnstat: wrote %d images to %s (not differentially private)", len(paths), out)
-    mark_done(out)
-    return out
