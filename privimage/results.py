@@ -26,6 +26,7 @@ from privimage.io.artifacts import AUDIT_RESULT, AUDIT_STAGE, LEDGER, read_done_
 from privimage.io.atomic import write_text
 
 METRICS = Path("evaluate") / artifacts.METRICS
+RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 
 # (column, header in results.md, digits); the CSV keeps full precision.
 COLUMNS = [
@@ -186,12 +187,12 @@ def _plot(rows: list[dict], key: str, label: str, path: Path) -> None:
 def write_results(rows: list[dict], out: Path) -> list[Path]:
     """Write the table (CSV and markdown) and, when any run spent ε, the two plots."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "results.csv").open("w", newline="") as f:
+    with (out / RESULTS_CSV).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[c for c, _, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    write_text(out / "results.md", render_markdown(rows))
-    written = [out / "results.csv", out / "results.md"]
+    write_text(out / RESULTS_MD, render_markdown(rows))
+    written = [out / RESULTS_CSV, out / RESULTS_MD]
     if any(r["epsilon_spent"] is not None for r in rows):
         for key, label, name in (
             ("fid", "FID (lower is better)", "fid_vs_epsilon.png"),

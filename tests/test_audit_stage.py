@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import pretrain_smoke, typed_config
 
+from privimage.dp.audit import canary_images, fixed_noise_losses, with_canary_classes
 from privimage.errors import ConfigError
 from privimage.nets.models import build_unet
 from privimage.pipeline import run_pipeline
-from privimage.stages.audit import canary_images, fixed_noise_losses, with_canary_classes
 
 CLAIM = 0.5
 

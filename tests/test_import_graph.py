@@ -216,6 +216,21 @@ def test_the_architecture_page_lists_every_module():
     assert sorted(listed - set(modules())) == [], "docs/architecture.md lists modules that are gone"
 
 
+FILE_NAME = re.compile(r"^[\w.-]+\.(npy|npz|json|jsonl|png|md|pt|csv|yaml|safetensors)$")
+
+
+def test_each_file_name_is_spelled_once():
+    """A file a stage writes is named by one constant, not by literals in several places."""
+    seen: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            is_text = isinstance(node, ast.Constant) and isinstance(node.value, str)
+            if is_text and FILE_NAME.match(node.value):
+                seen.setdefault(node.value, []).append(f"{name}:{node.lineno}")
+    assert len(seen) > 10  # the scan finds the names (metrics.json, samples.npz, ...)
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
 def test_the_checks_catch_what_they_look_for():
     """A cycle, and the level count, on toy graphs: the checks above can fail."""
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -25,9 +25,20 @@ referee in the tests.
 from __future__ import annotations
 
 import numpy as np
+import torch
+from diffusers import UNet2DModel
 from scipy import optimize, special, stats
 
-from privimage.errors import ConfigError
+from privimage.config.schema import DiffusionConfig
+from privimage.diffusion import (
+    add_noise,
+    edm_denoise,
+    edm_loss_weight,
+    linear_alphas_cumprod,
+    unet_denoiser,
+    unet_network,
+)
+from privimage.errors import ConfigError, PrivImageError
 
 
 def one_run_p_value(
@@ -148,3 +159,85 @@ def epsilon_lower_bound(
         "canaries": m,
         "largest": largest_bound(canaries=m, guesses=r, significance=significance, delta=delta),
     }
+
+
+# The canaries and their scores (the audit stage, privimage.stages.audit, runs them).
+
+
+def canary_images(count: int, shape: tuple[int, ...], *, seed: int) -> torch.Tensor:
+    """``count`` flat images, each one grey level drawn uniformly in [-1, 1] from ``seed``.
+
+    Out of distribution for natural images, and each told apart from the others only by
+    its level, which the model can learn only through the canary's own class row; a flat
+    image's loss gradient on that row points the same way at every high noise level, so
+    what one training step does to the row is what the score measures.
+    """
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
+    levels = torch.rand(count, generator=g) * 2 - 1
+    return levels.view(count, *([1] * len(shape))).expand(count, *shape).contiguous()
+
+
+def with_canary_classes(model: UNet2DModel, count: int) -> UNet2DModel:
+    """A copy of ``model`` whose class table has ``count`` more rows, one per canary.
+
+    Rows ``0 .. C-1`` stay the sensitive classes, rows ``C .. C+count-1`` are the canaries'
+    (each started at the null row, so an untrained canary is generated unconditionally)
+    and the null class stays last, where :func:`privimage.diffusion.null_class` finds it.
+    """
+    rows = model.config.num_class_embeds
+    if rows is None:
+        raise PrivImageError("the pretrained UNet has no class table; the audit needs one")
+    grown = UNet2DModel.from_config({**dict(model.config), "num_class_embeds": rows + count})
+    state = model.state_dict()
+    table = state["class_embedding.weight"]
+    null = table[rows - 1]
+    state["class_embedding.weight"] = torch.cat(
+        [table[: rows - 1], null.expand(count, -1), null[None]]
+    )
+    grown.load_state_dict(state)
+    return grown
+
+
+@torch.no_grad()
+def fixed_noise_losses(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    spec: DiffusionConfig,
+    sigmas: list[float],
+    seed: int,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Each image's denoising loss averaged over ``sigmas``, with noise fixed by ``seed``.
+
+    EDM: the training loss ``lambda(s) * mean (D(x + s n; s) - x)^2`` at each level ``s``.
+    DDPM: the epsilon MSE at timestep ``round(s * (T - 1))`` for each ``s`` in (0, 1].
+    The noise image of (image i, level j) is the same for every model scored, so two
+    models' losses differ only by what the models learnt.
+    """
+    model.eval().to(device)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
+    noise = torch.randn((len(sigmas), *images.shape), generator=g)
+    total = torch.zeros(len(images), dtype=torch.float64)
+    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
+    for j, s in enumerate(sigmas):
+        for lo in range(0, len(images), batch_size):
+            x = images[lo : lo + batch_size].to(device)
+            y = labels[lo : lo + batch_size].to(device)
+            n = noise[j, lo : lo + batch_size].to(device)
+            if spec.formulation == "edm":
+                sigma = torch.full((len(x),), float(s), device=device)
+                denoised = edm_denoise(
+                    unet_network(model), x + s * n, sigma, y, sigma_data=spec.sigma_data
+                )
+                weight = float(edm_loss_weight(torch.tensor(float(s)), sigma_data=spec.sigma_data))
+                loss = weight * (denoised - x).pow(2).flatten(1).mean(1)
+            else:
+                t = round(min(max(float(s), 0.0), 1.0) * (spec.num_train_timesteps - 1))
+                tt = torch.full((len(x),), t, dtype=torch.long, device=device)
+                pred = unet_denoiser(model)(add_noise(x, n, tt, alphas), tt, y)
+                loss = (pred - n).pow(2).flatten(1).mean(1)
+            total[lo : lo + len(x)] += loss.double().cpu()
+    return (total / len(sigmas)).numpy()

@@ -11,24 +11,27 @@ with canaries, so the audit measures the very loop that makes the released model
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from privimage.config.schema import Config
 from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dp import accounting
-from privimage.dp.dpsgd import repeat_for_noise_draws
+from privimage.dp.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivImageError
+from privimage.io.atomic import torch_save
 from privimage.io.seeding import torch_generator
 from privimage.io.stats import StatsWriter, truncate_jsonl
 from privimage.nets.models import ema_update, make_opacus_safe
@@ -266,3 +269,94 @@ def train_steps(
     bar.close()
     if stats is not None:
         stats.close()
+
+
+@dataclass
+class DPTraining:
+    """What DP-SGD trains with: the Opacus-wrapped model, optimizer, Poisson loader and
+    accountant, the EMA, and the three secret random streams; one type, and one private
+    checkpoint format, for fine-tuning and the audit."""
+
+    dp_model: torch.nn.Module
+    optimizer: Any
+    dp_loader: DataLoader
+    engine: Any
+    ema: torch.nn.Module
+    streams: dict[str, torch.Generator]
+
+    @classmethod
+    def build(
+        cls,
+        cfg: Config,
+        model: torch.nn.Module,
+        dataset: TensorDataset,
+        *,
+        noise_multiplier: float,
+        entropy: dict[str, int] | None,
+        ckpt: dict | None,
+        procs: Processes,
+        device: torch.device,
+        sample_rate: float | None = None,
+    ) -> DPTraining:
+        """Fresh (streams from ``entropy``), or restored from the private checkpoint
+        ``ckpt`` (weights, optimizer, Opacus accountant, streams). ``sample_rate``: the
+        accounted Poisson rate, checked against the one Opacus samples at."""
+        ft = cfg.finetune
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        model.to(device).train()
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
+        streams = dp_streams(entropy, device=device)
+        loader = DataLoader(dataset, batch_size=ft.batch_size)
+        dp_model, optimizer, dp_loader, engine = make_private(
+            model,
+            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
+            loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=ft.max_grad_norm,
+            noise_multiplicity=ft.noise_multiplicity,
+            sampler_generator=streams["sampler"],
+            noise_generator=streams["noise"],
+            grad_sample_mode=ft.grad_sample_mode,
+            distributed=procs.distributed,
+        )
+        sampled_rate = dp_loader.batch_sampler.sample_rate
+        if sample_rate is not None and abs(sampled_rate - sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus samples at rate {sampled_rate}, accounted {sample_rate}")
+        if ckpt is not None:
+            optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
+            engine.accountant.load_state_dict(ckpt["accountant"])
+            mine = ckpt["rng"]["processes"][procs.rank]
+            for name, generator in streams.items():
+                generator.set_state(mine[name].cpu())
+            torch.set_rng_state(mine["torch"].cpu())
+            optimizer.steps_taken = int(ckpt["step"])
+        return cls(dp_model, optimizer, dp_loader, engine, ema, streams)
+
+    def save(self, step: int, identity: dict, path: Path, procs: Processes) -> None:
+        """The private checkpoint: everything a resume needs, every process's streams."""
+        rng = {
+            **{name: g.get_state().cpu() for name, g in self.streams.items()},
+            "torch": torch.get_rng_state(),
+        }
+        # Process 0 writes every process's streams; the weights are the same everywhere.
+        everyone = [rng]
+        if procs.distributed:
+            everyone = [None] * procs.world
+            dist.all_gather_object(everyone, rng)
+        if procs.main:
+            torch_save(
+                {
+                    "step": step,
+                    **identity,
+                    "model": self.dp_model._module.state_dict(),
+                    "ema": self.ema.state_dict(),
+                    "optimizer": self.optimizer.original_optimizer.state_dict(),
+                    "accountant": self.engine.accountant.state_dict(),
+                    "rng": {"processes": everyone},
+                },
+                path,
+            )
+        procs.barrier()

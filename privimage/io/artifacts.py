@@ -56,6 +56,7 @@ IMAGES = "images"
 SAMPLES = "samples.npz"
 DATASET = "dataset"
 GRID = "grid.png"
+PROGRESS = "progress.json"  # what the images on disk were made with (for resume)
 # evaluate/
 METRICS = "metrics.json"
 REPORT = "report.md"

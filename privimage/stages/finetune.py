@@ -35,14 +35,11 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from privimage import data
@@ -50,12 +47,12 @@ from privimage.config.schema import Config
 from privimage.data.archives import file_digest
 from privimage.diffusion import drop_labels, null_class, training_loss
 from privimage.dp import accounting
-from privimage.dp.dpsgd import make_private
 from privimage.dp.ledger import Ledger, run_ledger
 from privimage.dp.training import (
     STREAMS,
+    DPTraining,
+    Processes,
     dp_sgd_schedule,
-    dp_streams,
     prepare_for_dp_sgd,
     select_trainable,
     start_processes,
@@ -82,6 +79,10 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 CHECKPOINT = "checkpoint.pt"
 MECHANISM = "finetune/dp_sgd"
+NO_DP = (
+    "fine-tuning on the sensitive data without clipping or noise (finetune.dp=false): no "
+    "epsilon describes this run's output"
+)
 
 # The DP model is released as release/model/ (privimage.io.release); stats.jsonl (exact
 # losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
@@ -155,12 +156,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     ledger = run_ledger(cfg, run_dir)
     if not ft.dp:
         # Recorded before the sensitive data is opened, like every mechanism.
-        ledger.record_non_private(
-            stage=STAGE,
-            name="non_private_training",
-            description="fine-tuning on the sensitive data without clipping or noise "
-            "(finetune.dp=false): no epsilon describes this run's output",
-        )
+        ledger.record_non_private(stage=STAGE, name="non_private_training", description=NO_DP)
     sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir))
     n = len(sensitive.train)
     accounting.check_delta(delta=cfg.privacy.delta, num_records=n)
@@ -178,11 +174,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     # Loaded before the ledger entry, which records which of its parameters are trained
     # (a bad finetune.trainable fails here, before anything is spent).
-    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
-    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
-    model.train()
-    prepare_for_dp_sgd(model)
-    trained = select_trainable(model, ft.trainable)
+    model, trained = _pretrained_for_dp_sgd(cfg, pretrain_dir)
     identity = _identity(cfg, mechanism, num_records=n, world=procs.world, pretrained=pretrain_dir)
     start = 0
     if ckpt is not None:
@@ -201,7 +193,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
         cfg.privacy.delta,
         f"; resuming after step {start}" if start else "",
     )
-    state = _DPTraining.build(cfg, model, sensitive.train, mechanism, ckpt, procs, device)
+    state = DPTraining.build(
+        cfg,
+        model,
+        TensorDataset(sensitive.train.as_float(), sensitive.train.labels),
+        noise_multiplier=mechanism.noise_multiplier,
+        # Resume continues the checkpointed streams: no new entropy.
+        entropy=None if ckpt is not None else _entropy(cfg, procs),
+        ckpt=ckpt,
+        procs=procs,
+        device=device,
+        sample_rate=mechanism.sample_rate,
+    )
     del ckpt
     if start < steps:
         train_steps(
@@ -241,6 +244,15 @@ def _identity(
         "pretrained_weights": weights_digest(pretrained / artifacts.UNET),
         "trainable": cfg.finetune.trainable,
     }
+
+
+def _pretrained_for_dp_sgd(cfg: Config, pretrain_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """The pretrained UNet made Opacus-ready, and which of its parameters DP-SGD trains."""
+    model, trained_with = load_unet(pretrain_dir / artifacts.UNET)
+    check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
+    model.train()
+    prepare_for_dp_sgd(model)
+    return model, select_trainable(model, cfg.finetune.trainable)
 
 
 def _start(cfg: Config):
@@ -338,106 +350,29 @@ def _begin(
     return already_completed
 
 
-@dataclass
-class _DPTraining:
-    """What DP-SGD trains with: the Opacus-wrapped model, optimizer, Poisson loader and
-    accountant, the EMA, and the three secret random streams."""
-
-    dp_model: torch.nn.Module
-    optimizer: Any
-    dp_loader: DataLoader
-    engine: Any
-    ema: torch.nn.Module
-    streams: dict[str, torch.Generator]
-
-    @classmethod
-    def build(cls, cfg, model, train, mechanism, ckpt, procs, device) -> _DPTraining:
-        """Fresh, or restored from ``ckpt`` (weights, optimizer, accountant, streams)."""
-        ft = cfg.finetune
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-        model.to(device).train()
-        ema = copy.deepcopy(model).requires_grad_(False)
-        if ckpt is not None:
-            ema.load_state_dict(ckpt["ema"])
-        # Resume continues the checkpointed streams (restored below): no new entropy.
-        entropy = None
-        if ckpt is None:
-            # Secret: fresh OS entropy, kept only in the private checkpoint. The diffusion
-            # stream (timesteps, noise and label dropout of the loss) is secret too: it is
-            # consumed in batch order, so a known value of it would hand each example draws
-            # that depend on which other records the Poisson mask picked, and one record
-            # more or less would change every example's gradient, not just its own.
-            # With several processes each draws its own: rank r's shard has its own masks.
-            rank = f"/rank{procs.rank}" if procs.distributed else ""
-            reproducible = cfg.privacy.reproducible_noise
-            entropy = {
-                name: dp_entropy(
-                    purpose=f"{MECHANISM}/{name}{rank}", seed=cfg.seed, reproducible=reproducible
-                )
-                for name in STREAMS
-            }
-        streams = dp_streams(entropy, device=device)
-        loader = DataLoader(TensorDataset(train.as_float(), train.labels), batch_size=ft.batch_size)
-        dp_model, optimizer, dp_loader, engine = make_private(
-            model,
-            torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr),
-            loader,
-            noise_multiplier=mechanism.noise_multiplier,
-            max_grad_norm=ft.max_grad_norm,
-            noise_multiplicity=ft.noise_multiplicity,
-            sampler_generator=streams["sampler"],
-            noise_generator=streams["noise"],
-            grad_sample_mode=ft.grad_sample_mode,
-            distributed=procs.distributed,
+def _entropy(cfg: Config, procs: Processes) -> dict[str, int]:
+    """Secret: fresh OS entropy per stream, kept only in the private checkpoint. The
+    diffusion stream (timesteps, noise and label dropout of the loss) is secret too: it is
+    consumed in batch order, so a known value of it would hand each example draws that
+    depend on which other records the Poisson mask picked, and one record more or less
+    would change every example's gradient, not just its own. With several processes each
+    draws its own: rank r's shard has its own masks."""
+    rank = f"/rank{procs.rank}" if procs.distributed else ""
+    return {
+        name: dp_entropy(
+            purpose=f"{MECHANISM}/{name}{rank}",
+            seed=cfg.seed,
+            reproducible=cfg.privacy.reproducible_noise,
         )
-        sampled_rate = dp_loader.batch_sampler.sample_rate
-        if abs(sampled_rate - mechanism.sample_rate) > 1e-12:
-            raise RuntimeError(
-                f"Opacus samples at rate {sampled_rate}, accounted {mechanism.sample_rate}"
-            )
-        if ckpt is not None:
-            optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
-            engine.accountant.load_state_dict(ckpt["accountant"])
-            mine = ckpt["rng"]["processes"][procs.rank]
-            for name, generator in streams.items():
-                generator.set_state(mine[name].cpu())
-            torch.set_rng_state(mine["torch"].cpu())
-            optimizer.steps_taken = int(ckpt["step"])
-        return cls(dp_model, optimizer, dp_loader, engine, ema, streams)
-
-    def save(self, step: int, identity: dict, path: Path, procs) -> None:
-        """The private checkpoint: everything a resume needs, every process's streams."""
-        rng = {
-            **{name: g.get_state().cpu() for name, g in self.streams.items()},
-            "torch": torch.get_rng_state(),
-        }
-        # Process 0 writes every process's streams; the weights are the same everywhere.
-        everyone = [rng]
-        if procs.distributed:
-            everyone = [None] * procs.world
-            dist.all_gather_object(everyone, rng)
-        if procs.main:
-            torch_save(
-                {
-                    "step": step,
-                    **identity,
-                    "model": self.dp_model._module.state_dict(),
-                    "ema": self.ema.state_dict(),
-                    "optimizer": self.optimizer.original_optimizer.state_dict(),
-                    "accountant": self.engine.accountant.state_dict(),
-                    "rng": {"processes": everyone},
-                },
-                path,
-            )
-        procs.barrier()
+        for name in STREAMS
+    }
 
 
 def _finish(
     cfg: Config,
     ledger: Ledger,
     mechanism: accounting.Mechanism,
-    state: _DPTraining,
+    state: DPTraining,
     out: Path,
     procs,
     *,

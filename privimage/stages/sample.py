@@ -93,7 +93,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     # Resume: every image is a function of its seed alone, so the PNGs of an interrupted
     # attempt are kept and only the missing seeds are sampled.
     fingerprint = _fingerprint(cfg, finetune_dir / artifacts.UNET, solver)
-    progress_file = out / "progress.json"
+    progress_file = out / artifacts.PROGRESS
     if progress_file.exists() and read_json(progress_file) != fingerprint:
         log.info("sample: settings or weights changed since the last attempt; starting over")
         shutil.rmtree(image_dir, ignore_errors=True)

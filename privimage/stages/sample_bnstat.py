@@ -167,7 +167,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "images_per_class": s.images_per_class,
         "first_seed": s.first_seed,
     }
-    progress_file = out / "progress.json"
+    progress_file = out / artifacts.PROGRESS
     image_dir = out / artifacts.IMAGES
     if progress_file.exists() and read_json(progress_file) != fingerprint:
         log.info("bnstat: settings changed since the last attempt; starting over")
