@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from privimage.config.schema import ModelConfig
-from privimage.diffusion import add_noise, linear_alphas_cumprod
+from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
 from privimage.dp import layers as L
 from privimage.dp.bookkeeping import BookKeeping
 from privimage.errors import ConfigError

@@ -8,24 +8,23 @@ import numpy as np
 import torch
 
 from privimage.config.schema import DiffusionConfig, ModelConfig
-from privimage.diffusion import (
-    TrainingNoise,
+from privimage.diffusion import drop_labels, null_class, to_uint8, training_loss
+from privimage.diffusion.common import initial_noise
+from privimage.diffusion.ddpm import (
     add_noise,
     ddim_sample,
-    drop_labels,
+    linear_alphas_cumprod,
+    per_example_loss,
+    unet_denoiser,
+)
+from privimage.diffusion.edm import (
+    TrainingNoise,
     edm_loss_weight,
     edm_per_example_loss,
     edm_precondition,
     edm_sample,
-    initial_noise,
     karras_sigmas,
-    linear_alphas_cumprod,
-    null_class,
-    per_example_loss,
     sample_training_sigmas,
-    to_uint8,
-    training_loss,
-    unet_denoiser,
     unet_network,
 )
 from privimage.nets.models import build_unet

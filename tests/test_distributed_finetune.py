@@ -32,7 +32,7 @@ STEP_SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from privimage.config.schema import ModelConfig
-    from privimage.diffusion import add_noise, linear_alphas_cumprod
+    from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
     from privimage.dp.bookkeeping import (
         BookKeeping, BookKeepingDPOptimizer, DistributedBookKeepingDPOptimizer,
     )

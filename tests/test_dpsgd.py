@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from privimage.config.schema import ModelConfig
-from privimage.diffusion import add_noise, linear_alphas_cumprod
+from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
 from privimage.dp.bookkeeping import BookKeeping, BookKeepingDPOptimizer
 from privimage.dp.dpsgd import NoiseMultiplicityDPOptimizer, make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError

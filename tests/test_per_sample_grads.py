@@ -13,7 +13,7 @@ from opacus import GradSampleModule
 from torch.func import functional_call, grad, vmap
 
 from privimage.config.schema import ModelConfig
-from privimage.diffusion import add_noise, linear_alphas_cumprod
+from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
 from privimage.nets.models import build_unet, make_opacus_safe
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 # show the audit notices; the third, a noise stream anyone can regenerate, is
 # privacy.reproducible_noise=true.
 AUDIT_BREAKS = ("none", "no_noise", "no_clipping")
-FORMULATIONS = ("edm", "ddpm")
 # What the UNet is pretrained on: the query's semantic subset (PrivImage), the whole public
 # training split (PDP-Diffusion), or nothing at all (DPDM: DP training from scratch).
 PUBLIC_SUBSETS = ("semantic", "all", "none")

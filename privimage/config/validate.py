@@ -9,7 +9,6 @@ import math
 from privimage.config.schema import (
     AUDIT_BREAKS,
     DOWNSTREAM_CLASSIFIERS,
-    FORMULATIONS,
     GRAD_SAMPLE_MODES,
     PUBLIC_SUBSETS,
     AuditConfig,
@@ -17,7 +16,7 @@ from privimage.config.schema import (
     EvaluateConfig,
 )
 from privimage.data import SOURCES
-from privimage.diffusion import SOLVERS
+from privimage.diffusion import FORMULATIONS, SOLVERS
 from privimage.errors import ConfigError
 from privimage.io.artifacts import STAGES, SYNTHESIZER_STAGES
 from privimage.nets.classifier import AUGMENTATIONS

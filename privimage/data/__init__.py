@@ -18,7 +18,7 @@ preprocessed to a uint8 ``pixels`` column and saved with ``save_to_disk`` under
 
 from privimage.data.containers import ImageDataset, ImageSplit
 from privimage.data.loading import check_available, check_classes, content_key, load
-from privimage.data.sources import SOURCES
+from privimage.data.registry import SOURCES
 
 __all__ = [
     "SOURCES",

@@ -14,7 +14,8 @@ from privimage.config.schema import DataConfig
 from privimage.data import cache, splits
 from privimage.data.containers import ImageDataset
 from privimage.data.preprocess import hf_progress, preprocess, raw_dataset
-from privimage.data.sources import Source, get_source
+from privimage.data.registry import get_source
+from privimage.data.sources import Source
 from privimage.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -30,14 +30,7 @@ from diffusers import UNet2DModel
 from scipy import optimize, special, stats
 
 from privimage.config.schema import DiffusionConfig
-from privimage.diffusion import (
-    add_noise,
-    edm_denoise,
-    edm_loss_weight,
-    linear_alphas_cumprod,
-    unet_denoiser,
-    unet_network,
-)
+from privimage.diffusion import formulation
 from privimage.errors import ConfigError, PrivImageError
 
 
@@ -221,23 +214,12 @@ def fixed_noise_losses(
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
     noise = torch.randn((len(sigmas), *images.shape), generator=g)
     total = torch.zeros(len(images), dtype=torch.float64)
-    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
+    kind = formulation(spec)
     for j, s in enumerate(sigmas):
         for lo in range(0, len(images), batch_size):
             x = images[lo : lo + batch_size].to(device)
             y = labels[lo : lo + batch_size].to(device)
             n = noise[j, lo : lo + batch_size].to(device)
-            if spec.formulation == "edm":
-                sigma = torch.full((len(x),), float(s), device=device)
-                denoised = edm_denoise(
-                    unet_network(model), x + s * n, sigma, y, sigma_data=spec.sigma_data
-                )
-                weight = float(edm_loss_weight(torch.tensor(float(s)), sigma_data=spec.sigma_data))
-                loss = weight * (denoised - x).pow(2).flatten(1).mean(1)
-            else:
-                t = round(min(max(float(s), 0.0), 1.0) * (spec.num_train_timesteps - 1))
-                tt = torch.full((len(x),), t, dtype=torch.long, device=device)
-                pred = unet_denoiser(model)(add_noise(x, n, tt, alphas), tt, y)
-                loss = (pred - n).pow(2).flatten(1).mean(1)
+            loss = kind.fixed_noise_loss(model, x, y, n, s)
             total[lo : lo + len(x)] += loss.double().cpu()
     return (total / len(sigmas)).numpy()

@@ -1,23 +1,7 @@
-"""Diffusion math as pure functions: preconditioning, noise sampling, losses, samplers.
-
-Two formulations share one UNet architecture:
-
-* **EDM** (Karras et al. 2022; the default, as in DPDM and PrivImage): the network ``F``
-  is wrapped as ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, trained at
-  log-normal noise levels with the weight ``lambda(sigma)``, and sampled by a
-  deterministic Euler or Heun solver on a Karras sigma schedule.
-* **DDPM** epsilon-prediction with a linear beta schedule, sampled by deterministic DDIM
-  (eta = 0) through diffusers' ``DDIMScheduler``.
-
-Losses are returned per example because DP-SGD clips each example's gradient
-separately. Samplers draw each image's starting noise from its own seed and are
-otherwise deterministic, so an image depends on its seed (and label) alone.
-
-A *network* here is any callable ``(x_in, c_noise, labels) -> output`` (see
-:func:`unet_network`); a DDPM *denoiser* is ``(x_t, t, labels) -> predicted noise``.
-Classifier-free guidance uses the null label ``num_classes`` that
-:func:`privimage.nets.models.build_unet` reserves.
-"""
+"""EDM (Karras et al. 2022; the default, as in DPDM and PrivImage): the network ``F`` is
+wrapped as ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, trained at log-normal
+noise levels with the weight ``lambda(sigma)``, and sampled by a deterministic Euler,
+Heun or DPM-Solver++(2M) solver on a Karras sigma schedule."""
 
 from __future__ import annotations
 
@@ -26,133 +10,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
 
-from privimage.config.schema import Config, DiffusionConfig
+from privimage.config.schema import DiffusionConfig
+from privimage.diffusion.common import Network, guided, initial_noise, mean_over_draws
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-BETA_START = 1e-4
-BETA_END = 0.02
-
-# The samplers that fit each formulation (the first is the default).
-SOLVERS = {"edm": ("heun", "euler", "dpmpp_2m"), "ddpm": ("ddim",)}
-
-
-def sampler_name(cfg: Config) -> str:
-    """The sampler to use: ``sample.sampler`` or the formulation's default."""
-    return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
-
-
-def linear_alphas_cumprod(num_train_timesteps: int) -> torch.Tensor:
-    """Cumulative products of (1 - beta_t) for the DDPM linear schedule (float64)."""
-    betas = torch.linspace(BETA_START, BETA_END, num_train_timesteps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
-def unet_denoiser(model: torch.nn.Module) -> Denoiser:
-    """Adapt a (possibly Opacus-wrapped) diffusers UNet to the denoiser signature."""
-
-    def denoise(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return model(x, t, class_labels=labels).sample
-
-    return denoise
-
-
-def add_noise(
-    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
-    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-    return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
-
-
-def per_example_loss(
-    denoiser: Denoiser,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alphas_cumprod: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Epsilon-prediction MSE for each example, shape ``(batch,)``.
-
-    Draws one timestep and one noise tensor per example; the mean over pixels keeps the
-    scale independent of resolution.
-    """
-    batch = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (batch,), generator=generator, device="cpu").to(
-        x0.device
-    )
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
-    x_t = add_noise(x0, noise, t, alphas_cumprod)
-    pred = denoiser(x_t, t, labels)
-    return (pred - noise).pow(2).flatten(1).mean(dim=1)
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One Gaussian image per seed, each drawn from its own generator.
-
-    This is what makes every sample a function of its own seed alone, so a sampling
-    job split into pieces or resumed reproduces the same images.
-    """
-    out = torch.empty((len(seeds), *shape))
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        out[i] = torch.randn(shape, generator=g)
-    return out
-
-
-def ddim_scheduler(num_train_timesteps: int) -> DDIMScheduler:
-    """DDIM scheduler matching :func:`linear_alphas_cumprod`; clips x0 to [-1, 1]."""
-    return DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_start=BETA_START,
-        beta_end=BETA_END,
-        beta_schedule="linear",
-        clip_sample=True,
-        set_alpha_to_one=True,
-    )
-
-
-@torch.no_grad()
-def ddim_sample(
-    denoiser: Denoiser,
-    *,
-    seeds: Sequence[int],
-    labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
-    num_train_timesteps: int,
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) sampling of one batch; returns floats in [-1, 1]."""
-    if len(seeds) != labels.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
-    if guidance_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs the null label")
-    scheduler = ddim_scheduler(num_train_timesteps)
-    scheduler.set_timesteps(num_inference_steps)
-    x = initial_noise(seeds, image_shape).to(device)
-    labels = labels.to(device)
-    for t in scheduler.timesteps:
-        t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        eps = guided(
-            lambda xx, ll, tt: denoiser(xx, tt, ll),
-            x,
-            labels,
-            t_batch,
-            guidance_scale=guidance_scale,
-            null_label=null_label,
-        )
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x.clamp(-1.0, 1.0)
-
-
-# --------------------------------------------------------------------------- EDM
+# The deterministic solvers (the first is the default).
+EDM_SOLVERS = ("heun", "euler", "dpmpp_2m")
 
 
 def edm_precondition(
@@ -253,27 +116,6 @@ def edm_denoise(
     return c_skip.view(view) * x + c_out.view(view) * out.to(x.dtype)
 
 
-def mean_over_draws(
-    row_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    noise_draws: int,
-) -> torch.Tensor:
-    """Each example's loss averaged over ``noise_draws`` independent draws, ``(batch,)``.
-
-    ``row_loss(x, labels)`` returns one loss per row with fresh random draws per row;
-    the examples are repeated K times in place (rows ``i*K .. i*K+K-1`` are example i),
-    so the gradient of the mean is the average of the K per-draw gradients (DPDM's noise
-    multiplicity).
-    """
-    if noise_draws < 1:
-        raise ValueError(f"noise_draws must be >= 1, got {noise_draws}")
-    rows = row_loss(
-        x0.repeat_interleave(noise_draws, dim=0), labels.repeat_interleave(noise_draws, dim=0)
-    )
-    return rows.view(x0.shape[0], noise_draws).mean(dim=1)
-
-
 def edm_per_example_loss(
     net: Network,
     x0: torch.Tensor,
@@ -326,31 +168,6 @@ def karras_sigmas(
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-def guided(
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    cond: torch.Tensor,
-    *,
-    guidance_scale: float,
-    null_label: int | None,
-) -> torch.Tensor:
-    """Classifier-free guidance: ``u + w (c - u)`` from one batch of doubled size.
-
-    ``fn(x, labels, cond)`` is the model's prediction, ``cond`` its per-row noise level
-    or timestep (doubled along with ``x``); ``w = 1`` is plain conditional sampling (one
-    pass), ``w = 0`` unconditional.
-    """
-    if guidance_scale == 1.0:
-        return fn(x, labels, cond)
-    if null_label is None:
-        raise ValueError("classifier-free guidance needs the null label")
-    null = torch.full_like(labels, null_label)
-    both = fn(torch.cat([x, x]), torch.cat([labels, null]), torch.cat([cond, cond]))
-    cond_pred, uncond_pred = both.chunk(2)
-    return uncond_pred + guidance_scale * (cond_pred - uncond_pred)
-
-
 @torch.no_grad()
 def edm_sample(
     net: Network,
@@ -376,8 +193,8 @@ def edm_sample(
     DPM-Solver++(2M) (Lu et al. 2022): second order from the previous step's denoised
     image, so ``num_steps`` calls like Euler. Returns floats clamped to [-1, 1].
     """
-    if solver not in SOLVERS["edm"]:
-        raise ValueError(f"solver must be one of {SOLVERS['edm']}, got {solver!r}")
+    if solver not in EDM_SOLVERS:
+        raise ValueError(f"solver must be one of {EDM_SOLVERS}, got {solver!r}")
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
     if guidance_scale != 1.0 and null_label is None:
@@ -441,72 +258,44 @@ def _dpmpp_2m(
     return x
 
 
-# ------------------------------------------------------------- formulation switch
+class EDM:
+    """The EDM formulation behind one call shape, as EDM's ``training/loss.py`` keeps
+    each formulation a small class: ``loss`` (per example, for DP-SGD's clipping),
+    ``sample`` (each image from its own seed) and ``fixed_noise_loss`` (the audit's score
+    at one noise level)."""
 
+    name = "edm"
+    solvers = EDM_SOLVERS
 
-def training_loss(
-    model: torch.nn.Module,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    spec: DiffusionConfig,
-    generator: torch.Generator | None = None,
-    noise_draws: int = 1,
-) -> torch.Tensor:
-    """The per-example training loss of ``spec``'s formulation, shape ``(batch,)``."""
-    if spec.formulation == "edm":
+    def __init__(self, spec: DiffusionConfig) -> None:
+        self.spec = spec
+
+    def loss(self, model, x0, labels, *, generator=None, noise_draws: int = 1) -> torch.Tensor:
+        """Per-example weighted denoising loss at the spec's training noise levels."""
         return edm_per_example_loss(
             unet_network(model),
             x0,
             labels,
-            sigma_data=spec.sigma_data,
-            levels=TrainingNoise.of(spec),
+            sigma_data=self.spec.sigma_data,
+            levels=TrainingNoise.of(self.spec),
             generator=generator,
             noise_draws=noise_draws,
         )
-    alphas = linear_alphas_cumprod(spec.num_train_timesteps)
-    denoiser = unet_denoiser(model)
-    return mean_over_draws(
-        lambda x, y: per_example_loss(denoiser, x, y, alphas_cumprod=alphas, generator=generator),
-        x0,
+
+    def sample(
+        self,
+        model,
+        *,
+        seeds,
         labels,
-        noise_draws,
-    )
-
-
-def drop_labels(
-    labels: torch.Tensor, *, probability: float, null_label: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Replace each label by the null label with ``probability`` (guidance training).
-
-    Always draws one uniform per label, so the random stream does not depend on the
-    probability being zero or not.
-    """
-    drop = torch.rand(labels.shape[0], generator=generator) < probability
-    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
-
-
-@torch.no_grad()
-def sample_batch(
-    model: torch.nn.Module,
-    *,
-    spec: DiffusionConfig,
-    seeds: Sequence[int],
-    labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
-    num_steps: int,
-    solver: str,
-    guidance_scale: float = 1.0,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Sample one batch with ``spec``'s formulation; floats in [-1, 1]."""
-    if solver not in SOLVERS[spec.formulation]:
-        raise ValueError(
-            f"solver {solver!r} does not fit the {spec.formulation} formulation; "
-            f"choose one of {SOLVERS[spec.formulation]}"
-        )
-    null_label = null_class(model)
-    if spec.formulation == "edm":
+        image_shape,
+        num_steps,
+        solver,
+        guidance_scale,
+        null_label,
+        device,
+    ) -> torch.Tensor:
+        spec = self.spec
         return edm_sample(
             unet_network(model),
             seeds=seeds,
@@ -522,25 +311,13 @@ def sample_batch(
             null_label=null_label,
             device=device,
         )
-    return ddim_sample(
-        unet_denoiser(model),
-        seeds=seeds,
-        labels=labels,
-        image_shape=image_shape,
-        num_train_timesteps=spec.num_train_timesteps,
-        num_inference_steps=num_steps,
-        guidance_scale=guidance_scale,
-        null_label=null_label,
-        device=device,
-    )
 
-
-def null_class(model: torch.nn.Module) -> int | None:
-    """The null (unconditional) label of a UNet built by ``build_unet``: its last class."""
-    n = getattr(getattr(model, "config", None), "num_class_embeds", None)
-    return None if n is None else int(n) - 1
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Map floats in [-1, 1] to uint8 pixels with rounding."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    def fixed_noise_loss(self, model, x, labels, noise, level: float) -> torch.Tensor:
+        """``lambda(s) * mean (D(x + s n; s) - x)^2`` at the one level ``s = level``."""
+        sigma_data = self.spec.sigma_data
+        sigma = torch.full((len(x),), float(level), device=x.device)
+        denoised = edm_denoise(
+            unet_network(model), x + level * noise, sigma, labels, sigma_data=sigma_data
+        )
+        weight = float(edm_loss_weight(torch.tensor(float(level)), sigma_data=sigma_data))
+        return weight * (denoised - x).pow(2).flatten(1).mean(1)

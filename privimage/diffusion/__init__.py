@@ -1,0 +1,100 @@
+"""Diffusion math as pure functions: preconditioning, noise sampling, losses, samplers.
+
+Two formulations share one UNet architecture, each a small class with one call shape
+(``loss``, ``sample``, ``fixed_noise_loss``), as EDM's ``training/loss.py`` keeps them:
+
+* **EDM** (:mod:`privimage.diffusion.edm`; Karras et al. 2022; the default, as in DPDM
+  and PrivImage): ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, trained at
+  log-normal noise levels with the weight ``lambda(sigma)``, and sampled by a
+  deterministic solver on a Karras sigma schedule.
+* **DDPM** (:mod:`privimage.diffusion.ddpm`): epsilon-prediction with a linear beta
+  schedule, sampled by deterministic DDIM (eta = 0) through diffusers' ``DDIMScheduler``.
+
+Losses are returned per example because DP-SGD clips each example's gradient
+separately. Samplers draw each image's starting noise from its own seed and are
+otherwise deterministic, so an image depends on its seed (and label) alone.
+Classifier-free guidance uses the null label ``num_classes`` that
+:func:`privimage.nets.models.build_unet` reserves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from privimage.config.schema import Config, DiffusionConfig
+from privimage.diffusion.common import drop_labels, null_class, to_uint8
+from privimage.diffusion.ddpm import DDPM
+from privimage.diffusion.edm import EDM
+
+__all__ = [
+    "FORMULATIONS",
+    "SOLVERS",
+    "drop_labels",
+    "formulation",
+    "null_class",
+    "sample_batch",
+    "sampler_name",
+    "to_uint8",
+    "training_loss",
+]
+
+FORMULATIONS = {f.name: f for f in (EDM, DDPM)}
+# The samplers that fit each formulation (the first is the default).
+SOLVERS = {name: f.solvers for name, f in FORMULATIONS.items()}
+
+
+def formulation(spec: DiffusionConfig) -> EDM | DDPM:
+    """The formulation ``spec`` names, set up with its settings."""
+    return FORMULATIONS[spec.formulation](spec)
+
+
+def sampler_name(cfg: Config) -> str:
+    """The sampler to use: ``sample.sampler`` or the formulation's default."""
+    return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
+
+
+def training_loss(
+    model: torch.nn.Module,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    spec: DiffusionConfig,
+    generator: torch.Generator | None = None,
+    noise_draws: int = 1,
+) -> torch.Tensor:
+    """The per-example training loss of ``spec``'s formulation, shape ``(batch,)``."""
+    return formulation(spec).loss(model, x0, labels, generator=generator, noise_draws=noise_draws)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: torch.nn.Module,
+    *,
+    spec: DiffusionConfig,
+    seeds: Sequence[int],
+    labels: torch.Tensor,
+    image_shape: tuple[int, int, int],
+    num_steps: int,
+    solver: str,
+    guidance_scale: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Sample one batch with ``spec``'s formulation; floats in [-1, 1]."""
+    if solver not in SOLVERS[spec.formulation]:
+        raise ValueError(
+            f"solver {solver!r} does not fit the {spec.formulation} formulation; "
+            f"choose one of {SOLVERS[spec.formulation]}"
+        )
+    return formulation(spec).sample(
+        model,
+        seeds=seeds,
+        labels=labels,
+        image_shape=image_shape,
+        num_steps=num_steps,
+        solver=solver,
+        guidance_scale=guidance_scale,
+        null_label=null_class(model),
+        device=device,
+    )
