@@ -289,3 +289,21 @@ def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, tmp_path,
     # Not trivially equal because nothing moved: fine-tuning changed the pretrained weights.
     start = UNet2DModel.from_pretrained(pretrained / "pretrain" / "unet").state_dict()
     assert not _same(start, fast)
+
+
+def test_public_streams_are_named_so_seeds_and_purposes_never_share_one():
+    """The non-private fine-tune once seeded its diffusion stream with seed + 2, so seed
+    1's stream was seed 3's; named streams keep every (seed, purpose, key) apart."""
+    draw = lambda *a: torch.randn(4, generator=seeding.public_generator(*a))  # noqa: E731
+    assert torch.equal(
+        draw(1, "finetune/no_dp/diffusion", 5), draw(1, "finetune/no_dp/diffusion", 5)
+    )
+    seen = [
+        draw(seed, purpose, step)
+        for seed in (1, 2, 3)
+        for purpose in ("finetune/no_dp/diffusion", "finetune/no_dp/batch")
+        for step in (0, 1)
+    ]
+    assert len({tuple(x.tolist()) for x in seen}) == len(seen)
+    a = seeding.public_rng(1, "finetune/no_dp/batch", 7).random(3)
+    assert np.array_equal(a, seeding.public_rng(1, "finetune/no_dp/batch", 7).random(3))

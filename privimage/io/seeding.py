@@ -68,10 +68,29 @@ def torch_generator(entropy: int, device: torch.device | str = "cpu") -> torch.G
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# Randomness that the guarantee does not depend on: seeded, one stream per purpose.
+# Randomness that the guarantee does not depend on: seeded streams, named like the DP ones,
+# so two purposes (or two seeds) never share a stream the way additive offsets did.
+
+
+def public_words(seed: int, purpose: str, *keys: int) -> np.random.SeedSequence:
+    """The seed sequence of the public stream ``purpose`` at ``keys`` (e.g. the step)."""
+    return np.random.SeedSequence([int(seed) % 2**64, _purpose_word(purpose), *map(int, keys)])
+
+
+def public_rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(public_words(seed, purpose, *keys))
+
+
+def public_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
+    state = public_words(seed, purpose, *keys).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def step_generator(*, seed: int, step: int, process: int, micro: int) -> torch.Generator:
-    """The random stream of one micro-batch (diffusion noise, label dropout)."""
+    """Pretraining's stream of one micro-batch (diffusion noise, label dropout).
+
+    It predates the named streams above and keeps its form, so pretrained weights stay
+    what they were; the seed sequence's length (four words) keeps it apart from them.
+    """
     state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

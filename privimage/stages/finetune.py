@@ -37,7 +37,6 @@ import copy
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
@@ -63,7 +62,7 @@ from privimage.io import artifacts
 from privimage.io.artifacts import LEDGER, is_done, mark_done, require_upstream, stage_dir
 from privimage.io.atomic import torch_save
 from privimage.io.release import Output
-from privimage.io.seeding import dp_entropy, step_generator
+from privimage.io.seeding import dp_entropy, public_generator, public_rng
 from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
 from privimage.nets.models import (
     check_same_diffusion,
@@ -415,8 +414,9 @@ def _run_non_private(
 ) -> None:
     """The non-private upper bound: the DP run's steps and batch size, no clipping or noise.
 
-    Batch ``t`` is ``batch_size`` images drawn without replacement by a generator seeded
-    with ``(seed, t)``, and its diffusion noise comes from the same seed, so a resume
+    Batch ``t`` is ``batch_size`` images drawn without replacement from the public stream
+    ``finetune/no_dp/batch`` at ``(seed, t)``, and its diffusion noise from
+    ``finetune/no_dp/diffusion`` at ``(seed, t)`` (privimage.io.seeding), so a resume
     needs only the weights, the optimizer and the step (checkpointed atomically like the
     DP path) and reproduces an uninterrupted run.
     """
@@ -473,9 +473,9 @@ def _run_non_private(
 def _non_private_step(cfg, model, optimizer, images, labels, *, step: int, device) -> float:
     """One step of the non-private path; returns the batch's mean loss."""
     ft = cfg.finetune
-    rng = np.random.default_rng([cfg.seed, step])
+    rng = public_rng(cfg.seed, "finetune/no_dp/batch", step)
     idx = torch.from_numpy(rng.choice(len(images), ft.batch_size, replace=False))
-    g = step_generator(seed=cfg.seed + 2, step=step, process=0, micro=0)
+    g = public_generator(cfg.seed, "finetune/no_dp/diffusion", step)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for part in idx.split(ft.physical_batch_size):
