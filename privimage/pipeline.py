@@ -4,6 +4,7 @@ releasable."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from privimage.io.artifacts import STAGES, is_done, stage_dir
 from privimage.io.atomic import write_text
 from privimage.io.release import write_release
 from privimage.runtime import cache_root
-from privimage.stages import STAGE_MODULES, stage_module
+from privimage.stages import stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,22 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
     write_text(run_dir / artifacts.RUN_CONFIG, yaml.safe_dump(asdict(cfg), sort_keys=False))
 
     for name in (s for s in STAGES if s in cfg.stages):
-        module = stage_module(cfg, name)
+        stage = stage_spec(cfg, name)
         if is_done(run_dir, name):
             # A stage may refuse to be skipped when its finished output answers another
             # question than the one asked now.
-            if hasattr(module, "check_done"):
-                module.check_done(cfg, run_dir)
+            stage.check_done(cfg, run_dir)
             log.info("stage %s: already done (%s), skipped", name, stage_dir(run_dir, name))
             continue
         log.info("stage %s: starting", name)
         start = time.perf_counter()
         record: dict = {"stage": name}
-        if cfg.reuse_dir and name in reuse.SHAREABLE and world == 1:
-            how, key = reuse.run_shared(cfg, run_dir, name, module)
+        if cfg.reuse_dir and stage.inputs is not None and world == 1:
+            spec_of = functools.partial(stage_spec, cfg)
+            how, key = reuse.run_shared(cfg, run_dir, stage, spec_of=spec_of)
             record.update(how=how, key=key)
         else:
-            module.run(cfg, run_dir)
+            stage.run(cfg, run_dir)
         seconds = time.perf_counter() - start
         log.info("stage %s: done in %.1f s", name, seconds)
         # Wall time per finished stage, for `privimage report` (a resumed stage appends
@@ -102,14 +103,7 @@ def _reads_sensitive(cfg: Config, stage: str) -> bool:
 
 def release_declarations(cfg: Config) -> dict:
     """Every stage's declared outputs (its ``RELEASE``, or ``release_outputs(cfg)``)."""
-    declared = {}
-    for name in STAGE_MODULES:
-        module = stage_module(cfg, name)
-        if hasattr(module, "release_outputs"):
-            declared[name] = module.release_outputs(cfg)
-        else:
-            declared[name] = getattr(module, "RELEASE", {})
-    return declared
+    return {name: stage_spec(cfg, name).release(cfg) for name in STAGES}
 
 
 def release_summary(cfg: Config) -> dict[str, str]:
@@ -135,3 +129,9 @@ def release_summary(cfg: Config) -> dict[str, str]:
         f"{cfg.privacy.accountant} accountant"
     )
     return summary
+
+
+def shared_key(cfg: Config, stage: str) -> str:
+    """The key under which runs share ``stage``'s output (privimage.reuse)."""
+    spec_of = functools.partial(stage_spec, cfg)
+    return reuse.stage_key(cfg, spec_of(stage), spec_of=spec_of)

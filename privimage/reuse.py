@@ -24,48 +24,25 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
-from types import ModuleType
 
-from privimage import data
 from privimage.config.schema import Config
 from privimage.data.cache import cache_key
-from privimage.io.artifacts import DONE, mark_done, stage_dir
+from privimage.io.artifacts import DONE, Stage, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 
-# The stages whose output does not depend on privacy.target_epsilon.
-SHAREABLE = ("query", "pretrain")
 
-
-def stage_key(cfg: Config, stage: str) -> str:
-    """The content key of ``stage``'s output under ``cfg`` (everything it depends on)."""
-    if stage == "query":
-        spec = {
-            "data": data.content_key(cfg.data),
-            "public": data.content_key(cfg.public),
-            "query": asdict(cfg.query),
-            # The query's noise is calibrated at the run's delta when query.epsilon is set.
-            "delta": cfg.privacy.delta,
-            "accountant": cfg.privacy.accountant,
-            # Whether the shared copy's noise was secret; a run adopting it records that.
-            "reproducible_noise": cfg.privacy.reproducible_noise,
-        }
-    elif stage == "pretrain":
-        semantic = cfg.pretrain.public_subset == "semantic"
-        spec = {
-            "query": stage_key(cfg, "query") if semantic else None,
-            # Other subsets read the sensitive class names (not images) from here.
-            "data": data.content_key(cfg.data),
-            "public": data.content_key(cfg.public),
-            "pretrain": asdict(cfg.pretrain),
-            "model": asdict(cfg.model),
-            "diffusion": asdict(cfg.diffusion),
-        }
-    else:
-        raise ValueError(f"stage {stage!r} is not shareable; only {SHAREABLE}")
-    return cache_key({"stage": stage, "seed": cfg.seed, "version": 1, **spec})
+def stage_key(cfg: Config, spec: Stage, *, spec_of: Callable[[str], Stage]) -> str:
+    """The content key of ``spec``'s output under ``cfg``: what the stage declares it
+    depends on (``Stage.inputs``) and the keys of the stages upstream of it (``spec_of``
+    names them; the pipeline's stage list)."""
+    if spec.inputs is None:
+        raise ValueError(f"stage {spec.name!r} depends on the privacy budget; not shared")
+    parts = spec.inputs(cfg)
+    for up in spec.upstream(cfg):
+        parts[up] = stage_key(cfg, spec_of(up), spec_of=spec_of)
+    return cache_key({"stage": spec.name, "seed": cfg.seed, "version": 2, **parts})
 
 
 @contextlib.contextmanager
@@ -91,14 +68,17 @@ def _copy_stage(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(DONE))
 
 
-def run_shared(cfg: Config, run_dir: Path, stage: str, module: ModuleType) -> tuple[str, str]:
-    """Run ``stage`` through the shared store; returns ``("computed" | "reused", key)``.
+def run_shared(
+    cfg: Config, run_dir: Path, spec: Stage, *, spec_of: Callable[[str], Stage]
+) -> tuple[str, str]:
+    """Run ``spec`` through the shared store; returns ``("computed" | "reused", key)``.
 
-    A module may define ``adopt(cfg, run_dir, copy_in)`` to record what taking over a
-    finished output means for the run (the query records its privacy spend around the
-    copy); otherwise the folder is just copied in.
+    A stage's ``adopt(cfg, run_dir, copy_in)`` records what taking over a finished output
+    means for the run (the query records its privacy spend around the copy); without
+    one, the folder is just copied in.
     """
-    key = stage_key(cfg, stage)
+    stage = spec.name
+    key = stage_key(cfg, spec, spec_of=spec_of)
     shared = Path(os.path.expanduser(cfg.reuse_dir)) / stage / key
     with _locked(shared.parent / f"{key}.lock"):
         if (shared / DONE).exists():
@@ -107,15 +87,14 @@ def run_shared(cfg: Config, run_dir: Path, stage: str, module: ModuleType) -> tu
             def copy_in() -> None:
                 _copy_stage(shared, out)
 
-            adopt: Callable | None = getattr(module, "adopt", None)
-            if adopt is not None:
-                adopt(cfg, run_dir, copy_in)
+            if spec.adopt is not None:
+                spec.adopt(cfg, run_dir, copy_in)
             else:
                 copy_in()
             mark_done(out)
             log.info("stage %s: reused %s", stage, shared)
             return "reused", key
-        module.run(cfg, run_dir)
+        spec.run(cfg, run_dir)
         tmp = shared.with_name(f".{key}.tmp")
         _copy_stage(stage_dir(run_dir, stage), tmp)
         mark_done(tmp)

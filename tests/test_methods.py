@@ -17,8 +17,7 @@ from privimage.config.schema import method_of
 from privimage.config.store import config_dir, register_configs
 from privimage.errors import ConfigError
 from privimage.nets.models import build_unet, load_unet
-from privimage.pipeline import run_pipeline
-from privimage.reuse import stage_key
+from privimage.pipeline import run_pipeline, shared_key
 
 METHODS = {
     "privimage": ("semantic", True),
@@ -194,7 +193,7 @@ def test_a_sampling_change_keeps_the_shared_pretraining(tmp_path):
     reuses the shared pretraining (its grid has settings of its own, which do count)."""
 
     def key(*overrides: str) -> str:
-        return stage_key(typed_config(["experiment=smoke", *overrides], tmp_path), "pretrain")
+        return shared_key(typed_config(["experiment=smoke", *overrides], tmp_path), "pretrain")
 
     base = key()
     sampling = ("sample.guidance_scale=3", "sample.sampler=euler", "sample.num_inference_steps=9")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,38 @@ REPORT = "report.md"
 # audit/
 AUDIT_STAGE = "audit"
 AUDIT_RESULT = "audit.json"
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline, as the pipeline and the shared store see it.
+
+    Attributes:
+        name: Its folder in the run (one of :data:`STAGES`).
+        run: ``run(cfg, run_dir)``: writes ``run_dir/<name>/``, ``DONE`` last.
+        release: Its releasable outputs under ``cfg`` (path in its folder ->
+            :class:`privimage.io.release.Output`), which ``release/`` is built from.
+        check_done: Called instead of ``run`` when ``DONE`` exists; raises when the
+            finished output answers another question than the one asked now.
+        inputs: Everything its output depends on besides upstream stages; with
+            ``upstream``, the key under which runs share it (privimage.reuse). None: the
+            output depends on the privacy budget, and is never shared.
+        upstream: The stages whose output it reads, for the key.
+        adopt: ``adopt(cfg, run_dir, copy_in)``: what taking over a shared output means
+            for the run (the query records its spend around the copy).
+    """
+
+    name: str
+    run: Callable[..., Path]
+    release: Callable[..., dict] = field(default=lambda cfg: {})
+    check_done: Callable[..., None] = _nothing
+    inputs: Callable[..., dict] | None = None
+    upstream: Callable[..., tuple[str, ...]] = field(default=lambda cfg: ())
+    adopt: Callable[..., None] | None = None
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:

@@ -85,6 +85,7 @@ from privimage.io import artifacts
 from privimage.io.artifacts import (
     AUDIT_RESULT,
     AUDIT_STAGE,
+    Stage,
     mark_done,
     read_done_json,
     require_upstream,
@@ -449,3 +450,6 @@ def _plot(path: Path, scores: np.ndarray, keep: np.ndarray, bound: dict, result:
 def read_result(run_dir: Path) -> dict | None:
     """``audit/audit.json`` of a finished audit, or None."""
     return read_done_json(run_dir, STAGE, RESULT_FILE)
+
+
+SPEC = Stage(name=STAGE, run=run)

@@ -46,7 +46,7 @@ from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
 from privimage.errors import ConfigError, DataError
 from privimage.io import artifacts
-from privimage.io.artifacts import LEDGER, mark_done, read_json, require_upstream, stage_dir
+from privimage.io.artifacts import LEDGER, Stage, mark_done, read_json, require_upstream, stage_dir
 from privimage.io.atomic import write_json
 from privimage.metrics import (
     cached_features,
@@ -479,3 +479,6 @@ def _save_pictures(
         out / "nearest_distances.png",
         title="distance to the sensitive training set: synthetic vs real held-out images",
     )
+
+
+SPEC = Stage(name=STAGE, run=run, check_done=check_done)

@@ -59,7 +59,7 @@ from privimage.dp.training import (
 )
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io import artifacts
-from privimage.io.artifacts import LEDGER, is_done, mark_done, require_upstream, stage_dir
+from privimage.io.artifacts import LEDGER, Stage, is_done, mark_done, require_upstream, stage_dir
 from privimage.io.atomic import torch_save
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, public_generator, public_rng
@@ -494,3 +494,6 @@ def _non_private_step(cfg, model, optimizer, images, labels, *, step: int, devic
         loss_sum += float(per_example.detach().sum())
     optimizer.step()
     return loss_sum / len(idx)
+
+
+SPEC = Stage(name=STAGE, run=run, release=lambda cfg: RELEASE, check_done=check_done)

@@ -46,7 +46,7 @@ from privimage.config.schema import Config
 from privimage.diffusion import SOLVERS, drop_labels, sample_batch, to_uint8, training_loss
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io import artifacts
-from privimage.io.artifacts import mark_done, require_upstream, stage_dir
+from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
 from privimage.io.atomic import write_json
 from privimage.io.release import Output
 from privimage.io.seeding import step_generator
@@ -465,3 +465,24 @@ def _write_outputs(cfg, out, ema, names, everyone, *, steps: int, accelerator) -
     for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.tmp"):
         shutil.rmtree(out / name, ignore_errors=True)
     mark_done(out)
+
+
+def inputs(cfg: Config) -> dict:
+    """Everything pretraining's output depends on besides the query: its key when shared.
+    Subsets other than the semantic one read the sensitive class names (not images)."""
+    return {
+        "data": data.content_key(cfg.data),
+        "public": data.content_key(cfg.public),
+        "pretrain": asdict(cfg.pretrain),
+        "model": asdict(cfg.model),
+        "diffusion": asdict(cfg.diffusion),
+    }
+
+
+SPEC = Stage(
+    name=STAGE,
+    run=run,
+    release=release_outputs,
+    inputs=inputs,
+    upstream=lambda cfg: ("query",) if cfg.pretrain.public_subset == "semantic" else (),
+)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from privimage.dp import accounting
 from privimage.dp.ledger import Ledger, run_ledger
 from privimage.errors import ConfigError
 from privimage.io import artifacts
-from privimage.io.artifacts import mark_done, read_json, stage_dir
+from privimage.io.artifacts import Stage, mark_done, read_json, stage_dir
 from privimage.io.atomic import save_npy, torch_save, write_json
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, numpy_generator
@@ -473,3 +474,20 @@ def _save_selection_grid(
         names = ", ".join(public.class_names[p] for p in chosen)
         labels.append(f"{sensitive_names[s]} <- {names}"[:40])
     save_image_grid(rows, path, row_labels=labels, title="public images selected per class")
+
+
+def inputs(cfg: Config) -> dict:
+    """Everything the query's output depends on: its key when runs share it."""
+    return {
+        "data": data.content_key(cfg.data),
+        "public": data.content_key(cfg.public),
+        "query": asdict(cfg.query),
+        # The query's noise is calibrated at the run's delta when query.epsilon is set.
+        "delta": cfg.privacy.delta,
+        "accountant": cfg.privacy.accountant,
+        # Whether the shared copy's noise was secret; a run adopting it records that.
+        "reproducible_noise": cfg.privacy.reproducible_noise,
+    }
+
+
+SPEC = Stage(name=STAGE, run=run, release=lambda cfg: RELEASE, inputs=inputs, adopt=adopt)

@@ -25,7 +25,7 @@ from privimage.config.schema import Config
 from privimage.data.imagesets import safe_name
 from privimage.diffusion import sample_batch, sampler_name, to_uint8
 from privimage.io import artifacts
-from privimage.io.artifacts import mark_done, read_json, require_upstream, stage_dir
+from privimage.io.artifacts import Stage, mark_done, read_json, require_upstream, stage_dir
 from privimage.io.atomic import write_json
 from privimage.io.release import Output
 from privimage.nets.models import check_same_diffusion, load_unet, weight_files
@@ -140,3 +140,6 @@ def run(cfg: Config, run_dir: Path) -> Path:
     log.info("wrote %d synthetic images to %s", len(paths), out)
     mark_done(out)
     return out
+
+
+SPEC = Stage(name=STAGE, run=run, release=lambda cfg: RELEASE)

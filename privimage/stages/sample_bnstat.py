@@ -32,7 +32,7 @@ from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
 from privimage.dp.ledger import run_ledger
 from privimage.io import artifacts
-from privimage.io.artifacts import mark_done, read_json, stage_dir
+from privimage.io.artifacts import Stage, mark_done, read_json, stage_dir
 from privimage.io.atomic import torch_save, write_json
 from privimage.io.release import Output
 from privimage.nets.classifier import train_classifier
@@ -242,3 +242,6 @@ def _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, d
             log_file.flush()
             bar.update(len(batch))
             bar.set_postfix(bn=f"{last['bn']:.3f}", ce=f"{last['ce']:.3f}")
+
+
+SPEC = Stage(name=STAGE, run=run, release=lambda cfg: RELEASE)
