@@ -133,29 +133,14 @@ class DDPM:
             noise_draws,
         )
 
-    def sample(
-        self,
-        model,
-        *,
-        seeds,
-        labels,
-        image_shape,
-        num_steps,
-        solver,
-        guidance_scale,
-        null_label,
-        device,
-    ) -> torch.Tensor:
+    def sample(self, model, *, num_steps: int, solver: str, **request) -> torch.Tensor:
+        """DDIM (``solver`` is ``ddim``); ``request``: seeds, labels, image_shape,
+        guidance_scale, null_label, device, as :func:`ddim_sample` takes them."""
         return ddim_sample(
             unet_denoiser(model),
-            seeds=seeds,
-            labels=labels,
-            image_shape=image_shape,
             num_train_timesteps=self.spec.num_train_timesteps,
             num_inference_steps=num_steps,
-            guidance_scale=guidance_scale,
-            null_label=null_label,
-            device=device,
+            **request,
         )
 
     def fixed_noise_loss(self, model, x, labels, noise, level: float) -> torch.Tensor:

@@ -282,34 +282,17 @@ class EDM:
             noise_draws=noise_draws,
         )
 
-    def sample(
-        self,
-        model,
-        *,
-        seeds,
-        labels,
-        image_shape,
-        num_steps,
-        solver,
-        guidance_scale,
-        null_label,
-        device,
-    ) -> torch.Tensor:
+    def sample(self, model, **request) -> torch.Tensor:
+        """``request``: seeds, labels, image_shape, num_steps, solver, guidance_scale,
+        null_label, device, as :func:`edm_sample` takes them."""
         spec = self.spec
         return edm_sample(
             unet_network(model),
-            seeds=seeds,
-            labels=labels,
-            image_shape=image_shape,
-            num_steps=num_steps,
             sigma_data=spec.sigma_data,
             sigma_min=spec.sigma_min,
             sigma_max=spec.sigma_max,
             rho=spec.rho,
-            solver=solver,
-            guidance_scale=guidance_scale,
-            null_label=null_label,
-            device=device,
+            **request,
         )
 
     def fixed_noise_loss(self, model, x, labels, noise, level: float) -> torch.Tensor:

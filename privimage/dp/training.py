@@ -1,6 +1,6 @@
 """The DP-SGD training loop and its bookkeeping, shared by fine-tuning and the audit.
 
-:func:`train_steps` runs logical DP-SGD steps on an Opacus-wrapped model (from
+:meth:`DPTraining.train` runs logical DP-SGD steps on an Opacus-wrapped model (from
 :func:`privimage.dp.dpsgd.make_private`): label dropout and the K diffusion-noise draws per
 example, the EMA, the statistics and the checkpoints; :func:`dp_sgd_schedule` is the
 sampling rate and step count Opacus realises; :func:`select_trainable` freezes what is
@@ -166,111 +166,6 @@ def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict
     return {"trainable": prefixes, "trained_parameters": trained, "parameters": total}
 
 
-def train_steps(
-    cfg: Config,
-    *,
-    dp_model: torch.nn.Module,
-    optimizer,
-    dp_loader: DataLoader,
-    ema: torch.nn.Module,
-    device: torch.device,
-    diffusion_generator: torch.Generator,
-    mechanism: accounting.Mechanism,
-    prior: list[accounting.Mechanism],
-    start: int,
-    stats_path: Path,
-    save_checkpoint,
-    procs: Processes,
-) -> None:
-    """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
-    ft = cfg.finetune
-    steps = mechanism.steps
-    null_label = null_class(dp_model._module)
-    if procs.main:
-        truncate_jsonl(stats_path, max_step=start)
-    stats = StatsWriter(stats_path) if procs.main else None
-
-    def epsilon_after(step: int) -> float:
-        return accounting.epsilon_spent(
-            [*prior, replace(mechanism, steps=step)],
-            delta=cfg.privacy.delta,
-            accountant=cfg.privacy.accountant,
-        )
-
-    eps_every = max(1, steps // 50)  # accounting every step would dominate under PRV
-    eps_so_far = epsilon_after(start)
-    bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)", disable=not procs.main)
-    done = start
-    loss_sum, loss_rows = 0.0, 0
-    with (
-        warnings.catch_warnings(),
-        BatchMemoryManager(
-            data_loader=dp_loader,
-            max_physical_batch_size=ft.physical_batch_size,
-            optimizer=optimizer,
-        ) as memory_safe_loader,
-    ):
-        # Opacus' hooks make torch warn on every backward that the first layer's input
-        # needs no gradient; expected (images are data, not parameters), so silenced here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        while done < steps:
-            for x, y, *slot_weight in memory_safe_loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(x):
-                    # Label dropout per example (before the K copies), drawn independently
-                    # of the data, so it changes nothing in the privacy analysis.
-                    y = drop_labels(
-                        y,
-                        probability=ft.label_dropout,
-                        null_label=null_label,
-                        generator=diffusion_generator,
-                    )
-                    x, y = repeat_for_noise_draws(x.to(device), y.to(device), ft.noise_multiplicity)
-                    per_row = training_loss(
-                        dp_model, x, y, spec=cfg.diffusion, generator=diffusion_generator
-                    )
-                    if slot_weight:
-                        # The audit's canary slots (privimage.stages.audit): weight 0 is a
-                        # canary left out, whose gradient is exactly zero, so the slot adds
-                        # nothing to the clipped sum yet takes its Poisson draw and its
-                        # loss draws like any record, keeping every other stream in step.
-                        weight = slot_weight[0].to(device, per_row.dtype)
-                        per_row = per_row * weight.repeat_interleave(ft.noise_multiplicity)
-                    # Mean over B*K rows: Opacus then hands the optimizer each row's own
-                    # gradient, which it averages per example before clipping.
-                    per_row.mean().backward()
-                    optimizer.step()
-                    loss_sum += float(per_row.detach().sum())
-                    loss_rows += len(per_row)
-                else:
-                    optimizer.noise_only_step()  # an empty Poisson batch
-                if optimizer.steps_taken == done:
-                    continue  # a physical batch inside a larger logical one
-                done = optimizer.steps_taken
-                ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
-                if procs.distributed:  # the logical batch's loss, over every process
-                    total = torch.tensor(
-                        [loss_sum, float(loss_rows)], dtype=torch.float64, device=procs.device
-                    )
-                    dist.all_reduce(total)
-                    loss_sum, loss_rows = float(total[0]), int(total[1])
-                mean_loss = loss_sum / loss_rows if loss_rows else None
-                loss_sum, loss_rows = 0.0, 0
-                if done % eps_every == 0 or done == steps:
-                    eps_so_far = epsilon_after(done)
-                bar.update(1)
-                bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
-                if stats is not None:
-                    stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
-                if done % ft.checkpoint_every_steps == 0 or done == steps:
-                    save_checkpoint(done)
-                if done >= steps:
-                    break
-    bar.close()
-    if stats is not None:
-        stats.close()
-
-
 @dataclass
 class DPTraining:
     """What DP-SGD trains with: the Opacus-wrapped model, optimizer, Poisson loader and
@@ -334,6 +229,115 @@ class DPTraining:
             torch.set_rng_state(mine["torch"].cpu())
             optimizer.steps_taken = int(ckpt["step"])
         return cls(dp_model, optimizer, dp_loader, engine, ema, streams)
+
+    def train(
+        self,
+        cfg: Config,
+        *,
+        mechanism: accounting.Mechanism,
+        prior: list[accounting.Mechanism],
+        start: int,
+        stats_path: Path,
+        save_checkpoint,
+        procs: Processes,
+        device: torch.device,
+    ) -> None:
+        """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
+        dp_model, optimizer, dp_loader, ema = (
+            self.dp_model,
+            self.optimizer,
+            self.dp_loader,
+            self.ema,
+        )
+        diffusion_generator = self.streams["diffusion"]
+        ft = cfg.finetune
+        steps = mechanism.steps
+        null_label = null_class(dp_model._module)
+        if procs.main:
+            truncate_jsonl(stats_path, max_step=start)
+        stats = StatsWriter(stats_path) if procs.main else None
+
+        def epsilon_after(step: int) -> float:
+            return accounting.epsilon_spent(
+                [*prior, replace(mechanism, steps=step)],
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+            )
+
+        eps_every = max(1, steps // 50)  # accounting every step would dominate under PRV
+        eps_so_far = epsilon_after(start)
+        bar = tqdm(total=steps, initial=start, desc="finetune (DP-SGD)", disable=not procs.main)
+        done = start
+        loss_sum, loss_rows = 0.0, 0
+        with (
+            warnings.catch_warnings(),
+            BatchMemoryManager(
+                data_loader=dp_loader,
+                max_physical_batch_size=ft.physical_batch_size,
+                optimizer=optimizer,
+            ) as memory_safe_loader,
+        ):
+            # Opacus' hooks make torch warn on every backward that the first layer's input
+            # needs no gradient; expected (images are data, not parameters), so silenced here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            while done < steps:
+                for x, y, *slot_weight in memory_safe_loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(x):
+                        # Label dropout per example (before the K copies), drawn independently
+                        # of the data, so it changes nothing in the privacy analysis.
+                        y = drop_labels(
+                            y,
+                            probability=ft.label_dropout,
+                            null_label=null_label,
+                            generator=diffusion_generator,
+                        )
+                        x, y = repeat_for_noise_draws(
+                            x.to(device), y.to(device), ft.noise_multiplicity
+                        )
+                        per_row = training_loss(
+                            dp_model, x, y, spec=cfg.diffusion, generator=diffusion_generator
+                        )
+                        if slot_weight:
+                            # The audit's canary slots (privimage.stages.audit): weight 0 is a
+                            # canary left out, whose gradient is exactly zero, so the slot adds
+                            # nothing to the clipped sum yet takes its Poisson draw and its
+                            # loss draws like any record, keeping every other stream in step.
+                            weight = slot_weight[0].to(device, per_row.dtype)
+                            per_row = per_row * weight.repeat_interleave(ft.noise_multiplicity)
+                        # Mean over B*K rows: Opacus then hands the optimizer each row's own
+                        # gradient, which it averages per example before clipping.
+                        per_row.mean().backward()
+                        optimizer.step()
+                        loss_sum += float(per_row.detach().sum())
+                        loss_rows += len(per_row)
+                    else:
+                        optimizer.noise_only_step()  # an empty Poisson batch
+                    if optimizer.steps_taken == done:
+                        continue  # a physical batch inside a larger logical one
+                    done = optimizer.steps_taken
+                    ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
+                    if procs.distributed:  # the logical batch's loss, over every process
+                        total = torch.tensor(
+                            [loss_sum, float(loss_rows)], dtype=torch.float64, device=procs.device
+                        )
+                        dist.all_reduce(total)
+                        loss_sum, loss_rows = float(total[0]), int(total[1])
+                    mean_loss = loss_sum / loss_rows if loss_rows else None
+                    loss_sum, loss_rows = 0.0, 0
+                    if done % eps_every == 0 or done == steps:
+                        eps_so_far = epsilon_after(done)
+                    bar.update(1)
+                    bar.set_postfix(loss=mean_loss, eps=f"{eps_so_far:.2f}")
+                    if stats is not None:
+                        stats.write(step=done, loss=mean_loss, epsilon=eps_so_far)
+                    if done % ft.checkpoint_every_steps == 0 or done == steps:
+                        save_checkpoint(done)
+                    if done >= steps:
+                        break
+        bar.close()
+        if stats is not None:
+            stats.close()
 
     def save(self, step: int, identity: dict, path: Path, procs: Processes) -> None:
         """The private checkpoint: everything a resume needs, every process's streams."""

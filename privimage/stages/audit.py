@@ -3,7 +3,7 @@
 After Steinke, Nasr and Jagielski 2023 ("Privacy auditing with one training run"). The
 accountant's epsilon rests on the code doing what the accountant assumes; this stage
 checks the whole, end to end, on the run's own sensitive data and DP-SGD loop
-(:func:`privimage.dp.training.train_steps`, the loop that makes the released model):
+(:meth:`privimage.dp.training.DPTraining.train`, the loop that makes the released model):
 
 1. ``audit.canaries`` out-of-distribution images (flat grey, one level each, from the
    public ``seed``), each with **its own label**: the pretrained UNet's class table grows
@@ -15,10 +15,11 @@ checks the whole, end to end, on the run's own sensitive data and DP-SGD loop
    entropy, never the seed) decides whether it is trained on.
 2. DP-SGD with the run's settings (batch, epochs, clipping, learning rate, K, trainable
    parameters plus the class table) over the sensitive images and one slot per canary.
-   A canary left out keeps its slot with weight 0 (:func:`train_steps`): its gradient is
-   exactly zero, so the step is the mechanism run on the sensitive data plus the kept
-   canaries, while every random stream (Poisson masks, loss draws, noise) advances as if
-   all slots were there. The noise is calibrated to the audit's own claim
+   A canary left out keeps its slot with weight 0
+   (:meth:`~privimage.dp.training.DPTraining.train`): its gradient is exactly zero, so
+   the step is the mechanism run on the sensitive data plus the kept canaries, while
+   every random stream (Poisson masks, loss draws, noise) advances as if all slots were
+   there. The noise is calibrated to the audit's own claim
    ``(audit.epsilon, privacy.delta)`` for DP-SGD alone, because m canaries cannot show
    more than about ``log(guesses / 3)``.
 3. Each canary's score is how much lower its denoising loss is (fixed noise levels
@@ -78,7 +79,6 @@ from privimage.dp.training import (
     dp_sgd_schedule,
     prepare_for_dp_sgd,
     select_trainable,
-    train_steps,
 )
 from privimage.errors import ConfigError
 from privimage.io import artifacts
@@ -130,20 +130,15 @@ def _dp_sgd(
     if cfg.audit.broken == "no_clipping":
         # Book-keeping clips with its own norm; the optimizer's (for the noise) stays C.
         state.dp_model.max_grad_norm = math.inf
-    train_steps(
+    state.train(
         cfg,
-        dp_model=state.dp_model,
-        optimizer=state.optimizer,
-        dp_loader=state.dp_loader,
-        ema=state.ema,
-        device=device,
-        diffusion_generator=state.streams["diffusion"],
         mechanism=mechanism,
         prior=[],
         start=0,
         stats_path=stats_path,
         save_checkpoint=lambda step: None,  # a killed audit starts over
         procs=Processes(),
+        device=device,
     )
     return state.ema
 

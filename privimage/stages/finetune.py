@@ -55,7 +55,6 @@ from privimage.dp.training import (
     prepare_for_dp_sgd,
     select_trainable,
     start_processes,
-    train_steps,
 )
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io import artifacts
@@ -206,20 +205,15 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     del ckpt
     if start < steps:
-        train_steps(
+        state.train(
             cfg,
-            dp_model=state.dp_model,
-            optimizer=state.optimizer,
-            dp_loader=state.dp_loader,
-            ema=state.ema,
-            device=device,
-            diffusion_generator=state.streams["diffusion"],
             mechanism=mechanism,
             prior=prior,
             start=start,
             stats_path=out / STATS,
             save_checkpoint=lambda step: state.save(step, identity, ckpt_path, procs),
             procs=procs,
+            device=device,
         )
     _finish(cfg, ledger, mechanism, state, out, procs, already_completed=already_completed)
     return out
