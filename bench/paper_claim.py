@@ -29,10 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from privimage.results import (  # noqa: E402
+from privimage.results import (
     find_runs,
     read_timings,
     render_markdown,
@@ -40,6 +37,7 @@ from privimage.results import (  # noqa: E402
     write_results,
 )
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: git, runs/, docs/
 DP_METHODS = ("privimage", "pdp_diffusion", "dpdm")
 
 # Published figures for context (full-scale GPU runs; see docs/results.md for sources).
