@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    """Lay out, write (the folder made if needed) and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _show(ax, img: torch.Tensor | None) -> None:
     """One bare cell: no ticks or frame, and the uint8 image ``(C, H, W)`` if given."""
     ax.set_xticks([])
@@ -57,11 +66,7 @@ def save_image_grid(
             )
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def save_loss_curve(stats_path: Path, path: Path, *, title: str, key: str = "loss") -> None:
@@ -117,11 +122,7 @@ def save_pairs(
         axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def save_histograms(
@@ -145,8 +146,4 @@ def save_histograms(
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
