@@ -18,6 +18,7 @@ import torch
 from conftest import typed_config
 from diffusers import UNet2DModel
 
+from privimage.dp import training as dp_training
 from privimage.errors import ConfigError, PrivacyBudgetError
 from privimage.io import seeding
 from privimage.pipeline import run_pipeline
@@ -151,14 +152,15 @@ class Crash(Exception):
 
 
 def _crash_after_checkpoint(monkeypatch, step):
-    saved = finetune.torch_save
+    # The private checkpoint is written by the DP training state (privimage.dp.training).
+    saved = dp_training.torch_save
 
     def save_then_crash(obj, path):
         saved(obj, path)
         if obj.get("step") == step:
             raise Crash
 
-    monkeypatch.setattr(finetune, "torch_save", save_then_crash)
+    monkeypatch.setattr(dp_training, "torch_save", save_then_crash)
 
 
 def _crashed(pretrained, tmp_path, cache_dir, monkeypatch, *extra):
