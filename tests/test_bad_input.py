@@ -142,6 +142,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,overrides,needles", CASES, ids=[f"{k}: {o[-1]}" for k, o, _ in CASES]
 )

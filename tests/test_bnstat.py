@@ -152,6 +152,7 @@ BNSTAT_SMOKE = [
 ]
 
 
+@pytest.mark.slow
 def test_bnstat_runs_end_to_end_and_says_it_is_not_private(tmp_path, cache_dir):
     import json
 

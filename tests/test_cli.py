@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(

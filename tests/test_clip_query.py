@@ -278,6 +278,7 @@ def test_prompt_without_placeholder_is_a_config_error(scorer):
     _config_error("query.clip_prompt", scorer.class_logits, images, CLASSES, prompt="{} of {name}")
 
 
+@pytest.mark.slow
 def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
     """The whole query stage with the CLIP semantic function, on the smoke data."""
     overrides = [
@@ -305,6 +306,7 @@ def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
     assert not (missing / "privacy.json").exists()
 
 
+@pytest.mark.slow
 def test_other_stages_import_without_open_clip():
     """open_clip is needed by query.method=clip only; the stages load without it."""
     code = (

@@ -287,6 +287,7 @@ def test_cache_key_follows_content_not_place_or_mtime(tmp_path: Path) -> None:
     assert tar_key("a.tar") != tar_key("b.tar"), "a changed archive must change the key"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR10.is_file(), reason=f"{CIFAR10} is absent (shared data)")
 def test_cifar10_capped(tmp_path: Path) -> None:
     cfg = DataConfig(
@@ -306,6 +307,7 @@ def test_cifar10_capped(tmp_path: Path) -> None:
     assert (ds.train.images[:, 0] != ds.train.images[:, 2]).float().mean() > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TINY.is_file(), reason=f"{TINY} is absent (shared data)")
 def test_tinyimagenet_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Found through the environment variable (path unset).

@@ -41,6 +41,7 @@ def test_sealed_split_opens_once():
         sealed.open()
 
 
+@pytest.mark.slow
 def test_test_split_is_read_only_after_every_classifier_is_trained(digits, monkeypatch):
     """The order is enforced, not just intended: the seal records when it is opened, and a
     wrapper records each completed training run (the real function does the work)."""

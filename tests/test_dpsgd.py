@@ -155,6 +155,7 @@ def test_each_example_contributes_one_clipped_k_averaged_gradient(mode):
     assert (batch_sum - expected_sum).norm() <= 1e-4 * expected_sum.norm()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_noise_added_to_the_summed_gradient_has_std_sigma_times_c(mode):
     model = _unet()
@@ -202,6 +203,7 @@ def test_empty_poisson_batch_is_a_noise_only_step(mode):
     assert engine.accountant.history == [(sigma, 1.0, 1)]
 
 
+@pytest.mark.slow
 def test_noise_multiplicity_one_is_plain_opacus():
     """With K=1 the optimizer is exactly Opacus' DPOptimizer (same clipped sum)."""
     model = _unet()

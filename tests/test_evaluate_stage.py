@@ -98,6 +98,7 @@ def planted_folder(tmp_path_factory, cache_dir):
     return root
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp_path, cache_dir):
     run_dir = tmp_path / "eval"
     result = subprocess.run(
@@ -163,6 +164,7 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp
     assert (out / "DONE").exists() and not (run_dir / "sample").exists()
 
 
+@pytest.mark.slow
 def test_unlabelled_npz_skips_utility_with_a_reason(tmp_path, cache_dir):
     cfg = typed_config(["experiment=smoke"], cache_dir)
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
@@ -181,6 +183,7 @@ def test_unlabelled_npz_skips_utility_with_a_reason(tmp_path, cache_dir):
     assert "Not computed" in (tmp_path / "run" / "evaluate" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir):
     """The stage hands the test split over sealed: any read before downstream training
     finishes would raise, and the split is opened exactly once."""
@@ -208,6 +211,7 @@ def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir):
     assert opened == [1]
 
 
+@pytest.mark.slow
 def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir):
     from privimage.errors import ConfigError
     from privimage.pipeline import run_pipeline
@@ -230,6 +234,7 @@ def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir):
         run_pipeline(config("b"), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_fidelity_images_subsets_the_features_only(tmp_path, cache_dir):
     """fidelity_images caps the synthetic images behind FID and precision/recall; the
     classifiers and the pixel near-copy check still see every image."""

@@ -102,6 +102,7 @@ def test_missing_wheel_is_a_one_line_data_error(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_privimage_does_not_import_fid_helper_or_opencv():
     # A fresh interpreter: in this one the reference test may already have imported them.
     code = (
@@ -120,6 +121,7 @@ def test_load_inception_is_cached_and_in_eval_mode():
 # --- features ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_features_match_reference_implementation(
     reference_helper, digits, digit_features, rgb_images
 ):
@@ -133,6 +135,7 @@ def test_features_match_reference_implementation(
     np.testing.assert_allclose(ours, _reference_features(reference_helper, rgb_images), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_float_and_uint8_inputs_give_same_features(digits, digit_features):
     as_float = digits.float() / 127.5 - 1.0
     np.testing.assert_allclose(
@@ -248,6 +251,7 @@ def test_frechet_distance_rejects_shape_mismatch():
 # --- cache --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cached_statistics_computes_once(tmp_path, rgb_images):
     calls = []
 
@@ -293,11 +297,13 @@ def fid_sets(mnist):
     )
 
 
+@pytest.mark.slow
 def test_fid_of_real_digits_is_far_below_noise(fid_sets):
     _, _, fids = fid_sets
     assert 0 < fids["real"] < fids["noise"] / 3, fids
 
 
+@pytest.mark.slow
 def test_torchmetrics_with_our_feature_module_agrees(fid_sets):
     tm_fid = pytest.importorskip("torchmetrics.image.fid")
     sets, _, fids = fid_sets
@@ -326,6 +332,7 @@ def _numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_against_itself_is_zero(mnist):
     feats = inception_features(mnist[:N_SET], progress=False)
     stats = feature_statistics(feats)
@@ -334,6 +341,7 @@ def test_fid_of_a_set_against_itself_is_zero(mnist):
     assert abs(frechet_distance(*stats, *stats)) < 1e-3
 
 
+@pytest.mark.slow
 def test_fid_matches_a_direct_numpy_computation(mnist):
     a = inception_features(mnist[:N_SET], progress=False)
     b = inception_features(mnist[N_SET : 2 * N_SET], progress=False)
@@ -341,6 +349,7 @@ def test_fid_matches_a_direct_numpy_computation(mnist):
     assert ours == pytest.approx(_numpy_fid(a, b), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fid_grows_monotonically_with_a_brightness_shift(mnist):
     # The same digits, lifted by 0, 40, 80, 120 grey levels: each step moves the set
     # further from the original, and FID must rise with it.

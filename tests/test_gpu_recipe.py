@@ -109,6 +109,7 @@ def test_the_cpu_copy_shrinks_sizes_only(tmp_path):
     assert full["pretrain.mixed_precision"] == "auto"  # bf16 on a GPU
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (SHARED_DATA / "cifar10.tar.gz").is_file()
     or not (SHARED_DATA / "tiny-imagenet-200.tar.gz").is_file(),

@@ -42,6 +42,7 @@ def test_cosine_gradient_distance_values():
     assert float(cosine_gradient_distance(a, c)) == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_gradient_attack_recovers_a_training_image_from_an_untrained_model(digit):
     x, y = digit
     model = _small_untrained_model()

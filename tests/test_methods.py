@@ -62,6 +62,7 @@ def test_bad_method_settings_are_refused_with_the_fix(overrides, needle, tmp_pat
         typed_config(overrides, tmp_path)
 
 
+@pytest.mark.slow
 def test_pretraining_baselines_on_real_glyphs(tmp_path, cache_dir):
     """none: the initial weights, untouched; all: every public image, unconditionally,
     for images_seen / batch_size steps; both name the sensitive classes for sampling."""
@@ -100,6 +101,7 @@ def test_pretraining_baselines_on_real_glyphs(tmp_path, cache_dir):
     assert (out / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
     cfg = typed_config(
         [
@@ -139,6 +141,7 @@ def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
     assert "NOT differentially private" in release_md and "Only the ledger" in release_md
 
 
+@pytest.mark.slow
 def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
     """`sweep=epsilon` through Hydra multirun with two values: query and pretraining run
     in the first job only, the second copies them in (and records the query's spend);

@@ -55,6 +55,7 @@ def test_notebooks_are_stored_without_outputs():
                 assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
+@pytest.mark.slow
 def test_quickstart_then_compare_notebooks_run(tmp_path, cache_dir, monkeypatch):
     run = tmp_path / "run"
     quick = _with_parameters(

@@ -47,6 +47,7 @@ def test_a_prefix_that_names_nothing_is_a_one_line_error():
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.slow
 def test_norms_cover_exactly_the_trained_parameters():
     examples, k = 3, 2
     model = _unet("tiny28", 28, 1)

@@ -134,6 +134,7 @@ def test_negative_warmup_is_refused(cache_dir):
         typed_config([*BASE, "pretrain.warmup_steps=-1"], cache_dir)
 
 
+@pytest.mark.slow
 def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, cache_dir):
     _fake_query(tmp_path, cache_dir, num_images=40)
     cfg = typed_config([*BASE, "pretrain.batch_size=64"], cache_dir)
@@ -146,6 +147,7 @@ def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, cache_dir):
         pretrain.run(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
     _fake_query(tmp_path, cache_dir)
     cfg = typed_config(
@@ -176,6 +178,7 @@ def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
     assert procs["processes"][0]["images_seen"] == 2 * 256
 
 
+@pytest.mark.slow
 def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
     """A real 2-process gloo run (torchrun; `accelerate launch --cpu` would run one)."""
     _fake_query(tmp_path, cache_dir)
@@ -206,6 +209,7 @@ def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
     UNet2DModel.from_pretrained(tmp_path / "pretrain" / "unet")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     # The warm-up spans the checkpoint and the kill: a resumed run must continue it.
     extra = (

@@ -20,6 +20,7 @@ def test_resnet_classifier_shapes(size, channels):
         build_classifier("vgg", in_channels=1, num_classes=2, width=8)
 
 
+@pytest.mark.slow
 def test_query_classifier_is_trained_once_and_reused(cache_dir):
     cfg = typed_config(["experiment=smoke"], cache_dir)
     public = data.load(cfg.public, cache_dir=cache_dir, progress=False)

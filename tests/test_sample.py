@@ -73,6 +73,7 @@ def test_writes_folder_dataset_npz_and_grid(tmp_path, cache_dir):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
     whole, _ = _sample(tmp_path / "whole", cache_dir, "sample.batch_size=15")
     ref = np.load(whole / "samples.npz")["images"]
@@ -99,6 +100,7 @@ def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
     assert np.abs(got - ref).max() <= 1 and (got != ref).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_changed_settings_start_over(tmp_path, cache_dir):
     out, _ = _sample(tmp_path, cache_dir)
     before = np.load(out / "samples.npz")["images"]
@@ -108,6 +110,7 @@ def test_changed_settings_start_over(tmp_path, cache_dir):
     assert not np.array_equal(np.load(out / "samples.npz")["images"], before)
 
 
+@pytest.mark.slow
 def test_guidance_changes_the_images(tmp_path, cache_dir):
     plain, _ = _sample(tmp_path / "plain", cache_dir)
     guided, _ = _sample(tmp_path / "guided", cache_dir, "sample.guidance_scale=3")
@@ -116,6 +119,7 @@ def test_guidance_changes_the_images(tmp_path, cache_dir):
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_unet_of_another_formulation_is_refused(tmp_path, cache_dir):
     cfg = typed_config(BASE, cache_dir)
     _upstream(tmp_path, cfg, formulation="ddpm")

@@ -56,6 +56,7 @@ def _query(tmp_path, name, cache_dir, *extra):
     return cfg, np.load(run / "query" / "histogram_noisy.npy"), selection, ledger
 
 
+@pytest.mark.slow
 def test_the_query_noise_cannot_be_subtracted_from_a_default_run(tmp_path, cache_dir):
     cfg, noisy, selection, ledger = _query(tmp_path, "default", cache_dir)
     assert ledger["noise_secret"] is True
@@ -68,6 +69,7 @@ def test_the_query_noise_cannot_be_subtracted_from_a_default_run(tmp_path, cache
     assert not np.allclose(noisy, again), "two runs with one config drew the same noise"
 
 
+@pytest.mark.slow
 def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
     cfg, noisy, selection, ledger = _query(tmp_path, "seeded", cache_dir, REPRODUCIBLE)
     noise = _seed_noise(noisy.shape, seed=cfg.seed, std=selection["noise_std"])
@@ -80,6 +82,7 @@ def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
     assert "NOT differentially private against anyone who knows the run's config" in release
 
 
+@pytest.mark.slow
 def test_a_query_stopped_after_its_draw_finishes_from_it(tmp_path, cache_dir, monkeypatch):
     """Interrupted in the selection judge: the rerun finishes from the saved noisy
     histogram, so the query is released (and charged) once, not twice with fresh noise."""
@@ -133,6 +136,7 @@ def _same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_dp_sgd_differs_between_default_runs_and_not_under_reproducible_noise(
     pretrained, tmp_path, cache_dir
 ):
@@ -173,6 +177,7 @@ def _crashed(pretrained, tmp_path, cache_dir, monkeypatch, *extra):
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_continues_the_checkpointed_secret_streams(
     pretrained, tmp_path, cache_dir, monkeypatch
 ):
@@ -207,6 +212,7 @@ def test_resume_continues_the_checkpointed_secret_streams(
     assert not _same(resumed[0], seeded)
 
 
+@pytest.mark.slow
 def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
     pretrained, tmp_path, cache_dir, monkeypatch
 ):
@@ -227,6 +233,7 @@ def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
     assert len(restart) == 1 and restart[0]["abandoned_attempt"] is True
 
 
+@pytest.mark.slow
 def test_under_reproducible_noise_a_restart_replays_the_same_mechanism(
     pretrained, tmp_path, cache_dir, monkeypatch
 ):
@@ -239,6 +246,7 @@ def test_under_reproducible_noise_a_restart_replays_the_same_mechanism(
     assert _same(restarted, straight)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_not_resumed_on_other_weights_or_other_data(
     pretrained, tmp_path, cache_dir, monkeypatch
 ):
@@ -270,6 +278,7 @@ def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_pa
     assert "new run directory" in str(error) and "\n" not in str(error)
 
 
+@pytest.mark.slow
 def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, tmp_path, cache_dir):
     """The two clipping paths compute the same clipped sums: with the same (seeded) noise,
     masks and diffusion draws, the finished models agree to 1e-4 (float rounding only)."""

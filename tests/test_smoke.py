@@ -13,6 +13,8 @@ from diffusers import UNet2DModel
 
 from privimage.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, cache_dir):
