@@ -36,6 +36,7 @@ __all__ = [
     "null_class",
     "sample_batch",
     "sampler_name",
+    "solver_or_default",
     "to_uint8",
     "training_loss",
 ]
@@ -50,9 +51,14 @@ def formulation(spec: DiffusionConfig) -> EDM | DDPM:
     return FORMULATIONS[spec.formulation](spec)
 
 
+def solver_or_default(solver: str | None, formulation: str) -> str:
+    """``solver``, or the formulation's default when it is None."""
+    return solver or SOLVERS[formulation][0]
+
+
 def sampler_name(cfg: Config) -> str:
     """The sampler to use: ``sample.sampler`` or the formulation's default."""
-    return cfg.sample.sampler or SOLVERS[cfg.diffusion.formulation][0]
+    return solver_or_default(cfg.sample.sampler, cfg.diffusion.formulation)
 
 
 def training_loss(

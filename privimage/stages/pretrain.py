@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 
 from privimage import data
 from privimage.config.schema import Config
-from privimage.diffusion import SOLVERS, drop_labels, sample_batch, to_uint8, training_loss
+from privimage.diffusion import (
+    drop_labels,
+    sample_batch,
+    solver_or_default,
+    to_uint8,
+    training_loss,
+)
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io import artifacts
 from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
@@ -169,7 +175,7 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
         labels=row_labels,
         image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
         num_steps=p.grid_num_inference_steps,
-        solver=p.grid_sampler or SOLVERS[cfg.diffusion.formulation][0],
+        solver=solver_or_default(p.grid_sampler, cfg.diffusion.formulation),
         guidance_scale=p.grid_guidance_scale,
         device=next(ema.parameters()).device,
     )
