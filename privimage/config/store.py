@@ -10,42 +10,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from privimage.config.schema import (
-    AuditConfig,
-    Config,
-    DataConfig,
-    DiffusionConfig,
-    EvaluateConfig,
-    FinetuneConfig,
-    ModelConfig,
-    PretrainConfig,
-    PrivacyConfig,
-    QueryConfig,
-    SampleConfig,
-)
+from privimage.config.schema import Config
 from privimage.config.validate import validate
 
 
 def register_configs() -> None:
-    """Register the schemas so Hydra type-checks the YAML against them."""
+    """Register the root schema (``config_schema`` in ``conf/config.yaml``'s defaults), so
+    Hydra type-checks every group's YAML against its dataclass."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for group, schema in [
-        ("data", DataConfig),
-        ("public", DataConfig),
-        ("model", ModelConfig),
-        ("diffusion", DiffusionConfig),
-        ("privacy", PrivacyConfig),
-        ("query", QueryConfig),
-        ("pretrain", PretrainConfig),
-        ("finetune", FinetuneConfig),
-        ("sample", SampleConfig),
-        ("evaluate", EvaluateConfig),
-        ("audit", AuditConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+    ConfigStore.instance().store(name="config_schema", node=Config)
 
 
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
