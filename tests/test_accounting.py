@@ -35,7 +35,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import typed_config
 from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
@@ -460,8 +459,8 @@ def test_ledger_refuses_nonpositive_or_nonfinite_target(epsilon, tmp_path):
     "value,shown",
     [("0", "0.0"), ("-1", "-1.0"), ("nan", "nan"), ("inf", "inf")],
 )
-def test_config_refuses_bad_target_epsilon_naming_the_value(value, shown, tmp_path):
+def test_config_refuses_bad_target_epsilon_naming_the_value(value, shown, compose):
     with pytest.raises(ConfigError) as info:
-        typed_config([f"privacy.target_epsilon={value}"], tmp_path)
+        compose([f"privacy.target_epsilon={value}"])
     message = str(info.value)
     assert f"privacy.target_epsilon={shown}" in message and "\n" not in message

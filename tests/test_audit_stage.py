@@ -15,7 +15,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import pretrain_smoke, typed_config
 
 from privimage.dp.audit import canary_images, fixed_noise_losses, with_canary_classes
 from privimage.errors import ConfigError
@@ -34,8 +33,8 @@ def test_canaries_are_flat_distinct_and_a_function_of_the_seed():
     assert levels[:, 0].unique().numel() == 50 and levels.abs().max() <= 1
 
 
-def test_canary_rows_start_at_the_null_row_and_leave_the_classes_alone(cache_dir):
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+def test_canary_rows_start_at_the_null_row_and_leave_the_classes_alone(compose):
+    cfg = compose(["experiment=smoke"])
     model = build_unet(cfg.model, resolution=16, channels=1, num_classes=3).eval()
     grown = with_canary_classes(model, 5).eval()
     table, new = model.class_embedding.weight, grown.class_embedding.weight
@@ -57,8 +56,8 @@ def test_canary_rows_start_at_the_null_row_and_leave_the_classes_alone(cache_dir
     assert torch.equal(canary, null)
 
 
-def test_scoring_noise_is_fixed_so_equal_models_score_equal(cache_dir):
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+def test_scoring_noise_is_fixed_so_equal_models_score_equal(compose):
+    cfg = compose(["experiment=smoke"])
     model = with_canary_classes(build_unet(cfg.model, resolution=16, channels=1, num_classes=2), 4)
     images = canary_images(4, (1, 16, 16), seed=0)
     labels = 2 + torch.arange(4)
@@ -77,23 +76,21 @@ def test_scoring_noise_is_fixed_so_equal_models_score_equal(cache_dir):
         ("audit.significance=1.5", r"audit.significance=1.5 must be in \(0, 1\)"),
     ],
 )
-def test_bad_audit_settings_are_one_line_errors(cache_dir, override, match):
+def test_bad_audit_settings_are_one_line_errors(compose, override, match):
     with pytest.raises(ConfigError, match=match) as exc:
-        typed_config(["experiment=smoke", override], cache_dir)
+        compose(["experiment=smoke", override])
     assert "\n" not in str(exc.value)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, cache_dir):
-    return pretrain_smoke(tmp_path_factory.mktemp("audit-base"), cache_dir)
+def smoke_run(tmp_path_factory, pretrain_smoke):
+    return pretrain_smoke(tmp_path_factory.mktemp("audit-base"))
 
 
-def _audit(smoke_run, tmp_path, cache_dir, *overrides: str) -> tuple[dict, object]:
+def _audit(smoke_run, tmp_path, compose, *overrides: str) -> tuple[dict, object]:
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    cfg = typed_config(
-        ["experiment=smoke", "stages=[audit]", f"audit.epsilon={CLAIM}", *overrides], cache_dir
-    )
+    cfg = compose(["experiment=smoke", "stages=[audit]", f"audit.epsilon={CLAIM}", *overrides])
     run_pipeline(cfg, run)
     result = json.loads((run / "audit" / "audit.json").read_text())
     print(
@@ -104,8 +101,8 @@ def _audit(smoke_run, tmp_path, cache_dir, *overrides: str) -> tuple[dict, objec
 
 
 @pytest.mark.slow
-def test_the_real_mechanism_stays_within_its_claim(smoke_run, tmp_path, cache_dir):
-    result, run = _audit(smoke_run, tmp_path, cache_dir)
+def test_the_real_mechanism_stays_within_its_claim(smoke_run, tmp_path, compose):
+    result, run = _audit(smoke_run, tmp_path, compose)
     assert result["lower_bound"] <= CLAIM
     assert result["claimed_epsilon"] == CLAIM and result["canaries"] == 1000
     assert result["guesses"] >= 50 and result["largest_bound"] > 2.7
@@ -127,7 +124,7 @@ def test_the_real_mechanism_stays_within_its_claim(smoke_run, tmp_path, cache_di
     "broken",
     ["audit.broken=no_noise", "audit.broken=no_clipping", "privacy.reproducible_noise=true"],
 )
-def test_a_broken_mechanism_measures_above_its_claim(smoke_run, tmp_path, cache_dir, broken):
-    result, _ = _audit(smoke_run, tmp_path, cache_dir, broken)
+def test_a_broken_mechanism_measures_above_its_claim(smoke_run, tmp_path, compose, broken):
+    result, _ = _audit(smoke_run, tmp_path, compose, broken)
     assert result["lower_bound"] > CLAIM, result
     assert result["referee_epsilon"] == pytest.approx(result["lower_bound"], abs=1e-6)

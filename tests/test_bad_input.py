@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, typed_config
 from PIL import Image
 
 from privimage import data
@@ -146,7 +145,9 @@ CASES = [
 @pytest.mark.parametrize(
     "kind,overrides,needles", CASES, ids=[f"{k}: {o[-1]}" for k, o, _ in CASES]
 )
-def test_bad_input_ends_with_one_line(kind, overrides, needles, inputs, tmp_path, cache_dir):
+def test_bad_input_ends_with_one_line(
+    kind, overrides, needles, inputs, tmp_path, cache_dir, run_cli
+):
     run_dir = tmp_path / "run"
     proc = run_cli(
         "experiment=smoke",
@@ -181,12 +182,12 @@ def test_bad_input_ends_with_one_line(kind, overrides, needles, inputs, tmp_path
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_mixed_sizes_and_channels_load_by_design(channels, inputs, cache_dir):
+def test_mixed_sizes_and_channels_load_by_design(channels, inputs, cache_dir, compose):
     """Not an error: every image is centre-cropped, resized and converted."""
     mixed = inputs / "mixed" / "a"
     overrides = ["experiment=smoke", *FOLDER, f"data.path={inputs / 'mixed'}"]
     channel_overrides = [f"data.channels={channels}", f"public.channels={channels}"]
-    cfg = typed_config([*overrides, *channel_overrides], cache_dir).data
+    cfg = compose([*overrides, *channel_overrides]).data
     data.check_available(cfg)
     ds = data.load(cfg, cache_dir=cache_dir, progress=False)
     data.check_classes(ds, cfg)

@@ -153,15 +153,13 @@ BNSTAT_SMOKE = [
 
 
 @pytest.mark.slow
-def test_bnstat_runs_end_to_end_and_says_it_is_not_private(tmp_path, cache_dir):
+def test_bnstat_runs_end_to_end_and_says_it_is_not_private(tmp_path, compose):
     import json
-
-    from conftest import typed_config
 
     from privimage.pipeline import run_pipeline
 
     run = tmp_path / "run"
-    cfg = typed_config(BNSTAT_SMOKE, cache_dir)
+    cfg = compose(BNSTAT_SMOKE)
     run_pipeline(cfg, run)
     ledger = json.loads((run / "privacy.json").read_text())
     assert ledger["differentially_private"] is False
@@ -181,10 +179,8 @@ def test_bnstat_runs_end_to_end_and_says_it_is_not_private(tmp_path, cache_dir):
     assert json.loads((run / "privacy.json").read_text())["non_private"] == ledger["non_private"]
 
 
-def test_bnstat_refuses_diffusion_stages(tmp_path):
-    from conftest import typed_config
-
+def test_bnstat_refuses_diffusion_stages(compose):
     from privimage.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"set stages=\[sample,evaluate\]"):
-        typed_config(["synthesizer=bnstat", "stages=[query,sample]"], tmp_path)
+        compose(["synthesizer=bnstat", "stages=[query,sample]"])

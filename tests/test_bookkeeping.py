@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from privimage.config.schema import ModelConfig
+import privimage
 from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
 from privimage.dp import layers as L
 from privimage.dp.bookkeeping import BookKeeping
@@ -35,11 +34,9 @@ PRESETS = [
 
 
 def _unet(preset: str, resolution: int, channels: int) -> nn.Module:
-    cfg = compose_config([f"model={preset}"])
+    cfg = privimage.compose([f"model={preset}"])
     torch.manual_seed(0)
-    return build_unet(
-        ModelConfig(**dict(cfg.model)), resolution=resolution, channels=channels, num_classes=10
-    )
+    return build_unet(cfg.model, resolution=resolution, channels=channels, num_classes=10)
 
 
 def _rows(resolution: int, channels: int, *, examples: int, k: int):

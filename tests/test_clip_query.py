@@ -19,7 +19,6 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import typed_config
 
 from privimage.clip_query import ClipScorer, load_clip
 from privimage.errors import ConfigError
@@ -279,7 +278,7 @@ def test_prompt_without_placeholder_is_a_config_error(scorer):
 
 
 @pytest.mark.slow
-def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
+def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, compose):
     """The whole query stage with the CLIP semantic function, on the smoke data."""
     overrides = [
         "experiment=smoke",
@@ -289,7 +288,7 @@ def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
         "query.score_selection=false",
     ]
     run_dir = tmp_path / "run"
-    cfg = typed_config([*overrides, f"query.clip_weights={tiny['bin']}"], cache_dir)
+    cfg = compose([*overrides, f"query.clip_weights={tiny['bin']}"])
     run_pipeline(cfg, run_dir)
     selection = json.loads((run_dir / "query" / "selection.json").read_text())
     assert selection["semantic_function"] == f"clip:{TINY}"
@@ -301,7 +300,7 @@ def test_query_stage_runs_with_clip_and_accounts_it(tiny, tmp_path, cache_dir):
     # Without a weights file it stops with one line, before the ledger is opened.
     missing = tmp_path / "missing"
     with pytest.raises(ConfigError, match="query.clip_weights") as info:
-        run_pipeline(typed_config(overrides, cache_dir), missing)
+        run_pipeline(compose(overrides), missing)
     assert "\n" not in str(info.value)
     assert not (missing / "privacy.json").exists()
 

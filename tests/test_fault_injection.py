@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_command
 
 from privimage.config.schema import Config
 
@@ -56,10 +55,6 @@ NOISE_TRACES = {
 }
 
 
-def _command(run_dir: Path, cache_dir: Path) -> list[str]:
-    return cli_command(OVERRIDES, run_dir, cache_dir)
-
-
 def _release(run_dir: Path) -> dict[str, str]:
     """SHA-256 of every released file but the ledger copies and the files naming times."""
     root = run_dir / "release"
@@ -77,11 +72,13 @@ def _mechanisms(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(tmp_path_factory, cli_command, repo_root):
     """An uninterrupted run (after a warm-up run, so both see the same warm cache)."""
     root = tmp_path_factory.mktemp("faults")
-    subprocess.run(_command(root / "warm", cache_dir), cwd=REPO, check=True, capture_output=True)
-    subprocess.run(_command(root / "ref", cache_dir), cwd=REPO, check=True, capture_output=True)
+    for name in ("warm", "ref"):
+        subprocess.run(
+            cli_command(OVERRIDES, root / name), cwd=repo_root, check=True, capture_output=True
+        )
     run = root / "ref"
     rows = [json.loads(line) for line in (run / "timings.jsonl").read_text().splitlines()]
     return {
@@ -101,7 +98,7 @@ def _interrupted_stage(run_dir: Path) -> str | None:
     return None
 
 
-def test_sigkill_anywhere_then_rerun_gives_the_same_release(reference, cache_dir):
+def test_sigkill_anywhere_then_rerun_gives_the_same_release(reference, cli_command, repo_root):
     rng = np.random.default_rng(20261203)
     hit: dict[str, int] = {}
     kills = 0
@@ -110,8 +107,8 @@ def test_sigkill_anywhere_then_rerun_gives_the_same_release(reference, cache_dir
         after = rng.uniform(0.05, 0.95) * reference["seconds"][stage]
         run = reference["root"] / f"trial{trial:02d}"
         proc = subprocess.Popen(
-            _command(run, cache_dir),
-            cwd=REPO,
+            cli_command(OVERRIDES, run),
+            cwd=repo_root,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -137,7 +134,9 @@ def test_sigkill_anywhere_then_rerun_gives_the_same_release(reference, cache_dir
         for noisy, traces in NOISE_TRACES.items():
             if any((run / noisy / t).exists() for t in traces):
                 assert noisy in on_record, (trial, where, noisy)
-        rerun = subprocess.run(_command(run, cache_dir), cwd=REPO, capture_output=True, text=True)
+        rerun = subprocess.run(
+            cli_command(OVERRIDES, run), cwd=repo_root, capture_output=True, text=True
+        )
         assert rerun.returncode == 0, (trial, where, rerun.stderr[-2000:])
 
         assert _release(run) == reference["release"], (trial, where)

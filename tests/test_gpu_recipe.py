@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, typed_config
 
 from privimage.pipeline import run_pipeline
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 RECIPE = "experiment=privimage_cifar10_gpu"
 SHRINK = [
@@ -97,9 +98,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_the_cpu_copy_shrinks_sizes_only(tmp_path):
-    full = _flat(asdict(typed_config([RECIPE], tmp_path)))
-    small = _flat(asdict(typed_config([RECIPE, *SHRINK], tmp_path)))
+def test_the_cpu_copy_shrinks_sizes_only(compose):
+    full = _flat(asdict(compose([RECIPE])))
+    small = _flat(asdict(compose([RECIPE, *SHRINK])))
     changed = {k for k in full if full[k] != small[k]}
     assert changed <= SIZE_KEYS, sorted(changed - SIZE_KEYS)
     # The settings that make it the GPU recipe and not the CPU benchmark.
@@ -115,8 +116,8 @@ def test_the_cpu_copy_shrinks_sizes_only(tmp_path):
     or not (SHARED_DATA / "tiny-imagenet-200.tar.gz").is_file(),
     reason=f"CIFAR-10 or Tiny-ImageNet is absent from {SHARED_DATA} (shared data)",
 )
-def test_gpu_recipe_runs_end_to_end_on_cpu_shrunk(tmp_path, cache_dir):
-    cfg = typed_config([RECIPE, *SHRINK], cache_dir)
+def test_gpu_recipe_runs_end_to_end_on_cpu_shrunk(tmp_path, compose):
+    cfg = compose([RECIPE, *SHRINK])
     run_dir = tmp_path / "run"
     run_pipeline(cfg, run_dir)
     for stage in ("query", "pretrain", "finetune", "sample", "evaluate"):

@@ -8,13 +8,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import compose_config, run_cli, typed_config
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from privimage.config.schema import method_of
-from privimage.config.store import config_dir, register_configs
 from privimage.errors import ConfigError
 from privimage.nets.models import build_unet, load_unet
 from privimage.pipeline import run_pipeline, shared_key
@@ -28,9 +24,9 @@ METHODS = {
 
 
 @pytest.mark.parametrize("suffix", ["", "_cifar10"])
-def test_method_presets_differ_only_in_what_defines_the_method(suffix, tmp_path):
+def test_method_presets_differ_only_in_what_defines_the_method(suffix, compose):
     """Same data, model, pretraining compute (images seen), fine-tuning and evaluation."""
-    configs = {m: typed_config([f"experiment={m}{suffix}"], tmp_path) for m in METHODS}
+    configs = {m: compose([f"experiment={m}{suffix}"]) for m in METHODS}
     plain = {}
     for method, cfg in configs.items():
         subset, dp = METHODS[method]
@@ -57,17 +53,17 @@ def test_method_presets_differ_only_in_what_defines_the_method(suffix, tmp_path)
         (["pretrain.images_seen=0"], "pretrain.images_seen"),
     ],
 )
-def test_bad_method_settings_are_refused_with_the_fix(overrides, needle, tmp_path):
+def test_bad_method_settings_are_refused_with_the_fix(overrides, needle, compose):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        typed_config(overrides, tmp_path)
+        compose(overrides)
 
 
 @pytest.mark.slow
-def test_pretraining_baselines_on_real_glyphs(tmp_path, cache_dir):
+def test_pretraining_baselines_on_real_glyphs(tmp_path, compose):
     """none: the initial weights, untouched; all: every public image, unconditionally,
     for images_seen / batch_size steps; both name the sensitive classes for sampling."""
     base = ["experiment=smoke", "stages=[pretrain]"]
-    none = typed_config([*base, "pretrain.public_subset=none"], cache_dir)
+    none = compose([*base, "pretrain.public_subset=none"])
     run_pipeline(none, tmp_path / "none")
     unet, _ = load_unet(tmp_path / "none" / "pretrain" / "unet")
     torch.manual_seed(none.seed)
@@ -76,14 +72,13 @@ def test_pretraining_baselines_on_real_glyphs(tmp_path, cache_dir):
         assert torch.equal(a, b), k
     assert json.loads((tmp_path / "none" / "pretrain" / "processes.json").read_text())["steps"] == 0
 
-    every = typed_config(
+    every = compose(
         [
             *base,
             "pretrain.public_subset=all",
             "pretrain.images_seen=130",
             "pretrain.max_images=null",
-        ],
-        cache_dir,
+        ]
     )
     run_pipeline(every, tmp_path / "all")
     out = tmp_path / "all" / "pretrain"
@@ -102,16 +97,15 @@ def test_pretraining_baselines_on_real_glyphs(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
-    cfg = typed_config(
+def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, compose):
+    cfg = compose(
         [
             "experiment=smoke",
             "stages=[pretrain,finetune,sample,evaluate]",
             "pretrain.public_subset=none",
             "finetune.dp=false",
             "finetune.checkpoint_every_steps=1",
-        ],
-        cache_dir,
+        ]
     )
     run_pipeline(cfg, tmp_path)
     ledger = json.loads((tmp_path / "privacy.json").read_text())
@@ -142,7 +136,7 @@ def test_nonprivate_finetuning_is_recorded_as_not_private(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
+def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir, run_cli):
     """`sweep=epsilon` through Hydra multirun with two values: query and pretraining run
     in the first job only, the second copies them in (and records the query's spend);
     `privimage report` on the sweep folder has one row per epsilon."""
@@ -191,12 +185,12 @@ def test_epsilon_sweep_computes_the_shared_stages_once(tmp_path, cache_dir):
     assert {r["method"] for r in rows} == {"privimage"}
 
 
-def test_a_sampling_change_keeps_the_shared_pretraining(tmp_path):
+def test_a_sampling_change_keeps_the_shared_pretraining(compose):
     """Sampling settings are the sample stage's: a run that only samples differently
     reuses the shared pretraining (its grid has settings of its own, which do count)."""
 
     def key(*overrides: str) -> str:
-        return shared_key(typed_config(["experiment=smoke", *overrides], tmp_path), "pretrain")
+        return shared_key(compose(["experiment=smoke", *overrides]), "pretrain")
 
     base = key()
     sampling = ("sample.guidance_scale=3", "sample.sampler=euler", "sample.num_inference_steps=9")
@@ -206,24 +200,16 @@ def test_a_sampling_change_keeps_the_shared_pretraining(tmp_path):
     assert key("pretrain.lr=1e-3") != base
 
 
-def test_sweep_composes_with_the_slurm_launcher():
+def test_sweep_composes_with_the_slurm_launcher(compose_dict):
     """The same sweep on SLURM: hydra-submitit-launcher's config composes with ours."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "sweep=epsilon",
-                "hydra/launcher=submitit_slurm",
-                "hydra.launcher.partition=gpu",
-            ],
-            return_hydra_config=True,
-        )
+    cfg = compose_dict(
+        ["sweep=epsilon", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+        return_hydra_config=True,
+    )
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper.params["privacy.epsilon"] == "1,5,10"
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.partition == "gpu"
     assert OmegaConf.to_container(cfg, resolve=False)["reuse_dir"] == "${hydra:sweep.dir}/shared"
     # Without the sweep preset nothing is shared.
-    assert compose_config([]).reuse_dir is None
+    assert compose_dict([]).reuse_dir is None

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO
 from nbclient import NotebookClient
 
 from privimage.results import cli
 
+REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 

@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-from conftest import copy_run, pretrain_smoke, typed_config
 from test_bookkeeping import _clip, _reference, _row_loss, _rows, _unet
 from torch import nn
 
@@ -77,18 +76,17 @@ def test_norms_cover_exactly_the_trained_parameters():
 
 @pytest.mark.slow
 def test_frozen_weights_stay_pretrained_and_the_ledger_says_what_trained(
-    tmp_path_factory, cache_dir
+    tmp_path_factory, compose, pretrain_smoke, copy_run
 ):
-    base = pretrain_smoke(tmp_path_factory.mktemp("partial-base"), cache_dir)
-    run = copy_run(base, tmp_path_factory.mktemp("partial"), "run")
+    base = pretrain_smoke(tmp_path_factory.mktemp("partial-base"))
+    run = copy_run(base, "run")
     trainable = ["up_blocks.1", "conv_out"]
-    cfg = typed_config(
+    cfg = compose(
         [
             "experiment=smoke",
             "stages=[finetune]",
             f"finetune.trainable=[{','.join(trainable)}]",
-        ],
-        cache_dir,
+        ]
     )
     run_pipeline(cfg, run)
 

@@ -6,9 +6,10 @@ whose input is channels_last, which is what diffusers' attention blocks produce.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import compose_config
 from opacus import GradSampleModule
 from torch.func import functional_call, grad, vmap
 
@@ -17,9 +18,14 @@ from privimage.diffusion.ddpm import add_noise, linear_alphas_cumprod
 from privimage.nets.models import build_unet, make_opacus_safe
 
 
-def _model_config(preset: str, **overrides) -> ModelConfig:
-    cfg = compose_config([f"model={preset}"])
-    return ModelConfig(**{**dict(cfg.model), **overrides})
+@pytest.fixture
+def model_config(compose):
+    """``model_config(preset, **overrides)``: the preset's composed ModelConfig."""
+
+    def make(preset: str, **overrides) -> ModelConfig:
+        return replace(compose([f"model={preset}"]).model, **overrides)
+
+    return make
 
 
 def _batch(resolution: int, channels: int, batch: int = 3):
@@ -58,13 +64,13 @@ def _relative_errors(model: torch.nn.Module, resolution: int, channels: int) -> 
     return errors
 
 
-def test_default_unet_has_attention_and_exact_per_sample_grads():
+def test_default_unet_has_attention_and_exact_per_sample_grads(compose):
     """The model the default config trains with DP: attention included, to 1e-4."""
-    cfg = compose_config([])
+    cfg = compose([])
     assert cfg.model.attention, "the default preset is meant to exercise attention"
     torch.manual_seed(0)
     model = build_unet(
-        ModelConfig(**dict(cfg.model)),
+        cfg.model,
         resolution=cfg.data.resolution,
         channels=cfg.data.channels,
         num_classes=10,
@@ -78,10 +84,10 @@ def test_default_unet_has_attention_and_exact_per_sample_grads():
 
 
 @pytest.mark.parametrize("preset,resolution,channels", [("small32", 32, 3), ("nano", 16, 1)])
-def test_unet_presets_per_sample_grads_match_torch_func(preset, resolution, channels):
+def test_unet_presets_per_sample_grads_match_torch_func(preset, resolution, channels, model_config):
     torch.manual_seed(0)
     model = build_unet(
-        _model_config(preset), resolution=resolution, channels=channels, num_classes=10
+        model_config(preset), resolution=resolution, channels=channels, num_classes=10
     )
     make_opacus_safe(model)
     errors = _relative_errors(model, resolution, channels)
@@ -90,11 +96,11 @@ def test_unet_presets_per_sample_grads_match_torch_func(preset, resolution, chan
     assert errors[worst] < 1e-4, f"{worst}: relative error {errors[worst]:.2e}"
 
 
-def test_attention_unet_is_made_safe_for_opacus():
+def test_attention_unet_is_made_safe_for_opacus(model_config):
     """With attention blocks, make_opacus_safe restores exact per-sample gradients."""
     torch.manual_seed(0)
     model = build_unet(
-        _model_config("nano", attention=True), resolution=16, channels=1, num_classes=10
+        model_config("nano", attention=True), resolution=16, channels=1, num_classes=10
     )
     make_opacus_safe(model)
     errors = _relative_errors(model, 16, 1)

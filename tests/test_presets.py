@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, typed_config
 
 from privimage.config.schema import Config
 from privimage.config.store import config_dir
@@ -19,8 +18,8 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_preset_composes(experiment, tmp_path):
-    cfg = typed_config([f"experiment={experiment}"], tmp_path)
+def test_every_experiment_preset_composes(experiment, compose):
+    cfg = compose([f"experiment={experiment}"])
     assert isinstance(cfg, Config)
     assert cfg.name == experiment
 
@@ -40,24 +39,24 @@ def test_every_experiment_preset_composes(experiment, tmp_path):
         "evaluate",
     ],
 )
-def test_every_group_option_composes(group, tmp_path):
+def test_every_group_option_composes(group, compose, compose_dict):
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if group in ("data", "public"):
             overrides.append(f"{group}.path=/some/where")
             # Keep the pair shape-compatible: the public set must match the sensitive one.
             other = "public" if group == "data" else "data"
-            probe = compose_config(overrides)
+            probe = compose_dict(overrides)
             overrides += [
                 f"{other}.resolution={probe[group].resolution}",
                 f"{other}.channels={probe[group].channels}",
                 "model=nano",
             ]
-        typed_config(overrides, tmp_path)
+        compose(overrides)
 
 
-def test_cifar10_with_tinyimagenet_composes(tmp_path):
-    cfg = typed_config(["data=cifar10", "public=tinyimagenet"], tmp_path)
+def test_cifar10_with_tinyimagenet_composes(compose):
+    cfg = compose(["data=cifar10", "public=tinyimagenet"])
     assert (cfg.data.source, cfg.public.source) == ("cifar10", "tinyimagenet")
     assert cfg.data.resolution == cfg.public.resolution == 32
 
@@ -101,28 +100,28 @@ def test_cifar10_with_tinyimagenet_composes(tmp_path):
         ("evaluate.near_copy_neighbours=1", "evaluate.near_copy_neighbours"),
     ],
 )
-def test_bad_values_are_one_line_config_errors(override, needle, tmp_path):
+def test_bad_values_are_one_line_config_errors(override, needle, compose):
     with pytest.raises(ConfigError) as e:
-        typed_config([override], tmp_path)
+        compose([override])
     message = str(e.value)
     assert needle in message and "\n" not in message
 
 
-def test_epsilon_shorthand_sets_the_target(tmp_path):
-    cfg = typed_config(["data=cifar10", "public=tinyimagenet", "privacy.epsilon=1"], tmp_path)
+def test_epsilon_shorthand_sets_the_target(compose):
+    cfg = compose(["data=cifar10", "public=tinyimagenet", "privacy.epsilon=1"])
     assert cfg.privacy.target_epsilon == 1.0
-    assert typed_config([], tmp_path).privacy.target_epsilon == 10.0
+    assert compose([]).privacy.target_epsilon == 10.0
 
 
-def test_query_epsilon_share_calibrates_the_query_noise(tmp_path):
+def test_query_epsilon_share_calibrates_the_query_noise(compose):
     from privimage.dp.accounting import epsilon_spent, query_mechanism
     from privimage.stages.query import query_noise_multiplier
 
-    cfg = typed_config(["query.epsilon=0.5"], tmp_path)
+    cfg = compose(["query.epsilon=0.5"])
     sigma = query_noise_multiplier(cfg)
     spent = epsilon_spent([query_mechanism(noise_multiplier=sigma, top_k=1)], delta=1e-5)
     assert 0.5 - 0.005 <= spent <= 0.5
-    assert query_noise_multiplier(typed_config([], tmp_path)) == 10.0
+    assert query_noise_multiplier(compose([])) == 10.0
 
 
 # Parameter budgets (millions) per preset: tests sized, CPU sized, and PrivImage/DPDM's
@@ -142,7 +141,7 @@ def test_every_model_preset_has_a_size_entry():
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_SIZES))
-def test_every_model_preset_is_dp_trainable(preset, tmp_path):
+def test_every_model_preset_is_dp_trainable(preset, compose):
     """GroupNorm only, a null class for guidance, and Opacus' validator finds nothing."""
     import torch
     from opacus.validators import ModuleValidator
@@ -150,7 +149,7 @@ def test_every_model_preset_is_dp_trainable(preset, tmp_path):
     from privimage.nets.models import build_unet, count_parameters
 
     resolution, channels, lo, hi = MODEL_SIZES[preset]
-    cfg = typed_config([f"model={preset}"], tmp_path)
+    cfg = compose([f"model={preset}"])
     model = build_unet(cfg.model, resolution=resolution, channels=channels, num_classes=10)
     assert ModuleValidator.validate(model, strict=False) == []
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, typed_config
 from diffusers import UNet2DModel
 
 from privimage import data
@@ -33,42 +32,42 @@ from privimage.stages import pretrain
 BASE = ["experiment=smoke", "stages=[pretrain]", "device=cpu", "pretrain.max_images=null"]
 
 
-def _fake_query(run_dir, cache_dir, num_images=256, num_classes=10):
-    """The files the query stage hands to pretraining: public ids and their new labels."""
-    cfg = typed_config(BASE, cache_dir)
-    public = data.load(cfg.public, cache_dir=cache_dir, progress=False)
-    q = run_dir / "query"
-    q.mkdir(parents=True)
-    index = np.arange(num_images, dtype=np.int64) * (len(public.train) // num_images)
-    np.save(q / "public_index.npy", index)
-    np.save(q / "public_labels.npy", (public.train.labels.numpy()[index] % num_classes))
-    write_json(
-        q / "selection.json",
-        {"classes": [{"sensitive_class": i, "name": str(i)} for i in range(num_classes)]},
-    )
-    mark_done(q)
+@pytest.fixture
+def fake_query(compose, cache_dir):
+    """``fake_query(run_dir, num_images=256, num_classes=10)``: the files the query stage
+    hands to pretraining: public ids and their new labels."""
+
+    def write(run_dir, num_images=256, num_classes=10):
+        cfg = compose(BASE)
+        public = data.load(cfg.public, cache_dir=cache_dir, progress=False)
+        q = run_dir / "query"
+        q.mkdir(parents=True)
+        index = np.arange(num_images, dtype=np.int64) * (len(public.train) // num_images)
+        np.save(q / "public_index.npy", index)
+        np.save(q / "public_labels.npy", (public.train.labels.numpy()[index] % num_classes))
+        write_json(
+            q / "selection.json",
+            {"classes": [{"sensitive_class": i, "name": str(i)} for i in range(num_classes)]},
+        )
+        mark_done(q)
+
+    return write
 
 
-def _command(run_dir, cache_dir, *extra, launcher=()):
-    return [
-        *launcher,
-        "-m",
-        "privimage",
-        *BASE,
-        f"cache_dir={cache_dir}",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+@pytest.fixture
+def run_pretrain(cli_command, repo_root):
+    """``run_pretrain(run_dir, *extra, launcher=(python,))``: pretraining through the CLI."""
 
+    def run(run_dir, *extra, launcher=(sys.executable,)):
+        return subprocess.run(
+            cli_command(BASE, run_dir, *extra, launcher=launcher),
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
-def _run(run_dir, cache_dir, *extra, launcher=(sys.executable,)):
-    return subprocess.run(
-        _command(run_dir, cache_dir, *extra, launcher=launcher),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run
 
 
 def test_micro_batches_cut_each_global_batch_into_disjoint_equal_parts():
@@ -124,33 +123,31 @@ def test_lr_decays_to_zero_at_the_end_after_the_warmup():
     )
 
 
-def test_unknown_lr_decay_is_refused(cache_dir):
+def test_unknown_lr_decay_is_refused(compose):
     with pytest.raises(ConfigError, match="pretrain.lr_decay='step' is not one of none, linear"):
-        typed_config([*BASE, "pretrain.lr_decay=step"], cache_dir)
+        compose([*BASE, "pretrain.lr_decay=step"])
 
 
-def test_negative_warmup_is_refused(cache_dir):
+def test_negative_warmup_is_refused(compose):
     with pytest.raises(ConfigError, match="pretrain.warmup_steps=-1"):
-        typed_config([*BASE, "pretrain.warmup_steps=-1"], cache_dir)
+        compose([*BASE, "pretrain.warmup_steps=-1"])
 
 
 @pytest.mark.slow
-def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, cache_dir):
-    _fake_query(tmp_path, cache_dir, num_images=40)
-    cfg = typed_config([*BASE, "pretrain.batch_size=64"], cache_dir)
+def test_batch_sizes_that_do_not_split_or_fit_are_refused(tmp_path, compose, fake_query):
+    fake_query(tmp_path, num_images=40)
+    cfg = compose([*BASE, "pretrain.batch_size=64"])
     with pytest.raises(ConfigError, match="exceeds the 40 selected public images"):
         pretrain.run(cfg, tmp_path)
-    cfg = typed_config(
-        [*BASE, "pretrain.batch_size=30", "pretrain.gradient_accumulation_steps=4"], cache_dir
-    )
+    cfg = compose([*BASE, "pretrain.batch_size=30", "pretrain.gradient_accumulation_steps=4"])
     with pytest.raises(ConfigError, match="multiple of 4"):
         pretrain.run(cfg, tmp_path)
 
 
 @pytest.mark.slow
-def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
-    _fake_query(tmp_path, cache_dir)
-    cfg = typed_config(
+def test_single_process_outputs_load_in_plain_diffusers(tmp_path, compose, fake_query):
+    fake_query(tmp_path)
+    cfg = compose(
         [
             *BASE,
             "pretrain.epochs=2",
@@ -158,8 +155,7 @@ def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
             "pretrain.gradient_accumulation_steps=2",
             "pretrain.log_every_steps=2",
             "pretrain.tracker=tensorboard",
-        ],
-        cache_dir,
+        ]
     )
     out = pretrain.run(cfg, tmp_path)
     assert (out / "DONE").exists() and not (out / "checkpoint").exists()
@@ -179,12 +175,11 @@ def test_single_process_outputs_load_in_plain_diffusers(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
+def test_two_processes_each_train_on_their_own_shard(tmp_path, fake_query, run_pretrain):
     """A real 2-process gloo run (torchrun; `accelerate launch --cpu` would run one)."""
-    _fake_query(tmp_path, cache_dir)
-    result = _run(
+    fake_query(tmp_path)
+    result = run_pretrain(
         tmp_path,
-        cache_dir,
         "pretrain.epochs=1",
         launcher=(
             sys.executable,
@@ -210,7 +205,9 @@ def test_two_processes_each_train_on_their_own_shard(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
+def test_kill_and_resume_equals_an_uninterrupted_run(
+    tmp_path, fake_query, run_pretrain, cli_command, repo_root
+):
     # The warm-up spans the checkpoint and the kill: a resumed run must continue it.
     extra = (
         "pretrain.epochs=6",
@@ -219,18 +216,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
         "pretrain.warmup_steps=20",
     )
     straight = tmp_path / "straight"
-    _fake_query(straight, cache_dir)
+    fake_query(straight)
     crashed = tmp_path / "crashed"
     shutil.copytree(straight, crashed)
-    result = _run(straight, cache_dir, *extra, "pretrain.log_every_steps=1")
+    result = run_pretrain(straight, *extra, "pretrain.log_every_steps=1")
     assert result.returncode == 0, result.stderr[-2000:]
 
     stats = crashed / "pretrain" / "stats.jsonl"
     proc = subprocess.Popen(
-        _command(
-            crashed, cache_dir, *extra, "pretrain.log_every_steps=1", launcher=(sys.executable,)
-        ),
-        cwd=REPO,
+        cli_command(BASE, crashed, *extra, "pretrain.log_every_steps=1"),
+        cwd=repo_root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -245,10 +240,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     assert (crashed / "pretrain" / "checkpoint").is_dir()
     assert not (crashed / "pretrain" / "DONE").exists()
 
-    changed = _run(crashed, cache_dir, *extra, "pretrain.log_every_steps=1", "pretrain.lr=0.01")
+    changed = run_pretrain(crashed, *extra, "pretrain.log_every_steps=1", "pretrain.lr=0.01")
     assert changed.returncode == 2 and "restore the original settings" in changed.stderr
 
-    resumed = _run(crashed, cache_dir, *extra, "pretrain.log_every_steps=1")
+    resumed = run_pretrain(crashed, *extra, "pretrain.log_every_steps=1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     lines_s = (straight / "pretrain" / "stats.jsonl").read_text().splitlines()
     lines_c = stats.read_text().splitlines()

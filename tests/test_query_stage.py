@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import typed_config
 
 from privimage import data
 from privimage.nets.models import ResNet, build_classifier
@@ -21,8 +20,8 @@ def test_resnet_classifier_shapes(size, channels):
 
 
 @pytest.mark.slow
-def test_query_classifier_is_trained_once_and_reused(cache_dir):
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+def test_query_classifier_is_trained_once_and_reused(cache_dir, compose):
+    cfg = compose(["experiment=smoke"])
     public = data.load(cfg.public, cache_dir=cache_dir, progress=False)
     first, top1 = query_classifier(cfg, public, torch.device("cpu"))
     saved = cache_dir / "query_classifiers" / f"{_classifier_key(cfg)}.pt"
@@ -36,13 +35,11 @@ def test_query_classifier_is_trained_once_and_reused(cache_dir):
         assert torch.equal(a, b), name
 
 
-def test_classifier_key_follows_the_public_data_and_its_own_settings(cache_dir):
-    base = _classifier_key(typed_config(["experiment=smoke"], cache_dir))
+def test_classifier_key_follows_the_public_data_and_its_own_settings(compose):
+    base = _classifier_key(compose(["experiment=smoke"]))
     # Same public images and settings: same key, whatever the sensitive side does.
     assert base == _classifier_key(
-        typed_config(
-            ["experiment=smoke", "privacy.epsilon=1", "data.max_train_images=300"], cache_dir
-        )
+        compose(["experiment=smoke", "privacy.epsilon=1", "data.max_train_images=300"])
     )
     for change in (
         "public.max_train_images=100",
@@ -51,9 +48,7 @@ def test_classifier_key_follows_the_public_data_and_its_own_settings(cache_dir):
         "query.classifier_augment=strong",
         "query.classifier_hflip=true",
     ):
-        assert base != _classifier_key(typed_config(["experiment=smoke", change], cache_dir)), (
-            change
-        )
+        assert base != _classifier_key(compose(["experiment=smoke", change])), change
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -75,12 +70,12 @@ def test_strong_augmentation_is_seeded_in_range_and_changes_images(channels):
     assert torch.allclose(flat, flat[:, :1, :1, :1].expand_as(flat), atol=1e-6)
 
 
-def test_unknown_augmentation_is_refused(cache_dir):
+def test_unknown_augmentation_is_refused(compose):
     from privimage.errors import ConfigError
     from privimage.nets.classifier import train_classifier
 
     with pytest.raises(ConfigError, match="query.classifier_augment"):
-        typed_config(["experiment=smoke", "query.classifier_augment=mixup"], cache_dir)
+        compose(["experiment=smoke", "query.classifier_augment=mixup"])
     import torch
 
     with pytest.raises(ValueError, match="augment"):

@@ -18,16 +18,6 @@ import subprocess
 
 import pytest
 import torch
-from conftest import (
-    REPO,
-    RESUMABLE_FINETUNE,
-    cli_command,
-    copy_run,
-    jsonl_lines,
-    pretrain_smoke,
-    typed_config,
-    wait_for_lines,
-)
 from diffusers import UNet2DModel
 
 from privimage.errors import PrivacyBudgetError
@@ -35,26 +25,33 @@ from privimage.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
-FINETUNE = RESUMABLE_FINETUNE
-
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
+def pretrained(tmp_path_factory, pretrain_smoke):
     """Query and pretraining once; each scenario fine-tunes a copy of this run."""
-    return pretrain_smoke(tmp_path_factory.mktemp("resume-base"), cache_dir)
+    return pretrain_smoke(tmp_path_factory.mktemp("resume-base"))
 
 
-def _command(run_dir, cache_dir, *extra):
-    return cli_command(FINETUNE, run_dir, cache_dir, *extra)
+@pytest.fixture
+def finetune_command(cli_command, resumable_finetune):
+    """``finetune_command(run_dir, *extra)``: the resumable fine-tune's command line."""
+
+    def command(run_dir, *extra):
+        return cli_command(resumable_finetune, run_dir, *extra)
+
+    return command
 
 
-def _run(run_dir, cache_dir, *extra):
-    return subprocess.run(
-        _command(run_dir, cache_dir, *extra), cwd=REPO, capture_output=True, text=True
-    )
+@pytest.fixture
+def run_finetune(finetune_command, repo_root):
+    """``run_finetune(run_dir, *extra)``: the resumable fine-tune, run to its end."""
 
+    def run(run_dir, *extra):
+        return subprocess.run(
+            finetune_command(run_dir, *extra), cwd=repo_root, capture_output=True, text=True
+        )
 
-_copy = copy_run
+    return run
 
 
 def _ledger(run_dir):
@@ -63,20 +60,25 @@ def _ledger(run_dir):
     return data, mechanisms
 
 
-_lines = jsonl_lines
-
-
-def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache_dir):
-    straight = _copy(pretrained, tmp_path, "straight")
-    result = _run(straight, cache_dir)
+def test_kill_and_resume_equals_an_uninterrupted_run(
+    pretrained,
+    copy_run,
+    finetune_command,
+    run_finetune,
+    repo_root,
+    wait_for_lines,
+    jsonl_lines,
+):
+    straight = copy_run(pretrained, "straight")
+    result = run_finetune(straight)
     assert result.returncode == 0, result.stderr[-2000:]
 
-    crashed = _copy(pretrained, tmp_path, "crashed")
+    crashed = copy_run(pretrained, "crashed")
     stats = crashed / "finetune" / "stats.jsonl"
     checkpoint = crashed / "finetune" / "checkpoint.pt"
     proc = subprocess.Popen(
-        _command(crashed, cache_dir),
-        cwd=REPO,
+        finetune_command(crashed),
+        cwd=repo_root,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -86,17 +88,17 @@ def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.exists() and not (crashed / "finetune" / "DONE").exists()
-    killed_at = len(_lines(stats))
+    killed_at = len(jsonl_lines(stats))
     assert 5 <= killed_at < 12
 
     # Resuming with other settings would splice two different mechanisms: refused.
     ledger_before = (crashed / "privacy.json").read_text()
-    changed = _run(crashed, cache_dir, "finetune.epochs=3")
+    changed = run_finetune(crashed, "finetune.epochs=3")
     assert changed.returncode == 2
     assert "restore the original settings" in changed.stderr
     assert (crashed / "privacy.json").read_text() == ledger_before
 
-    resumed = _run(crashed, cache_dir)
+    resumed = run_finetune(crashed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (crashed / "finetune" / "DONE").exists() and not checkpoint.exists()
 
@@ -107,8 +109,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache
     assert data_c["epsilon_spent"] == data_s["epsilon_spent"] <= data_s["target_epsilon"]
     sgd = next(m for m in mech_c if m["name"] == "dp_sgd")
     assert sgd["steps"] == 12
-    assert _lines(stats) == _lines(straight / "finetune" / "stats.jsonl")
-    assert [json.loads(line)["step"] for line in _lines(stats)] == list(range(1, 13))
+    assert jsonl_lines(stats) == jsonl_lines(straight / "finetune" / "stats.jsonl")
+    assert [json.loads(line)["step"] for line in jsonl_lines(stats)] == list(range(1, 13))
     events = [(e["event"], e["stage"], e.get("from_step")) for e in data_c["events"]]
     resume_step = next(step for event, _, step in events if event == "resume")
     assert resume_step % 3 == 0 and 3 <= resume_step < killed_at
@@ -130,16 +132,18 @@ def test_kill_and_resume_equals_an_uninterrupted_run(pretrained, tmp_path, cache
     # A finished stage whose DONE marker is lost cannot quietly spend its budget again.
     (crashed / "finetune" / "DONE").unlink()
     ledger_before = (crashed / "privacy.json").read_text()
-    again = _run(crashed, cache_dir)
+    again = run_finetune(crashed)
     assert again.returncode == 2
     assert "already completed" in again.stderr and "twice" in again.stderr
     assert (crashed / "privacy.json").read_text() == ledger_before
 
 
-def test_empty_poisson_batches_are_noise_only_steps_in_the_stage(pretrained, tmp_path, cache_dir):
+def test_empty_poisson_batches_are_noise_only_steps_in_the_stage(
+    pretrained, copy_run, compose, jsonl_lines
+):
     """At q = 1/600 about a third of Poisson batches are empty; each is a real, counted step."""
-    run_dir = _copy(pretrained, tmp_path, "tiny-batches")
-    cfg = typed_config(
+    run_dir = copy_run(pretrained, "tiny-batches")
+    cfg = compose(
         [
             "experiment=smoke",
             "stages=[finetune]",
@@ -148,11 +152,10 @@ def test_empty_poisson_batches_are_noise_only_steps_in_the_stage(pretrained, tmp
             "finetune.epochs=0.02",  # 12 steps
             # Seeded masks, so this test always draws the empty batches it checks.
             "privacy.reproducible_noise=true",
-        ],
-        cache_dir,
+        ]
     )
     run_pipeline(cfg, run_dir)
-    stats = [json.loads(line) for line in _lines(run_dir / "finetune" / "stats.jsonl")]
+    stats = [json.loads(line) for line in jsonl_lines(run_dir / "finetune" / "stats.jsonl")]
     assert [s["step"] for s in stats] == list(range(1, 13))
     losses = [s["loss"] for s in stats]
     assert None in losses, "no empty batch drawn; the seed no longer exercises this path"
@@ -164,11 +167,13 @@ def test_empty_poisson_batches_are_noise_only_steps_in_the_stage(pretrained, tmp
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_finetune_refuses_a_run_whose_ledger_lost_the_query(pretrained, tmp_path, cache_dir):
+def test_finetune_refuses_a_run_whose_ledger_lost_the_query(
+    pretrained, copy_run, compose, resumable_finetune
+):
     # A run folder copied without privacy.json: calibrating DP-SGD on an empty history
     # would spend the whole budget again on top of the query's share.
-    run_dir = _copy(pretrained, tmp_path, "no-ledger")
+    run_dir = copy_run(pretrained, "no-ledger")
     (run_dir / "privacy.json").unlink()
     with pytest.raises(PrivacyBudgetError, match="records no query spend"):
-        run_pipeline(typed_config(FINETUNE, cache_dir), run_dir)
+        run_pipeline(compose(resumable_finetune), run_dir)
     assert not (run_dir / "finetune" / "DONE").exists()

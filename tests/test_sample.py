@@ -12,7 +12,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import typed_config
 from PIL import Image
 
 from privimage.errors import ConfigError
@@ -48,15 +47,15 @@ def _upstream(run_dir, cfg, formulation="edm"):
     mark_done(run_dir / "finetune")
 
 
-def _sample(run_dir, cache_dir, *extra):
-    cfg = typed_config([*BASE, *extra], cache_dir)
+def _sample(run_dir, compose, *extra):
+    cfg = compose([*BASE, *extra])
     if not (run_dir / "finetune").exists():
         _upstream(run_dir, cfg)
     return sample.run(cfg, run_dir), cfg
 
 
-def test_writes_folder_dataset_npz_and_grid(tmp_path, cache_dir):
-    out, _ = _sample(tmp_path, cache_dir)
+def test_writes_folder_dataset_npz_and_grid(tmp_path, compose):
+    out, _ = _sample(tmp_path, compose)
     npz = np.load(out / "samples.npz")
     assert npz["images"].shape == (15, 1, 16, 16) and npz["images"].dtype == np.uint8
     assert npz["labels"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
@@ -74,11 +73,11 @@ def test_writes_folder_dataset_npz_and_grid(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
-    whole, _ = _sample(tmp_path / "whole", cache_dir, "sample.batch_size=15")
+def test_split_and_resumed_jobs_give_the_same_images(tmp_path, compose):
+    whole, _ = _sample(tmp_path / "whole", compose, "sample.batch_size=15")
     ref = np.load(whole / "samples.npz")["images"]
 
-    split, _ = _sample(tmp_path / "split", cache_dir, "sample.batch_size=4")
+    split, _ = _sample(tmp_path / "split", compose, "sample.batch_size=4")
     # Other batch compositions may change float summation order, never an image by more
     # than one rounding step.
     got = np.load(split / "samples.npz")["images"].astype(int)
@@ -86,14 +85,14 @@ def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
 
     # An interrupted job: some PNGs written, no DONE. The rerun samples only the rest.
     resumed = tmp_path / "resumed"
-    out, _ = _sample(resumed, cache_dir)
+    out, _ = _sample(resumed, compose)
     (out / "DONE").unlink()
     (out / "samples.npz").unlink()
     gone = sorted((out / "images").rglob("*.png"))[::3]
     for path in gone:
         path.unlink()
     kept = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
-    out, _ = _sample(resumed, cache_dir)
+    out, _ = _sample(resumed, compose)
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "kept images were redone"
     assert all(p.exists() for p in gone)
     got = np.load(out / "samples.npz")["images"].astype(int)
@@ -101,36 +100,36 @@ def test_split_and_resumed_jobs_give_the_same_images(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_changed_settings_start_over(tmp_path, cache_dir):
-    out, _ = _sample(tmp_path, cache_dir)
+def test_changed_settings_start_over(tmp_path, compose):
+    out, _ = _sample(tmp_path, compose)
     before = np.load(out / "samples.npz")["images"]
     (out / "DONE").unlink()
-    out, _ = _sample(tmp_path, cache_dir, "sample.sampler=euler")
+    out, _ = _sample(tmp_path, compose, "sample.sampler=euler")
     assert json.loads((out / "progress.json").read_text())["solver"] == "euler"
     assert not np.array_equal(np.load(out / "samples.npz")["images"], before)
 
 
 @pytest.mark.slow
-def test_guidance_changes_the_images(tmp_path, cache_dir):
-    plain, _ = _sample(tmp_path / "plain", cache_dir)
-    guided, _ = _sample(tmp_path / "guided", cache_dir, "sample.guidance_scale=3")
+def test_guidance_changes_the_images(tmp_path, compose):
+    plain, _ = _sample(tmp_path / "plain", compose)
+    guided, _ = _sample(tmp_path / "guided", compose, "sample.guidance_scale=3")
     a = np.load(plain / "samples.npz")["images"]
     b = np.load(guided / "samples.npz")["images"]
     assert not np.array_equal(a, b)
 
 
 @pytest.mark.slow
-def test_a_unet_of_another_formulation_is_refused(tmp_path, cache_dir):
-    cfg = typed_config(BASE, cache_dir)
+def test_a_unet_of_another_formulation_is_refused(tmp_path, compose):
+    cfg = compose(BASE)
     _upstream(tmp_path, cfg, formulation="ddpm")
     with pytest.raises(ConfigError, match="diffusion.formulation=ddpm"):
         sample.run(cfg, tmp_path)
     # The same run under the DDPM formulation samples with DDIM.
-    cfg = typed_config([*BASE, "diffusion=ddpm"], cache_dir)
+    cfg = compose([*BASE, "diffusion=ddpm"])
     out = sample.run(cfg, tmp_path)
     assert json.loads((out / "progress.json").read_text())["solver"] == "ddim"
 
 
-def test_a_sampler_that_does_not_fit_the_formulation_is_refused(cache_dir):
+def test_a_sampler_that_does_not_fit_the_formulation_is_refused(compose):
     with pytest.raises(ConfigError, match="sample.sampler='ddim' does not fit"):
-        typed_config([*BASE, "sample.sampler=ddim"], cache_dir)
+        compose([*BASE, "sample.sampler=ddim"])

@@ -15,7 +15,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import typed_config
 from diffusers import UNet2DModel
 
 from privimage.dp import training as dp_training
@@ -47,9 +46,9 @@ def _distance_to_integers(x):
     return float(np.abs(x - np.round(x)).max())
 
 
-def _query(tmp_path, name, cache_dir, *extra):
+def _query(tmp_path, name, compose, *extra):
     run = tmp_path / name
-    cfg = typed_config([*QUERY, *extra], cache_dir)
+    cfg = compose([*QUERY, *extra])
     run_pipeline(cfg, run)
     selection = json.loads((run / "query" / "selection.json").read_text())
     ledger = json.loads((run / "privacy.json").read_text())
@@ -57,21 +56,21 @@ def _query(tmp_path, name, cache_dir, *extra):
 
 
 @pytest.mark.slow
-def test_the_query_noise_cannot_be_subtracted_from_a_default_run(tmp_path, cache_dir):
-    cfg, noisy, selection, ledger = _query(tmp_path, "default", cache_dir)
+def test_the_query_noise_cannot_be_subtracted_from_a_default_run(tmp_path, compose):
+    cfg, noisy, selection, ledger = _query(tmp_path, "default", compose)
     assert ledger["noise_secret"] is True
     assert [m["noise_secret"] for m in ledger["mechanisms"]] == [True]
     for how, noise in _seed_noise(noisy.shape, seed=cfg.seed, std=selection["noise_std"]).items():
         # Exact counts would be integers; the noise std is 10, so a wrong guess is off by
         # about 0.5 on the worst of 620 cells.
         assert _distance_to_integers(noisy - noise) > 0.1, how
-    _, again, _, _ = _query(tmp_path, "default-again", cache_dir)
+    _, again, _, _ = _query(tmp_path, "default-again", compose)
     assert not np.allclose(noisy, again), "two runs with one config drew the same noise"
 
 
 @pytest.mark.slow
-def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
-    cfg, noisy, selection, ledger = _query(tmp_path, "seeded", cache_dir, REPRODUCIBLE)
+def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, compose):
+    cfg, noisy, selection, ledger = _query(tmp_path, "seeded", compose, REPRODUCIBLE)
     noise = _seed_noise(noisy.shape, seed=cfg.seed, std=selection["noise_std"])
     counts = noisy - noise["reproducible_noise"]
     # The attack works here: the exact histogram, one vote per training image (top-1).
@@ -83,13 +82,13 @@ def test_reproducible_noise_is_regenerable_and_says_so(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_a_query_stopped_after_its_draw_finishes_from_it(tmp_path, cache_dir, monkeypatch):
+def test_a_query_stopped_after_its_draw_finishes_from_it(tmp_path, compose, monkeypatch):
     """Interrupted in the selection judge: the rerun finishes from the saved noisy
     histogram, so the query is released (and charged) once, not twice with fresh noise."""
     from privimage.stages import query
 
     run = tmp_path / "judged"
-    cfg = typed_config([*QUERY, "query.score_selection=true"], cache_dir)
+    cfg = compose([*QUERY, "query.score_selection=true"])
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -109,16 +108,13 @@ def test_a_query_stopped_after_its_draw_finishes_from_it(tmp_path, cache_dir, mo
     # Asked with other settings, the saved draw is not reused: the ledger refuses instead.
     with pytest.raises(PrivacyBudgetError):
         (run / "query" / "DONE").unlink()
-        run_pipeline(typed_config([*QUERY, "query.noise_multiplier=20"], cache_dir), run)
+        run_pipeline(compose([*QUERY, "query.noise_multiplier=20"]), run)
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, cache_dir):
+def pretrained(tmp_path_factory, pretrain_smoke):
     """Query and pretraining once; each scenario fine-tunes a copy of this run."""
-    run_dir = tmp_path_factory.mktemp("secret-base")
-    cfg = typed_config(["experiment=smoke", "stages=[query,pretrain]"], cache_dir)
-    run_pipeline(cfg, run_dir)
-    return run_dir
+    return pretrain_smoke(tmp_path_factory.mktemp("secret-base"))
 
 
 def _copy(pretrained, tmp_path, name):
@@ -127,8 +123,8 @@ def _copy(pretrained, tmp_path, name):
     return target
 
 
-def _finetune(run_dir, cache_dir, *extra):
-    run_pipeline(typed_config([*FINETUNE, *extra], cache_dir), run_dir)
+def _finetune(run_dir, compose, *extra):
+    run_pipeline(compose([*FINETUNE, *extra]), run_dir)
     return UNet2DModel.from_pretrained(run_dir / "finetune" / "unet").state_dict()
 
 
@@ -138,13 +134,13 @@ def _same(a, b):
 
 @pytest.mark.slow
 def test_dp_sgd_differs_between_default_runs_and_not_under_reproducible_noise(
-    pretrained, tmp_path, cache_dir
+    pretrained, tmp_path, compose
 ):
-    first = _finetune(_copy(pretrained, tmp_path, "a"), cache_dir)
-    second = _finetune(_copy(pretrained, tmp_path, "b"), cache_dir)
+    first = _finetune(_copy(pretrained, tmp_path, "a"), compose)
+    second = _finetune(_copy(pretrained, tmp_path, "b"), compose)
     assert not _same(first, second), "the DP-SGD noise or masks follow the config"
-    seeded = _finetune(_copy(pretrained, tmp_path, "c"), cache_dir, REPRODUCIBLE)
-    seeded_again = _finetune(_copy(pretrained, tmp_path, "d"), cache_dir, REPRODUCIBLE)
+    seeded = _finetune(_copy(pretrained, tmp_path, "c"), compose, REPRODUCIBLE)
+    seeded_again = _finetune(_copy(pretrained, tmp_path, "d"), compose, REPRODUCIBLE)
     assert _same(seeded, seeded_again)
     assert not _same(first, seeded)
     ledger = json.loads((tmp_path / "c" / "privacy.json").read_text())
@@ -167,21 +163,21 @@ def _crash_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(dp_training, "torch_save", save_then_crash)
 
 
-def _crashed(pretrained, tmp_path, cache_dir, monkeypatch, *extra):
+def _crashed(pretrained, tmp_path, compose, monkeypatch, *extra):
     run_dir = _copy(pretrained, tmp_path, "crashed")
     with monkeypatch.context() as m:
         _crash_after_checkpoint(m, step=2)
         with pytest.raises(Crash):
-            _finetune(run_dir, cache_dir, *extra)
+            _finetune(run_dir, compose, *extra)
     assert (run_dir / "finetune" / finetune.CHECKPOINT).exists()
     return run_dir
 
 
 @pytest.mark.slow
 def test_resume_continues_the_checkpointed_secret_streams(
-    pretrained, tmp_path, cache_dir, monkeypatch
+    pretrained, tmp_path, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
     ckpt = torch.load(crashed / "finetune" / finetune.CHECKPOINT, weights_only=True)
     assert ckpt["reproducible_noise"] is False and ckpt["step"] == 2
     copies = [crashed, _copy(crashed, tmp_path, "crashed-copy")]
@@ -193,7 +189,7 @@ def test_resume_continues_the_checkpointed_secret_streams(
         return seeding.dp_entropy(**kwargs)
 
     monkeypatch.setattr(finetune, "dp_entropy", spy)
-    resumed = [_finetune(run, cache_dir) for run in copies]
+    resumed = [_finetune(run, compose) for run in copies]
     assert draws == [], "a resumed run drew new DP randomness instead of the checkpoint's"
     # Both continued the very streams in the checkpoint, so they agree exactly; had either
     # drawn fresh entropy they would not.
@@ -208,19 +204,19 @@ def test_resume_continues_the_checkpointed_secret_streams(
         assert events == [("begin", None), ("resume", 2), ("complete", None)]
         assert not (run / "finetune" / finetune.CHECKPOINT).exists()
     # And they are not what the config's seed would give.
-    seeded = _finetune(_copy(pretrained, tmp_path, "seeded"), cache_dir, REPRODUCIBLE)
+    seeded = _finetune(_copy(pretrained, tmp_path, "seeded"), compose, REPRODUCIBLE)
     assert not _same(resumed[0], seeded)
 
 
 @pytest.mark.slow
 def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
-    pretrained, tmp_path, cache_dir, monkeypatch
+    pretrained, tmp_path, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
     first = json.loads((crashed / "privacy.json").read_text())
     sigma_first = next(m for m in first["mechanisms"] if m["name"] == "dp_sgd")["noise_multiplier"]
     (crashed / "finetune" / finetune.CHECKPOINT).unlink()
-    _finetune(crashed, cache_dir)
+    _finetune(crashed, compose)
     ledger = json.loads((crashed / "privacy.json").read_text())
     sgd = [m for m in ledger["mechanisms"] if m["name"] == "dp_sgd"]
     assert [m["status"] for m in sgd] == ["abandoned", "completed"]
@@ -235,33 +231,33 @@ def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
 
 @pytest.mark.slow
 def test_under_reproducible_noise_a_restart_replays_the_same_mechanism(
-    pretrained, tmp_path, cache_dir, monkeypatch
+    pretrained, tmp_path, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch, REPRODUCIBLE)
+    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch, REPRODUCIBLE)
     (crashed / "finetune" / finetune.CHECKPOINT).unlink()
-    restarted = _finetune(crashed, cache_dir, REPRODUCIBLE)
+    restarted = _finetune(crashed, compose, REPRODUCIBLE)
     ledger = json.loads((crashed / "privacy.json").read_text())
     assert [m["status"] for m in ledger["mechanisms"] if m["name"] == "dp_sgd"] == ["completed"]
-    straight = _finetune(_copy(pretrained, tmp_path, "straight"), cache_dir, REPRODUCIBLE)
+    straight = _finetune(_copy(pretrained, tmp_path, "straight"), compose, REPRODUCIBLE)
     assert _same(restarted, straight)
 
 
 @pytest.mark.slow
 def test_a_checkpoint_is_not_resumed_on_other_weights_or_other_data(
-    pretrained, tmp_path, cache_dir, monkeypatch
+    pretrained, tmp_path, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, cache_dir, monkeypatch)
+    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
     ledger_before = (crashed / "privacy.json").read_text()
     # Same shapes, other sensitive images: the split seed picks other training digits.
     with pytest.raises(ConfigError, match="data_key"):
-        _finetune(crashed, cache_dir, "data.split_seed=1")
+        _finetune(crashed, compose, "data.split_seed=1")
     unet = crashed / "pretrain" / "unet"
     model = UNet2DModel.from_pretrained(unet)
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)
     model.save_pretrained(unet)
     with pytest.raises(ConfigError, match="pretrained_weights"):
-        _finetune(crashed, cache_dir)
+        _finetune(crashed, compose)
     assert (crashed / "privacy.json").read_text() == ledger_before
 
 
@@ -279,18 +275,18 @@ def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_pa
 
 
 @pytest.mark.slow
-def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, tmp_path, cache_dir):
+def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, tmp_path, compose):
     """The two clipping paths compute the same clipped sums: with the same (seeded) noise,
     masks and diffusion draws, the finished models agree to 1e-4 (float rounding only)."""
     fast = _finetune(
         _copy(pretrained, tmp_path, "bk"),
-        cache_dir,
+        compose,
         REPRODUCIBLE,
         "finetune.grad_sample_mode=bookkeeping",
     )
     hooks = _finetune(
         _copy(pretrained, tmp_path, "hooks"),
-        cache_dir,
+        compose,
         REPRODUCIBLE,
         "finetune.grad_sample_mode=hooks",
     )

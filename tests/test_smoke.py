@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import typed_config
 from diffusers import UNet2DModel
 
 from privimage.pipeline import run_pipeline
@@ -17,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, cache_dir):
+def smoke_run(tmp_path_factory, compose):
     run_dir = tmp_path_factory.mktemp("smoke-run")
-    cfg = typed_config(["experiment=smoke"], cache_dir)
+    cfg = compose(["experiment=smoke"])
     run_pipeline(cfg, run_dir)
     return cfg, run_dir
 
