@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from privimage.config.schema import Config
 from privimage.config.store import config_dir
@@ -40,6 +42,7 @@ def test_every_experiment_preset_composes(experiment, compose):
     ],
 )
 def test_every_group_option_composes(group, compose, compose_dict):
+    """Each option's typed group holds exactly what its YAML file sets."""
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if group in ("data", "public"):
@@ -52,7 +55,12 @@ def test_every_group_option_composes(group, compose, compose_dict):
                 f"{other}.channels={probe[group].channels}",
                 "model=nano",
             ]
-        compose(overrides)
+        typed = asdict(getattr(compose(overrides), group))
+        expected = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+        if group in ("data", "public"):
+            expected["path"] = "/some/where"
+        assert expected, f"{group}/{option}.yaml sets nothing"
+        assert {key: typed[key] for key in expected} == expected, f"{group}={option}"
 
 
 def test_cifar10_with_tinyimagenet_composes(compose):
