@@ -503,8 +503,16 @@ def test_hub_source_on_a_local_folder(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_embedded_sources_are_available() -> None:
-    for source in ("mnist5k", "digits", "glyphs"):
-        data.check_available(DataConfig(source=source))
+    """No path and no network: each embedded source checks out and lists its images."""
+    from privimage.data.registry import get_source
+
+    expected = {"mnist5k": (10, 5000), "digits": (10, 1797), "glyphs": (62, 62 * 360)}
+    for source, (classes, images) in expected.items():
+        cfg = DataConfig(source=source)
+        data.check_available(cfg)
+        catalog = get_source(source).catalog(cfg, progress=False)
+        assert len(catalog.class_names) == classes, source
+        assert sum(len(labels) for _, labels in catalog.splits.values()) == images, source
 
 
 def test_stratified_split_and_subset_are_seeded() -> None:
