@@ -80,4 +80,6 @@ def test_quickstart_then_compare_notebooks_run(tmp_path, cache_dir, monkeypatch)
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebooks_have_one_parameters_cell(path):
-    _with_parameters(path, "")
+    nb = _with_parameters(path, "X = 1")
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert [(c.cell_type, c.source) for c in cells] == [("code", "X = 1")]
