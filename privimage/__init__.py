@@ -25,6 +25,8 @@ _API = {
     "Config": "privimage.config.schema",
     "compose": "privimage.config.store",
     "to_config": "privimage.config.store",
+    "load_group": "privimage.config.store",
+    "group_options": "privimage.config.store",
     "run_pipeline": "privimage.pipeline",
     "load_unet": "privimage.nets.models",
     "sample_batch": "privimage.diffusion",

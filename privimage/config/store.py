@@ -1,5 +1,6 @@
-"""Hydra's side of the config: the schemas registered with its ConfigStore, and the typed
-:class:`~privimage.config.schema.Config` built (and validated) from a composed config.
+"""Hydra's side of the config: the schemas registered with its ConfigStore, the typed
+:class:`~privimage.config.schema.Config` built (and validated) from a composed config, and
+one group's preset on its own (:func:`load_group`) for benches and notebooks.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from privimage.config.schema import Config
 from privimage.config.validate import validate
+from privimage.errors import ConfigError
 
 
 def register_configs() -> None:
@@ -55,3 +58,44 @@ def compose(overrides: list[str] | None = None) -> Config:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return to_config(hydra_compose(config_name="config", overrides=list(overrides or [])))
+
+
+def group_options(group: str) -> list[str]:
+    """The presets of config group ``group``: the names of ``conf/<group>/*.yaml``, sorted."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def load_group(group: str, name: str) -> Any:
+    """One group's preset as a run would see it, typed, without composing a whole run.
+
+    ``conf/<group>/<name>.yaml`` merged onto the group's node of :class:`Config` (the
+    dataclass of that field, with the root schema's defaults: ``public`` is a
+    :class:`~privimage.config.schema.DataConfig` that defaults to the glyphs). Nothing
+    across groups is checked, so a bench may load ``data=cifar10`` beside the default
+    public set, which :func:`compose` would refuse.
+
+    Args:
+        group: A config group with a schema (``data``, ``public``, ``model``, ``bnstat``,
+            ...), not ``experiment`` or ``sweep``.
+        name: The preset, e.g. ``tiny28`` for ``conf/model/tiny28.yaml``.
+
+    Returns:
+        The group's dataclass instance, e.g. a ``ModelConfig`` for ``model``.
+
+    Raises:
+        ConfigError: An unknown group or preset, or a preset that does not fit its schema.
+    """
+    schema = OmegaConf.structured(Config)
+    node = schema.get(group) if group in schema else None
+    if not isinstance(node, DictConfig):
+        groups = [k for k in schema if isinstance(schema.get(k), DictConfig)]
+        raise ConfigError(f"no config group {group!r} with a schema; choose one of {groups}")
+    path = Path(config_dir()) / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no {group} preset {name!r} in {path.parent}; choose one of {group_options(group)}"
+        )
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(node, OmegaConf.load(path)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
