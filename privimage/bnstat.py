@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privimage.config.schema import BNStatConfig
+
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     """The model's ``BatchNorm2d`` layers with their names, in registration order."""
@@ -150,6 +152,20 @@ class SynthesisWeights:
     l2: float = 1e-4
     jitter_pixels: int = 2
     flip: bool = False
+
+
+def synthesis_weights(b: BNStatConfig) -> SynthesisWeights:
+    """The synthesis settings of ``cfg.bnstat``."""
+    return SynthesisWeights(
+        steps=b.steps,
+        lr=b.lr,
+        bn=b.bn_weight,
+        ce=b.ce_weight,
+        tv=b.tv_weight,
+        l2=b.l2_weight,
+        jitter_pixels=b.jitter_pixels,
+        flip=b.flip,
+    )
 
 
 def synthesis_loss(
