@@ -20,23 +20,82 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-# name -> module that defines it
+# name -> the module that defines it, or "module:attr" where the public name is another
+# (``data.load`` is ``load_dataset`` here). By topic: config and running, the parts a run
+# is made of, then finished runs.
 _API = {
+    # Config: a whole run's typed config, or one group's preset on its own
     "Config": "privimage.config.schema",
+    "DataConfig": "privimage.config.schema",
+    "DiffusionConfig": "privimage.config.schema",
+    "ModelConfig": "privimage.config.schema",
     "compose": "privimage.config.store",
     "to_config": "privimage.config.store",
     "load_group": "privimage.config.store",
     "group_options": "privimage.config.store",
+    # Running: the whole pipeline, the device and the cache folder a run uses
     "run_pipeline": "privimage.pipeline",
+    "resolve_device": "privimage.runtime",
+    "cache_root": "privimage.runtime",
+    # Data: datasets as uint8 image splits
+    "load_dataset": "privimage.data.loading:load",
+    "ImageSplit": "privimage.data.containers",
+    "stratified_split": "privimage.data.splits",
+    # Networks: the diffusion UNet and the small classifiers
+    "build_unet": "privimage.nets.models",
     "load_unet": "privimage.nets.models",
+    "ema_update": "privimage.nets.models",
+    "count_parameters": "privimage.nets.models",
+    "make_opacus_safe": "privimage.nets.models",
+    "ResNet": "privimage.nets.models",
+    "train_classifier": "privimage.nets.classifier",
+    "predict_logits": "privimage.nets.classifier",
+    "accuracy": "privimage.nets.classifier",
+    # Diffusion: the training loss and sampler of any formulation
+    "training_loss": "privimage.diffusion",
     "sample_batch": "privimage.diffusion",
-    "to_uint8": "privimage.diffusion",
+    "drop_labels": "privimage.diffusion.common",
+    "to_uint8": "privimage.diffusion.common",
+    # Schedules: the learning rate's warm-up and decay over the steps
+    "LR_DECAYS": "privimage.schedule",
+    "scheduled_lr": "privimage.schedule",
+    # DP-SGD: Opacus wrapping, K noise draws per example, partial fine-tuning
+    "make_private": "privimage.dp.dpsgd",
+    "repeat_for_noise_draws": "privimage.dp.dpsgd",
+    "select_trainable": "privimage.dp.training",
+    # BN-statistics synthesis (not DP): a teacher's class statistics, image optimisation
+    "ClassStatistics": "privimage.bnstat",
+    "classwise_bn_statistics": "privimage.bnstat",
+    "synthesis_weights": "privimage.bnstat",
+    "synthesize_bnstat": "privimage.bnstat:synthesize",
+    # Metrics: FID features, neighbours, leakage, downstream utility, gradient inversion
+    "load_inception": "privimage.metrics.fid",
+    "inception_features": "privimage.metrics.fid",
+    "cached_features": "privimage.metrics.fid",
+    "frechet_distance_of_features": "privimage.metrics.fid",
+    "nearest_neighbours": "privimage.metrics.neighbours:nearest",
+    "pixel_vectors": "privimage.metrics.leakage",
+    "psnr": "privimage.metrics.leakage",
+    "ssim": "privimage.metrics.leakage",
+    "SealedSplit": "privimage.metrics.downstream",
+    "DownstreamSettings": "privimage.metrics.downstream",
+    "downstream_settings": "privimage.metrics.downstream",
+    "evaluate_downstream": "privimage.metrics.downstream",
+    "build_downstream": "privimage.metrics.downstream",
+    "example_gradient": "privimage.metrics.inversion",
+    "invert_gradient": "privimage.metrics.inversion",
+    # Results: finished runs as one table (``privimage report``)
+    "find_runs": "privimage.results",
     "run_row": "privimage.results",
+    "read_timings": "privimage.results",
+    "render_markdown": "privimage.results",
+    "write_results": "privimage.results",
 }
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
+        module, _, attr = _API[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'privimage' has no attribute {name!r}")
