@@ -34,19 +34,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from privimage import bnstat
-from privimage.config.schema import BNStatConfig, DataConfig
-from privimage.config.store import config_dir
-from privimage.data import load
-from privimage.data.splits import stratified_split
-from privimage.metrics import leakage
-from privimage.metrics.neighbours import nearest
-from privimage.nets.classifier import accuracy, predict_logits, train_classifier
-from privimage.nets.models import ResNet
-from privimage.runtime import cache_root, resolve_device
-from privimage.stages.sample_bnstat import synthesis_weights, train_teacher
+from privimage import (
+    ClassStatistics,
+    ResNet,
+    accuracy,
+    cache_root,
+    classwise_bn_statistics,
+    compose,
+    load_dataset,
+    load_group,
+    nearest_neighbours,
+    pixel_vectors,
+    predict_logits,
+    resolve_device,
+    ssim,
+    stratified_split,
+    synthesis_weights,
+    synthesize_bnstat,
+    train_classifier,
+)
 
 # One change at a time around the defaults: name -> (field, value).
 VARIATIONS = {
@@ -66,17 +73,30 @@ VARIATIONS = {
 }
 
 
-def load_group(group: str, name: str, schema):
-    """``conf/<group>/<name>.yaml`` merged onto its schema, as a run would see it."""
-    merged = OmegaConf.merge(
-        OmegaConf.structured(schema), OmegaConf.load(Path(config_dir()) / group / f"{name}.yaml")
-    )
-    return OmegaConf.to_object(merged)
-
-
 def default_cache() -> Path:
     """The cache folder a run would use (``cache_dir`` of ``conf/config.yaml``)."""
-    return cache_root(OmegaConf.load(Path(config_dir()) / "config.yaml").cache_dir)
+    return cache_root(compose().cache_dir)
+
+
+def train_teacher(b, images, labels, *, num_classes, device, seed):
+    """The BatchNorm teacher and its class-wise statistics, trained as the sample stage of
+    ``synthesizer=bnstat`` trains them (``stages/sample_bnstat.py``)."""
+    model = train_classifier(
+        images,
+        labels,
+        num_classes=num_classes,
+        width=b.teacher_width,
+        epochs=b.teacher_epochs,
+        batch_size=b.teacher_batch_size,
+        lr=b.teacher_lr,
+        device=device,
+        seed=seed,
+        hflip=b.teacher_hflip,
+        model=ResNet(in_channels=images.shape[1], num_classes=num_classes, width=b.teacher_width),
+        desc="bnstat teacher (sensitive data, not DP)",
+    )
+    stats = classwise_bn_statistics(model, images, labels, num_classes=num_classes, device=device)
+    return model.eval(), stats
 
 
 def _student_accuracy(x, y, val_x, val_y, *, num_classes, args, device) -> float:
@@ -118,13 +138,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    data_cfg: DataConfig = load_group("data", args.data, DataConfig)
+    data_cfg = load_group("data", args.data)
     data_cfg.path = args.data_path or data_cfg.path
-    defaults: BNStatConfig = load_group("bnstat", "default", BNStatConfig)
+    defaults = load_group("bnstat", "default")
     args.hflip = args.data != "mnist5k" and data_cfg.channels == 3
     teacher_epochs = args.teacher_epochs or defaults.teacher_epochs
 
-    ds = load(data_cfg, cache_dir=default_cache())
+    ds = load_dataset(data_cfg, cache_dir=default_cache())
     train = ds.train
     teach_idx, val_idx = stratified_split(
         train.labels.numpy(), args.validation_fraction, seed=args.seed
@@ -146,7 +166,7 @@ def main() -> None:
         )
         teacher.load_state_dict(saved["state_dict"])
         teacher = teacher.to(device).eval()
-        stats = bnstat.ClassStatistics.from_dict(saved["statistics"])
+        stats = ClassStatistics.from_dict(saved["statistics"])
     else:
         teacher, stats = train_teacher(
             dataclasses.replace(defaults, teacher_epochs=teacher_epochs, teacher_hflip=args.hflip),
@@ -189,7 +209,7 @@ def main() -> None:
     print(f"student on {len(real_idx)} real images: validation accuracy {real_acc:.3f}")
 
     base = synthesis_weights(defaults)
-    teach_pixels = leakage.pixel_vectors(teach.images)
+    teach_pixels = pixel_vectors(teach.images)
     names = args.only or list(VARIATIONS)
     rows = []
     for name in names:
@@ -202,7 +222,7 @@ def main() -> None:
             for first in range(0, n, batch_size):
                 last: dict = {}
                 images.append(
-                    bnstat.synthesize(
+                    synthesize_bnstat(
                         teacher,
                         stats,
                         c,
@@ -229,15 +249,15 @@ def main() -> None:
             args=args,
             device=device,
         )
-        dist, idx = nearest(leakage.pixel_vectors(synth_u8), teach_pixels, n=1, device=device)
-        ssim = leakage.ssim(synth_u8, teach.images[torch.from_numpy(idx[:, 0])])
+        dist, idx = nearest_neighbours(pixel_vectors(synth_u8), teach_pixels, n=1, device=device)
+        similarity = ssim(synth_u8, teach.images[torch.from_numpy(idx[:, 0])])
         row = {
             "setting": name,
             "bn": statistics.mean(bn_losses),
             "ce": statistics.mean(ce_losses),
             "student_accuracy": acc,
             "pixel_l2_nearest_median": float(np.median(dist[:, 0])),
-            "ssim_nearest_median": float(np.median(ssim)),
+            "ssim_nearest_median": float(np.median(similarity)),
             "seconds": seconds,
         }
         rows.append(row)

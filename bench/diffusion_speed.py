@@ -27,11 +27,17 @@ import os
 import statistics
 
 import torch
-from dp_step import PRESETS, load_preset, time_steps
+from dp_step import PRESETS, time_steps
 
-from privimage.config.schema import DiffusionConfig
-from privimage.diffusion import sample_batch, training_loss
-from privimage.nets.models import build_unet, count_parameters, ema_update
+from privimage import (
+    DiffusionConfig,
+    build_unet,
+    count_parameters,
+    ema_update,
+    load_group,
+    sample_batch,
+    training_loss,
+)
 
 NUM_CLASSES = 10
 
@@ -48,7 +54,7 @@ def bench_preset(
     resolution, channels = PRESETS[name]
     torch.manual_seed(0)
     model = build_unet(
-        load_preset(name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
+        load_group("model", name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
     ).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     spec = DiffusionConfig()

@@ -52,15 +52,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from privimage.config.schema import DiffusionConfig, ModelConfig
-from privimage.config.store import config_dir
-from privimage.diffusion import training_loss
-from privimage.dp.dpsgd import make_private, repeat_for_noise_draws
-from privimage.nets.models import build_unet, count_parameters, make_opacus_safe
-from privimage.stages.finetune import select_trainable
+from privimage import (
+    DiffusionConfig,
+    build_unet,
+    count_parameters,
+    load_group,
+    make_opacus_safe,
+    make_private,
+    repeat_for_noise_draws,
+    select_trainable,
+    training_loss,
+)
 
 # Preset -> (resolution, channels) of the data it is the default model for.
 PRESETS = {"tiny28": (28, 1), "lean28": (28, 1), "tiny32": (32, 3), "small32": (32, 3)}
@@ -70,13 +74,6 @@ WARMUP = 2
 BATCHES_IN_DATASET = 8
 DP_PATHS = ("hooks", "bookkeeping")
 PATHS = ("plain", *DP_PATHS)
-
-
-def load_preset(name: str) -> ModelConfig:
-    """The preset YAML merged onto the schema, so unknown keys fail as they would in a run."""
-    path = Path(config_dir()) / "model" / f"{name}.yaml"
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 def _sync(device: torch.device) -> None:
@@ -133,7 +130,7 @@ def _steps(
     resolution, channels = PRESETS[name]
     torch.manual_seed(0)
     model = build_unet(
-        load_preset(name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
+        load_group("model", name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
     )
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch_size, channels, resolution, resolution, generator=gen) * 2 - 1).to(device)

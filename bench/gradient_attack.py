@@ -25,16 +25,20 @@ import time
 
 import numpy as np
 import torch
-from bnstat_sweep import default_cache, load_group
+from bnstat_sweep import default_cache
 
-from privimage.config.schema import DataConfig, EvaluateConfig
-from privimage.data import load
-from privimage.diffusion import to_uint8
-from privimage.metrics import leakage
-from privimage.metrics.downstream import build_downstream
-from privimage.metrics.inversion import example_gradient, invert_gradient
-from privimage.nets.classifier import train_classifier
-from privimage.runtime import resolve_device
+from privimage import (
+    build_downstream,
+    example_gradient,
+    invert_gradient,
+    load_dataset,
+    load_group,
+    psnr,
+    resolve_device,
+    ssim,
+    to_uint8,
+    train_classifier,
+)
 
 
 def main() -> None:
@@ -50,10 +54,10 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    data_cfg = load_group("data", args.data, DataConfig)
+    data_cfg = load_group("data", args.data)
     data_cfg.path = args.data_path or data_cfg.path
-    ev = EvaluateConfig()
-    ds = load(data_cfg, cache_dir=default_cache())
+    ev = load_group("evaluate", "default")
+    ds = load_dataset(data_cfg, cache_dir=default_cache())
     rng = np.random.default_rng(args.seed)
     idx = np.sort(rng.choice(len(ds.train), args.train_images, replace=False))
     train = ds.train.subset(idx)
@@ -120,11 +124,11 @@ def main() -> None:
                         seconds.append(time.perf_counter() - start)
                         recons.append(r)
                     recon = to_uint8(torch.cat(recons))
-                    psnr = leakage.psnr(recon, targets.images)
-                    ssim = leakage.ssim(recon, targets.images)
+                    db = psnr(recon, targets.images)
+                    similarity = ssim(recon, targets.images)
                     print(
                         f"| {name} | {steps} | {'yes' if signed else 'no'} | {tv:g} "
-                        f"| {float(np.median(psnr)):.1f} | {float(np.median(ssim)):.3f} "
+                        f"| {float(np.median(db)):.1f} | {float(np.median(similarity)):.3f} "
                         f"| {statistics.median(seconds):.1f} |",
                         flush=True,
                     )

@@ -46,21 +46,32 @@ import time
 from pathlib import Path
 
 import torch
-from bnstat_sweep import load_group
 
-from privimage.config.schema import DataConfig, DiffusionConfig, ModelConfig
-from privimage.config.store import config_dir
-from privimage.data import load
-from privimage.data.containers import ImageSplit
-from privimage.diffusion import drop_labels, sample_batch, to_uint8, training_loss
-from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
-from privimage.nets.classifier import predict_logits, train_classifier
-from privimage.nets.models import build_unet, ema_update
-from privimage.schedule import LR_DECAYS, scheduled_lr
+from privimage import (
+    LR_DECAYS,
+    DiffusionConfig,
+    ImageSplit,
+    ModelConfig,
+    build_unet,
+    cached_features,
+    drop_labels,
+    ema_update,
+    frechet_distance_of_features,
+    group_options,
+    inception_features,
+    load_dataset,
+    load_group,
+    predict_logits,
+    sample_batch,
+    scheduled_lr,
+    to_uint8,
+    train_classifier,
+    training_loss,
+)
 
 DIGITS = 10
 # The public presets (conf/public/*.yaml), loaded as a run loads them.
-PUBLIC_PRESETS = sorted(p.stem for p in (Path(config_dir()) / "public").glob("*.yaml"))
+PUBLIC_PRESETS = group_options("public")
 DARK = 4  # of 255: a pixel below it counts as background (glyphs: 78% of pixels)
 
 
@@ -134,8 +145,8 @@ def training_set(a: argparse.Namespace):
     Default: the digit glyphs. With ``--selection``: the query's public classes relabelled
     to their sensitive class; the tag names the selection (judge and FID caches).
     """
-    data: DataConfig = load_group("public", a.public, DataConfig)
-    ds = load(data, cache_dir=a.cache_dir)
+    data = load_group("public", a.public)
+    ds = load_dataset(data, cache_dir=a.cache_dir)
     if a.selection is None:
         if data.source != "glyphs":
             raise SystemExit(f"--public {a.public} needs --selection (a query's selection.json)")

@@ -21,18 +21,15 @@ import statistics
 import time
 
 import torch
-from dp_step import load_preset
 
-from privimage.config.schema import DiffusionConfig
-from privimage.diffusion import training_loss
-from privimage.nets.models import build_unet
+from privimage import DiffusionConfig, build_unet, load_group, training_loss
 
 VARIANTS = {"loop": (False, False), "foreach": (True, False), "foreach+channels_last": (True, True)}
 
 
 def make(foreach: bool, channels_last: bool):
     torch.manual_seed(0)
-    model = build_unet(load_preset("tiny28"), resolution=28, channels=1, num_classes=10)
+    model = build_unet(load_group("model", "tiny28"), resolution=28, channels=1, num_classes=10)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
