@@ -21,8 +21,7 @@ import torch
 from handwriting_proxy import proxy_accuracy
 from torchvision.transforms import v2
 
-from privimage import data
-from privimage.config.schema import DataConfig
+from privimage import DataConfig, load_dataset
 
 DEFORMATIONS = {
     "plain": None,
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="~/.cache/privimage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    public = data.load(
+    public = load_dataset(
         DataConfig(source="glyphs"), cache_dir=Path(args.cache_dir).expanduser(), progress=False
     )
     index = torch.from_numpy(np.load(args.run_dir / "query" / "public_index.npy"))

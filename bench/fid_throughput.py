@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from privimage.metrics import inception_features, load_inception
+from privimage import inception_features, load_inception
 
 INPUTS = {"gray28": (1, 28, 28), "rgb32": (3, 32, 32)}
 

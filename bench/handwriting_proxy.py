@@ -38,12 +38,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from privimage.data.containers import ImageSplit
-from privimage.diffusion import sample_batch, to_uint8
-from privimage.metrics.downstream import DownstreamSettings, SealedSplit, evaluate_downstream
-from privimage.metrics.fid import cached_features, frechet_distance_of_features, inception_features
-from privimage.nets.classifier import predict_logits
-from privimage.nets.models import load_unet
+from privimage import (
+    DownstreamSettings,
+    ImageSplit,
+    SealedSplit,
+    cached_features,
+    evaluate_downstream,
+    frechet_distance_of_features,
+    inception_features,
+    load_unet,
+    predict_logits,
+    sample_batch,
+    to_uint8,
+)
 
 FIRST_SEED = 10**6
 

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from privimage.results import (
+from privimage import (
     find_runs,
     read_timings,
     render_markdown,

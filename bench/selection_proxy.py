@@ -35,14 +35,21 @@ import torch
 from omegaconf import OmegaConf
 from short_pretraining import relabelled, selection_mapping
 
-from privimage import data
-from privimage.config.schema import Config, DiffusionConfig
-from privimage.config.store import to_config
-from privimage.data.containers import ImageSplit
-from privimage.diffusion import sample_batch, to_uint8
-from privimage.metrics.downstream import SealedSplit, downstream_settings, evaluate_downstream
-from privimage.nets.models import load_unet
-from privimage.runtime import cache_root, resolve_device
+from privimage import (
+    Config,
+    DiffusionConfig,
+    ImageSplit,
+    SealedSplit,
+    cache_root,
+    downstream_settings,
+    evaluate_downstream,
+    load_dataset,
+    load_unet,
+    resolve_device,
+    sample_batch,
+    to_config,
+    to_uint8,
+)
 
 FIRST_SEED = 10**6
 
@@ -63,7 +70,7 @@ def selection_test_split(cfg: Config, selection: dict) -> ImageSplit:
             f"the selection is a query of {selection['public_source']}, "
             f"but the run's public data is {cfg.public.source}"
         )
-    public = data.load(cfg.public, cache_dir=cache_root(cfg.cache_dir))
+    public = load_dataset(cfg.public, cache_dir=cache_root(cfg.cache_dir))
     return relabelled(public.test, selection_mapping(selection), public.num_classes)
 
 
