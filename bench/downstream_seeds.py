@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from selection_proxy import run_config
 
-from privimage import data
-from privimage.config.store import to_config
-from privimage.data.containers import ImageSplit
-from privimage.metrics import downstream as ds
-from privimage.metrics.downstream import downstream_settings
-from privimage.runtime import cache_root, resolve_device
+from privimage import (
+    ImageSplit,
+    SealedSplit,
+    cache_root,
+    downstream_settings,
+    evaluate_downstream,
+    load_dataset,
+    resolve_device,
+)
 
 
 def main() -> None:
@@ -37,18 +40,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = to_config(OmegaConf.load(args.run_dir / ".hydra" / "config.yaml"))
+    cfg = run_config(args.run_dir, [])
     samples = np.load(args.run_dir / "sample" / "samples.npz")
     synthetic = ImageSplit(
         torch.from_numpy(samples["images"]), torch.from_numpy(samples["labels"]).long()
     )
-    sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
+    sensitive = load_dataset(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []
     for seed in args.seeds:
         settings = downstream_settings(cfg.evaluate, seed=seed, progress=False)
-        report, _, _ = ds.evaluate_downstream(
+        report, _, _ = evaluate_downstream(
             synthetic,
-            ds.SealedSplit(sensitive.test),
+            SealedSplit(sensitive.test),
             num_classes=len(sensitive.class_names),
             settings=settings,
             device=resolve_device(args.device),
