@@ -47,6 +47,7 @@ from privimage import (
     load_unet,
     resolve_device,
     sample_batch,
+    sampler_name,
     to_config,
     to_uint8,
 )
@@ -99,7 +100,7 @@ def sample(
             labels=labels[i : i + batch],
             image_shape=shape,
             num_steps=cfg.sample.num_inference_steps,
-            solver=cfg.sample.sampler,
+            solver=sampler_name(cfg),
             guidance_scale=guidance,
             device=device,
         )

@@ -54,6 +54,7 @@ _API = {
     # Diffusion: the training loss and sampler of any formulation
     "training_loss": "privimage.diffusion",
     "sample_batch": "privimage.diffusion",
+    "sampler_name": "privimage.diffusion",
     "drop_labels": "privimage.diffusion.common",
     "to_uint8": "privimage.diffusion.common",
     # Schedules: the learning rate's warm-up and decay over the steps
