@@ -7,7 +7,6 @@ line and exit with status 2.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from privimage.config.store import config_dir, register_configs, to_config
 from privimage.errors import PrivImageError
-from privimage.io import artifacts
+from privimage.io.artifacts import load_evaluation
+from privimage.report import summary_line
 
 log = logging.getLogger("privimage")
 
@@ -40,9 +40,9 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one summary for a torchrun / accelerate-launch job, from process 0
-    metrics = run_dir / "evaluate" / artifacts.METRICS
-    if metrics.exists():
-        print(f"privimage: {summary_line(json.loads(metrics.read_text()))}")
+    evaluation = load_evaluation(run_dir)
+    if evaluation is not None:
+        print(f"privimage: {summary_line(evaluation)}")
     if "audit" in typed.stages:
         from privimage.stages import audit
 
@@ -50,31 +50,6 @@ def _task(cfg: DictConfig) -> None:
         if result is not None:
             print(f"privimage: audit: {audit.summary_line(result)} (private: not in release/)")
     print(f"privimage: outputs in {run_dir}; share only {run_dir / 'release'}")
-
-
-def summary_line(m: dict) -> str:
-    """The headline numbers of ``evaluate/metrics.json`` in one line."""
-
-    def num(value, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    line = (
-        f"FID {num(m.get('fid'), '.2f')}, precision {num(m.get('precision'), '.3f')}, "
-        f"recall {num(m.get('recall'), '.3f')}, "
-        f"downstream accuracy {num(m.get('downstream_accuracy'), '.3f')}"
-    )
-    if m.get("differentially_private") is False:
-        line += ", NOT differentially private"
-    elif m.get("noise_secret") is False:
-        line += (
-            f", epsilon {m['epsilon_spent']:.3f} but NOT differentially private against anyone "
-            "who knows the config (privacy.reproducible_noise=true)"
-        )
-    elif m.get("epsilon_spent") is not None:
-        line += (
-            f", epsilon {m['epsilon_spent']:.3f} of {m['target_epsilon']} (delta {m['delta']:g})"
-        )
-    return line
 
 
 def main() -> None:

@@ -1,26 +1,16 @@
 """``evaluate/report.md``: the evaluation's numbers as tables a person reads.
 
-Pure formatting of the ``metrics.json`` dictionary the evaluate stage writes; the
-pictures it links are written by that stage beside the report.
+Pure formatting of the :class:`~privimage.io.artifacts.Evaluation` the evaluate stage
+writes (``metrics.json``); the pictures it links are written by that stage beside the
+report. The CLI's summary line is here too, so both say the same of a run's privacy.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from privimage.io.artifacts import Evaluation, trained_text
 from privimage.io.atomic import write_text
-
-
-def trained_text(details: dict | None, *, prefix: str = "") -> str:
-    """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
-    if not details or "trainable" not in details:
-        return ""
-    what = details["trainable"]
-    what = "every parameter" if what == "all" else ", ".join(f"`{p}`" for p in what)
-    return (
-        f"{prefix}trained {what} ({details['trained_parameters']:,} of "
-        f"{details['parameters']:,} parameters)"
-    )
 
 
 def _f(value, digits: int = 3) -> str:
@@ -37,36 +27,39 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def render_report(metrics: dict, *, class_names: list[str]) -> str:
-    """The report as Markdown text."""
-    fid, util, leak = metrics["fidelity"], metrics["utility"], metrics["leakage"]
-    lines = ["# Evaluation report", ""]
-    eps = metrics.get("epsilon_spent")
-    if metrics.get("differentially_private") is False:
-        why = "; ".join(metrics.get("non_private_steps") or []) or (
-            f"synthesizer `{metrics.get('synthesizer')}`: it fits the sensitive data without noise"
+def privacy_line(ev: Evaluation) -> str:
+    """The report's first line: what privacy these images have, from the run's ledger."""
+    if ev.privacy == "none":
+        why = "; ".join(ev.non_private_steps) or (
+            f"synthesizer `{ev.synthesizer}`: it fits the sensitive data without noise"
         )
-        lines.append(
+        return (
             f"**Privacy: none. These images carry no differential-privacy guarantee** "
             f"({why}). Read the leakage measurements below with that in mind."
         )
-    elif eps is not None and metrics.get("noise_secret") is False:
-        lines.append(
+    if ev.privacy == "seeded":
+        return (
             f"**Privacy: NOT differentially private against anyone who knows this run's "
             f"config.** Its DP noise was derived from the seed (`privacy.reproducible_noise="
-            f"true`, for tests); ε = {eps:.3f} holds only against someone who does not know it."
+            f"true`, for tests); ε = {ev.epsilon_spent:.3f} holds only against someone who "
+            "does not know it."
         )
-    elif eps is not None:
-        trained = trained_text(metrics.get("dp_trained"))
-        lines.append(
-            f"Privacy: ε = {eps:.3f} spent of {metrics['target_epsilon']} "
-            f"(δ = {metrics['delta']:g}), from the run's ledger `privacy.json`; the noise was "
+    if ev.privacy == "dp":
+        trained = trained_text(ev.dp_trained)
+        return (
+            f"Privacy: ε = {ev.epsilon_spent:.3f} spent of {ev.target_epsilon} "
+            f"(δ = {ev.delta:g}), from the run's ledger `privacy.json`; the noise was "
             "drawn from secret OS entropy." + (f" DP fine-tuning {trained}." if trained else "")
         )
-    else:
-        lines.append("Privacy: no ledger (these images do not come from a privimage run).")
+    return "Privacy: no ledger (these images do not come from a privimage run)."
+
+
+def render_report(ev: Evaluation, *, class_names: list[str]) -> str:
+    """The report as Markdown text."""
+    fid, util, leak = ev.fidelity, ev.utility, ev.leakage
+    lines = ["# Evaluation report", "", privacy_line(ev)]
     lines += [
-        f"Synthetic images: {fid['synthetic_images']} from `{metrics['synthetic']}`; "
+        f"Synthetic images: {fid['synthetic_images']} from `{ev.synthetic}`; "
         f"{len(class_names)} classes.",
         "",
         "These measurements read the sensitive data; they are for the data owner and are "
@@ -260,8 +253,7 @@ def render_report(metrics: dict, *, class_names: list[str]) -> str:
             ]
         lines += ["![gradient inversion](gradient_attack.png)", ""]
     lines += _memorisation(leak.get("model_inversion", {}))
-    secs = metrics.get("seconds", {})
-    if secs:
+    if secs := ev.seconds:
         lines += ["## Time", ""]
         lines += _table(["part", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
     return "\n".join(lines)
@@ -325,6 +317,29 @@ def _memorisation(inv: dict) -> list[str]:
     return lines + ["![model inversion](model_inversion.png)", ""]
 
 
-def write_report(path: Path, metrics: dict, *, class_names: list[str]) -> None:
+def write_report(path: Path, ev: Evaluation, *, class_names: list[str]) -> None:
     """Write :func:`render_report` to ``path`` atomically."""
-    write_text(Path(path), render_report(metrics, class_names=class_names))
+    write_text(Path(path), render_report(ev, class_names=class_names))
+
+
+def summary_line(ev: Evaluation) -> str:
+    """The headline numbers of ``evaluate/metrics.json`` in one line."""
+
+    def num(value, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    line = (
+        f"FID {num(ev.fid, '.2f')}, precision {num(ev.precision, '.3f')}, "
+        f"recall {num(ev.recall, '.3f')}, "
+        f"downstream accuracy {num(ev.downstream_accuracy, '.3f')}"
+    )
+    if ev.privacy == "none":
+        line += ", NOT differentially private"
+    elif ev.privacy == "seeded":
+        line += (
+            f", epsilon {ev.epsilon_spent:.3f} but NOT differentially private against anyone "
+            "who knows the config (privacy.reproducible_noise=true)"
+        )
+    elif ev.privacy == "dp":
+        line += f", epsilon {ev.epsilon_spent:.3f} of {ev.target_epsilon} (delta {ev.delta:g})"
+    return line

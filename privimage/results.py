@@ -22,7 +22,13 @@ import yaml
 from privimage.config.schema import method_of
 from privimage.errors import DataError
 from privimage.io import artifacts
-from privimage.io.artifacts import AUDIT_RESULT, AUDIT_STAGE, LEDGER, read_done_json
+from privimage.io.artifacts import (
+    AUDIT_RESULT,
+    AUDIT_STAGE,
+    LEDGER,
+    load_evaluation,
+    read_done_json,
+)
 from privimage.io.atomic import write_text
 
 METRICS = Path("evaluate") / artifacts.METRICS
@@ -91,7 +97,7 @@ def read_timings(run_dir: Path) -> list[dict]:
 
 def run_row(run_dir: Path) -> dict:
     """One row of the table from one run directory's files."""
-    m = json.loads((run_dir / METRICS).read_text())
+    ev = load_evaluation(run_dir)
     cfg_file = run_dir / artifacts.RUN_CONFIG
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     ledger_file = run_dir / LEDGER
@@ -110,19 +116,17 @@ def run_row(run_dir: Path) -> dict:
         "target_epsilon": ledger.get("target_epsilon") if private else None,
         "epsilon_spent": ledger.get("epsilon_spent") if private else None,
         "delta": ledger.get("delta") if private else None,
-        "fid": m.get("fid"),
-        "precision": m.get("precision"),
-        "recall": m.get("recall"),
-        "accuracy": m.get("downstream_accuracy"),
-        "real_data_accuracy": _get(m, "utility", "mean_real_data_test_accuracy"),
-        "near_copies": _get(m, "leakage", "near_copies", "synthetic_count"),
-        "pixel_l2_median": _get(
-            m, "leakage", "nearest_neighbour", "pixel_l2", "synthetic", "median"
-        ),
+        "fid": ev.fid,
+        "precision": ev.precision,
+        "recall": ev.recall,
+        "accuracy": ev.downstream_accuracy,
+        "real_data_accuracy": ev.utility.get("mean_real_data_test_accuracy"),
+        "near_copies": _get(ev.leakage, "near_copies", "synthetic_count"),
+        "pixel_l2_median": _get(ev.leakage, "nearest_neighbour", "pixel_l2", "synthetic", "median"),
         "heldout_pixel_l2_median": _get(
-            m, "leakage", "nearest_neighbour", "pixel_l2", "heldout_real", "median"
+            ev.leakage, "nearest_neighbour", "pixel_l2", "heldout_real", "median"
         ),
-        "mia_auc": _get(m, "leakage", "membership_inference", "cnn", "auc"),
+        "mia_auc": _get(ev.leakage, "membership_inference", "cnn", "auc"),
         "audit_claim": audit.get("claimed_epsilon"),
         "audit_bound": audit.get("lower_bound"),
         "seconds": round(sum(seconds.values()), 1) if seconds else None,

@@ -23,14 +23,14 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from privimage.errors import PrivImageError
-from privimage.io.atomic import atomic_file, write_text
+from privimage.io.atomic import atomic_file, write_json, write_text
 
 # The stage folders of a run, in the order the pipeline runs them; the audit runs only
 # when asked for by name.
@@ -227,3 +227,108 @@ def write_sample_set(
     tensor = torch.from_numpy(images)
     rows = [tensor[labels == c][:grid_images_per_class] for c in range(len(class_names))]
     save_image_grid(rows, out / GRID, row_labels=class_names, title=title)
+
+
+# What evaluate/metrics.json says of itself: for the data owner only.
+EVALUATION_NOTE = "measured on sensitive data for the data owner; not part of the DP release"
+
+
+@dataclass
+class Evaluation:
+    """``evaluate/metrics.json``, typed: the headline numbers flat, then each part in full.
+
+    The evaluate stage writes it; the report, the results table and the CLI's summary
+    line read it through :func:`load_evaluation`. Field order is the file's key order.
+    """
+
+    fid: float | None
+    precision: float | None
+    recall: float | None
+    downstream_accuracy: float | None
+    # The privacy fields come from the run's ledger; all None (and the lists empty) when
+    # the images come from elsewhere and nothing is known of them.
+    epsilon_spent: float | None
+    target_epsilon: float | None
+    delta: float | None
+    # False when the ledger records a non-private step (bnstat, finetune.dp=false).
+    differentially_private: bool | None
+    # False when the DP noise followed the seed (privacy.reproducible_noise): then no
+    # epsilon holds against anyone who knows the config.
+    noise_secret: bool | None
+    non_private_steps: list[str]
+    # The completed DP-SGD entry's details (which parameters it trained), if any.
+    dp_trained: dict | None
+    synthesizer: str | None
+    synthetic: str
+    fidelity: dict[str, Any]
+    utility: dict[str, Any]
+    leakage: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    note: str = EVALUATION_NOTE
+
+    @staticmethod
+    def privacy_fields(ledger: dict[str, Any] | None) -> dict[str, Any]:
+        """The privacy headline of a ledger (``privacy.json`` as read), for the fields above."""
+        ledger = ledger or {}
+        known = bool(ledger)
+        return {
+            "epsilon_spent": ledger["epsilon_spent"] if known else None,
+            "target_epsilon": ledger["target_epsilon"] if known else None,
+            "delta": ledger["delta"] if known else None,
+            "differentially_private": ledger.get("differentially_private", True) if known else None,
+            "noise_secret": ledger.get("noise_secret", False) if known else None,
+            "non_private_steps": [e["description"] for e in ledger.get("non_private", [])],
+            "dp_trained": next(
+                (
+                    m["details"]
+                    for m in ledger.get("mechanisms", [])
+                    if m.get("status") == "completed" and "trainable" in m.get("details", {})
+                ),
+                None,
+            ),
+        }
+
+    @property
+    def privacy(self) -> str:
+        """``none`` (a non-private step), ``seeded`` (DP noise followed the seed), ``dp``
+        (epsilon spent, noise secret) or ``unknown`` (no ledger)."""
+        if self.differentially_private is False:
+            return "none"
+        if self.epsilon_spent is None:
+            return "unknown"
+        return "seeded" if self.noise_secret is False else "dp"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Evaluation:
+        """From a metrics.json dict; keys an older file lacks take their empty value."""
+        known = {f.name for f in fields(cls)}
+        values = {name: None for name in known}
+        values |= {name: {} for name in ("fidelity", "utility", "leakage", "seconds")}
+        values["non_private_steps"] = []
+        values.update({k: v for k, v in d.items() if k in known})
+        return cls(**values)
+
+
+def trained_text(details: dict | None, *, prefix: str = "") -> str:
+    """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
+    if not details or "trainable" not in details:
+        return ""
+    what = details["trainable"]
+    what = "every parameter" if what == "all" else ", ".join(f"`{p}`" for p in what)
+    return (
+        f"{prefix}trained {what} ({details['trained_parameters']:,} of "
+        f"{details['parameters']:,} parameters)"
+    )
+
+
+def save_evaluation(out_dir: Path, evaluation: Evaluation) -> None:
+    write_json(Path(out_dir) / METRICS, evaluation.to_json())
+
+
+def load_evaluation(run_dir: Path) -> Evaluation | None:
+    """The run's ``evaluate/metrics.json`` (None when it has none)."""
+    path = stage_dir(run_dir, "evaluate") / METRICS
+    return Evaluation.from_json(read_json(path)) if path.exists() else None

@@ -33,8 +33,7 @@ from typing import Any
 
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
-from privimage.io.artifacts import LEDGER, is_done
-from privimage.report import trained_text
+from privimage.io.artifacts import LEDGER, is_done, trained_text
 
 RELEASE_DIR = "release"
 MANIFEST = "MANIFEST.json"

@@ -46,8 +46,17 @@ from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.data.splits import random_subset
 from privimage.errors import ConfigError, DataError
 from privimage.io import artifacts
-from privimage.io.artifacts import LEDGER, Stage, mark_done, read_json, require_upstream, stage_dir
-from privimage.io.atomic import write_json
+from privimage.io.artifacts import (
+    LEDGER,
+    Evaluation,
+    Stage,
+    load_evaluation,
+    mark_done,
+    read_json,
+    require_upstream,
+    save_evaluation,
+    stage_dir,
+)
 from privimage.metrics import (
     cached_features,
     leakage,
@@ -106,10 +115,10 @@ def _requested_source(cfg: Config, run_dir: Path) -> Path:
 def check_done(cfg: Config, run_dir: Path) -> None:
     """Called instead of :func:`run` when ``evaluate/DONE`` exists: refuse to pass off the
     scores of one image set as those of another (``evaluate.synthetic`` changed)."""
-    metrics_path = stage_dir(run_dir, STAGE) / artifacts.METRICS
-    if not metrics_path.exists():
+    done = load_evaluation(run_dir)
+    if done is None:
         return
-    scored = Path(read_json(metrics_path).get("synthetic", "")).expanduser().resolve()
+    scored = Path(done.synthetic or "").expanduser().resolve()
     wanted = _requested_source(cfg, run_dir)
     if scored != wanted:
         raise ConfigError(
@@ -165,19 +174,18 @@ def run(cfg: Config, run_dir: Path) -> Path:
     lap("leakage")
     n_near = leak["near_copies"]["neighbours"]
     _save_pictures(out, synthetic, train, synth_nn, held_nn, class_names, cfg.evaluate, n_near)
-    metrics = _metrics(cfg, run_dir, fidelity, utility, leak, synthetic_source)
+    result = _evaluation(cfg, run_dir, fidelity, utility, leak, synthetic_source)
     lap("pictures")
-    metrics["seconds"] = lap.seconds | {"total": round(sum(lap.seconds.values()), 1)}
-    write_json(out / artifacts.METRICS, metrics)
-    write_report(out / artifacts.REPORT, metrics, class_names=class_names)
+    result.seconds = lap.seconds | {"total": round(sum(lap.seconds.values()), 1)}
+    save_evaluation(out, result)
+    write_report(out / artifacts.REPORT, result, class_names=class_names)
+    acc = result.downstream_accuracy
     log.info(
         "FID %.2f, precision %.3f, recall %.3f, downstream accuracy %s, near-copies %d",
-        fidelity["fid"],
-        fidelity["precision"],
-        fidelity["recall"],
-        "n/a"
-        if metrics["downstream_accuracy"] is None
-        else f"{metrics['downstream_accuracy']:.3f}",
+        result.fid,
+        result.precision,
+        result.recall,
+        "n/a" if acc is None else f"{acc:.3f}",
         leak["near_copies"]["synthetic_count"],
     )
     mark_done(out)
@@ -392,44 +400,24 @@ def _model_inversion(cfg, out, models, train, train_pixels, held_nn, num_classes
     return memorisation
 
 
-def _metrics(cfg, run_dir, fidelity, utility, leak, synthetic_source) -> dict:
-    """metrics.json: the headline numbers flat, then each part in full."""
+def _evaluation(cfg, run_dir, fidelity, utility, leak, synthetic_source) -> Evaluation:
+    """The headline numbers flat, then each part in full."""
     ledger_path = Path(run_dir) / LEDGER
     # The ledger speaks for this run's samples only, not for images from elsewhere.
     own_samples = cfg.evaluate.synthetic is None
     ledger = read_json(ledger_path) if own_samples and ledger_path.exists() else None
-    return {
-        # The headline numbers, flat, for sweeps and the CLI's summary line.
-        "fid": fidelity["fid"],
-        "precision": fidelity["precision"],
-        "recall": fidelity["recall"],
-        "downstream_accuracy": utility.get("mean_test_accuracy"),
-        "epsilon_spent": ledger["epsilon_spent"] if ledger else None,
-        "target_epsilon": ledger["target_epsilon"] if ledger else None,
-        "delta": ledger["delta"] if ledger else None,
-        # False when the ledger records a non-private step (bnstat, finetune.dp=false);
-        # None when the images come from elsewhere and nothing is known.
-        "differentially_private": ledger.get("differentially_private", True) if ledger else None,
-        # False when the DP noise followed the seed (privacy.reproducible_noise): then no
-        # epsilon holds against anyone who knows the config.
-        "noise_secret": ledger.get("noise_secret", False) if ledger else None,
-        "non_private_steps": [e["description"] for e in (ledger or {}).get("non_private", [])],
-        "dp_trained": next(
-            (
-                m["details"]
-                for m in (ledger or {}).get("mechanisms", [])
-                if m.get("status") == "completed" and "trainable" in m.get("details", {})
-            ),
-            None,
-        ),
-        "synthesizer": cfg.synthesizer if own_samples else None,
-        "synthetic": synthetic_source,
-        "fidelity": fidelity,
-        "utility": utility,
-        "leakage": leak,
-        "seconds": {},
-        "note": "measured on sensitive data for the data owner; not part of the DP release",
-    }
+    return Evaluation(
+        fid=fidelity["fid"],
+        precision=fidelity["precision"],
+        recall=fidelity["recall"],
+        downstream_accuracy=utility.get("mean_test_accuracy"),
+        **Evaluation.privacy_fields(ledger),
+        synthesizer=cfg.synthesizer if own_samples else None,
+        synthetic=synthetic_source,
+        fidelity=fidelity,
+        utility=utility,
+        leakage=leak,
+    )
 
 
 def _save_pictures(

@@ -1,0 +1,104 @@
+"""The typed evaluation result: one reading of ``metrics.json`` for the report, the
+results table and the CLI, and one wording of a run's privacy for all three."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privimage.io.artifacts import Evaluation, load_evaluation, save_evaluation
+from privimage.report import privacy_line, summary_line
+
+
+def _ledger(**extra) -> dict:
+    return {
+        "epsilon_spent": 0.987654,
+        "target_epsilon": 1.0,
+        "delta": 1e-5,
+        "noise_secret": True,
+        "mechanisms": [
+            {"status": "completed", "details": {"steps": 10}},
+            {
+                "status": "completed",
+                "details": {"trainable": "all", "trained_parameters": 5, "parameters": 5},
+            },
+        ],
+        **extra,
+    }
+
+
+def _evaluation(ledger: dict | None) -> Evaluation:
+    return Evaluation(
+        fid=12.3456,
+        precision=0.5,
+        recall=0.25,
+        downstream_accuracy=None,
+        **Evaluation.privacy_fields(ledger),
+        synthesizer="diffusion",
+        synthetic="/runs/x/sample/samples.npz",
+        fidelity={"fid": 12.3456},
+        utility={"not_computed": "one class"},
+        leakage={"near_copies": {"synthetic_count": 0}},
+    )
+
+
+def test_ledger_fields_and_privacy_state():
+    ev = _evaluation(_ledger())
+    assert (ev.epsilon_spent, ev.target_epsilon, ev.delta) == (0.987654, 1.0, 1e-5)
+    assert ev.differentially_private is True and ev.noise_secret is True
+    # The DP-SGD entry is the completed one that says what it trained.
+    assert ev.dp_trained == {"trainable": "all", "trained_parameters": 5, "parameters": 5}
+    assert ev.privacy == "dp"
+    assert _evaluation(_ledger(noise_secret=False)).privacy == "seeded"
+    none = _evaluation(
+        _ledger(differentially_private=False, non_private=[{"description": "bnstat teacher"}])
+    )
+    assert none.privacy == "none" and none.non_private_steps == ["bnstat teacher"]
+    unknown = _evaluation(None)
+    assert unknown.privacy == "unknown"
+    assert unknown.epsilon_spent is unknown.differentially_private is unknown.dp_trained is None
+    assert unknown.non_private_steps == []
+
+
+@pytest.mark.parametrize(
+    ("ledger", "words"),
+    [
+        (_ledger(), "epsilon 0.988 of 1.0 (delta 1e-05)"),
+        (_ledger(noise_secret=False), "epsilon 0.988 but NOT differentially private against"),
+        (_ledger(differentially_private=False), ", NOT differentially private"),
+        (None, "downstream accuracy n/a"),
+    ],
+)
+def test_summary_and_report_say_the_same_privacy(ledger, words):
+    ev = _evaluation(ledger)
+    line = summary_line(ev)
+    assert line.startswith("FID 12.35, precision 0.500, recall 0.250, downstream accuracy n/a")
+    assert words in line
+    report = privacy_line(ev)
+    expected = {
+        "dp": "ε = 0.988 spent of 1.0",
+        "seeded": "NOT differentially private against anyone who knows",
+        "none": "Privacy: none.",
+        "unknown": "Privacy: no ledger",
+    }[ev.privacy]
+    assert expected in report
+    if ev.privacy == "dp":
+        assert "trained every parameter (5 of 5 parameters)" in report
+
+
+def test_file_round_trip_keeps_the_key_order(tmp_path):
+    ev = _evaluation(_ledger())
+    ev.seconds = {"fidelity": 1.5, "total": 1.5}
+    save_evaluation(tmp_path / "evaluate", ev)
+    raw = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert list(raw)[:4] == ["fid", "precision", "recall", "downstream_accuracy"]
+    assert list(raw)[-3:] == ["leakage", "seconds", "note"]
+    assert load_evaluation(tmp_path) == ev
+    assert load_evaluation(tmp_path / "elsewhere") is None
+
+
+def test_an_older_file_without_some_keys_still_reads():
+    ev = Evaluation.from_json({"fid": 3.0, "synthetic": "x.npz", "unknown_key": 1})
+    assert ev.fid == 3.0 and ev.privacy == "unknown"
+    assert ev.leakage == {} and ev.seconds == {} and ev.non_private_steps == []
