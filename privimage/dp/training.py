@@ -167,6 +167,60 @@ def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict
 
 
 @dataclass
+class Checkpoint:
+    """``finetune/checkpoint.pt``: the private state a fine-tune resumes from, one type for
+    the DP-SGD path, the non-private path and the audit. ``identity`` is what a resume
+    must match (mechanism, data, pretrained weights, settings); it is stored flat beside
+    the state, so a checkpoint reads as one dictionary.
+    """
+
+    step: int
+    identity: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    # DP-SGD only: the Opacus accountant and every process's secret random streams.
+    accountant: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+
+    _STATE = ("step", "model", "ema", "optimizer", "accountant", "rng")
+
+    def save(self, path: Path) -> None:
+        state = {"step": self.step, **self.identity, "model": self.model, "ema": self.ema}
+        state["optimizer"] = self.optimizer
+        if self.accountant is not None:
+            state |= {"accountant": self.accountant, "rng": self.rng}
+        torch_save(state, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> Checkpoint | None:
+        """The checkpoint at ``path``, or None when there is none."""
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (any unreadable file gets the same advice)
+            # Writes are atomic, so this is not a torn write but a foreign or damaged file.
+            raise PrivImageError(
+                f"cannot read the fine-tuning checkpoint {path} ({type(exc).__name__}); "
+                "delete it to restart fine-tuning from step 0"
+            ) from exc
+        identity = {k: v for k, v in state.items() if k not in cls._STATE}
+        return cls(identity=identity, **{k: state.get(k) for k in cls._STATE})
+
+    def check(self, expected: dict[str, Any], path: Path) -> None:
+        """The checkpoint must come from exactly this fine-tuning setup."""
+        for key, value in expected.items():
+            if self.identity.get(key) != value:
+                raise ConfigError(
+                    f"{path} was written with {key}={self.identity.get(key)!r}, this run has "
+                    f"{value!r}; restore the original settings to resume, or delete the "
+                    "checkpoint to restart fine-tuning from step 0 (the abandoned attempt "
+                    "stays charged)"
+                )
+
+
+@dataclass
 class DPTraining:
     """What DP-SGD trains with: the Opacus-wrapped model, optimizer, Poisson loader and
     accountant, the EMA, and the three secret random streams; one type, and one private
@@ -188,7 +242,7 @@ class DPTraining:
         *,
         noise_multiplier: float,
         entropy: dict[str, int] | None,
-        ckpt: dict | None,
+        ckpt: Checkpoint | None,
         procs: Processes,
         device: torch.device,
         sample_rate: float | None = None,
@@ -198,11 +252,11 @@ class DPTraining:
         accounted Poisson rate, checked against the one Opacus samples at."""
         ft = cfg.finetune
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt.model)
         model.to(device).train()
         ema = copy.deepcopy(model).requires_grad_(False)
         if ckpt is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.load_state_dict(ckpt.ema)
         streams = dp_streams(entropy, device=device)
         loader = DataLoader(dataset, batch_size=ft.batch_size)
         dp_model, optimizer, dp_loader, engine = make_private(
@@ -221,13 +275,13 @@ class DPTraining:
         if sample_rate is not None and abs(sampled_rate - sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus samples at rate {sampled_rate}, accounted {sample_rate}")
         if ckpt is not None:
-            optimizer.original_optimizer.load_state_dict(ckpt["optimizer"])
-            engine.accountant.load_state_dict(ckpt["accountant"])
-            mine = ckpt["rng"]["processes"][procs.rank]
+            optimizer.original_optimizer.load_state_dict(ckpt.optimizer)
+            engine.accountant.load_state_dict(ckpt.accountant)
+            mine = ckpt.rng["processes"][procs.rank]
             for name, generator in streams.items():
                 generator.set_state(mine[name].cpu())
             torch.set_rng_state(mine["torch"].cpu())
-            optimizer.steps_taken = int(ckpt["step"])
+            optimizer.steps_taken = int(ckpt.step)
         return cls(dp_model, optimizer, dp_loader, engine, ema, streams)
 
     def train(
@@ -351,16 +405,13 @@ class DPTraining:
             everyone = [None] * procs.world
             dist.all_gather_object(everyone, rng)
         if procs.main:
-            torch_save(
-                {
-                    "step": step,
-                    **identity,
-                    "model": self.dp_model._module.state_dict(),
-                    "ema": self.ema.state_dict(),
-                    "optimizer": self.optimizer.original_optimizer.state_dict(),
-                    "accountant": self.engine.accountant.state_dict(),
-                    "rng": {"processes": everyone},
-                },
-                path,
-            )
+            Checkpoint(
+                step=step,
+                identity=identity,
+                model=self.dp_model._module.state_dict(),
+                ema=self.ema.state_dict(),
+                optimizer=self.optimizer.original_optimizer.state_dict(),
+                accountant=self.engine.accountant.state_dict(),
+                rng={"processes": everyone},
+            ).save(path)
         procs.barrier()

@@ -49,6 +49,7 @@ from privimage.dp import accounting
 from privimage.dp.ledger import Ledger, run_ledger
 from privimage.dp.training import (
     STREAMS,
+    Checkpoint,
     DPTraining,
     Processes,
     dp_sgd_schedule,
@@ -59,7 +60,6 @@ from privimage.dp.training import (
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io import artifacts
 from privimage.io.artifacts import LEDGER, Stage, is_done, mark_done, require_upstream, stage_dir
-from privimage.io.atomic import torch_save
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, public_generator, public_rng
 from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
@@ -90,30 +90,6 @@ RELEASE = {
         mechanism=MECHANISM, inputs=(f"pretrain/{artifacts.UNET}",), dest="model"
     )
 }
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (any unreadable file gets the same advice)
-        # Writes are atomic, so this is not a torn write but a foreign or damaged file.
-        raise PrivImageError(
-            f"cannot read the fine-tuning checkpoint {path} ({type(exc).__name__}); delete "
-            "it to restart fine-tuning from step 0"
-        ) from exc
-
-
-def _check_checkpoint(ckpt: dict, expected: dict, path: Path) -> None:
-    """The checkpoint must come from exactly this fine-tuning setup."""
-    for key, value in expected.items():
-        if ckpt.get(key) != value:
-            raise ConfigError(
-                f"{path} was written with {key}={ckpt.get(key)!r}, this run has {value!r}; "
-                "restore the original settings to resume, or delete the checkpoint to "
-                "restart fine-tuning from step 0 (the abandoned attempt stays charged)"
-            )
 
 
 def weights_digest(unet_dir: Path) -> str:
@@ -166,7 +142,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         return out
 
     ckpt_path = out / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, device)
+    ckpt = Checkpoint.load(ckpt_path, device)
     prior, mechanism = _plan(
         cfg, run_dir, ledger, sample_rate=sample_rate, steps=steps, resuming=ckpt is not None
     )
@@ -176,8 +152,8 @@ def run(cfg: Config, run_dir: Path) -> Path:
     identity = _identity(cfg, mechanism, num_records=n, world=procs.world, pretrained=pretrain_dir)
     start = 0
     if ckpt is not None:
-        _check_checkpoint(ckpt, identity, ckpt_path)
-        start = int(ckpt["step"])
+        ckpt.check(identity, ckpt_path)
+        start = ckpt.step
     already_completed = _begin(cfg, ledger, procs, mechanism, start=start, details=trained)
     log.info(
         "DP-SGD: N=%d, q=%.5f, %d steps, noise multiplier %.4f, K=%d for epsilon %.3g at "
@@ -430,14 +406,14 @@ def _run_non_private(
         "trainable": ft.trainable,
     }
     ckpt_path = out / CHECKPOINT
-    ckpt = _load_checkpoint(ckpt_path, device)
+    ckpt = Checkpoint.load(ckpt_path, device)
     start = 0
     if ckpt is not None:
-        _check_checkpoint(ckpt, {"settings": settings}, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
+        ckpt.check({"settings": settings}, ckpt_path)
+        model.load_state_dict(ckpt.model)
+        ema.load_state_dict(ckpt.ema)
+        optimizer.load_state_dict(ckpt.optimizer)
+        start = ckpt.step
     del ckpt
     images, labels = train.as_float(), train.labels
     stats_path = out / STATS
@@ -448,16 +424,13 @@ def _run_non_private(
         ema_update(ema, model, decay=ft.ema_decay, step=step)
         stats.write(step=step + 1, loss=loss, epsilon=None)
         if (step + 1) % ft.checkpoint_every_steps == 0 or step + 1 == steps:
-            torch_save(
-                {
-                    "step": step + 1,
-                    "settings": settings,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                },
-                ckpt_path,
-            )
+            Checkpoint(
+                step=step + 1,
+                identity={"settings": settings},
+                model=model.state_dict(),
+                ema=ema.state_dict(),
+                optimizer=optimizer.state_dict(),
+            ).save(ckpt_path)
     stats.close()
     save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
     mark_done(out)
