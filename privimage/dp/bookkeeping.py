@@ -86,13 +86,11 @@ class BookKeeping(nn.Module):
         loss_reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if noise_multiplicity < 1:
-            raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'sum'")
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
-        self.noise_multiplicity = int(noise_multiplicity)
+        self.noise_multiplicity = L.check_noise_multiplicity(noise_multiplicity)
         self.loss_reduction = loss_reduction
         self._layers: list[_Layer] = []
         covered: set[int] = set()
@@ -205,14 +203,7 @@ class BookKeeping(nn.Module):
 
     def _on_output_grad(self, layer: _Layer, g: torch.Tensor) -> None:
         a = layer.activation
-        rows = a.shape[0]
-        k = self.noise_multiplicity
-        if rows % k:
-            raise PrivImageError(
-                f"{rows} rows are not a multiple of noise_multiplicity={k}; feed batches "
-                "through privimage.dp.dpsgd.repeat_for_noise_draws"
-            )
-        b = rows // k
+        b = L.examples_in(a.shape[0], self.noise_multiplicity)
         if not self._callback_queued:
             # Clipping weights need every layer's norm: finish once the pass is over.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)

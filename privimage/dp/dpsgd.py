@@ -46,6 +46,7 @@ from privimage.dp.bookkeeping import (
     DistributedBookKeepingDPOptimizer,
     StepCounting,
 )
+from privimage.dp.layers import check_noise_multiplicity, examples_in
 from privimage.errors import ConfigError
 
 
@@ -57,9 +58,7 @@ def repeat_for_noise_draws(
     Row ``i * K + j`` is draw ``j`` of example ``i``: the layout
     :class:`NoiseMultiplicityDPOptimizer` expects when it averages the K rows.
     """
-    if noise_multiplicity < 1:
-        raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
-    if noise_multiplicity == 1:
+    if check_noise_multiplicity(noise_multiplicity) == 1:
         return x, labels
     return (
         x.repeat_interleave(noise_multiplicity, dim=0),
@@ -81,10 +80,9 @@ class NoiseMultiplicityDPOptimizer(StepCounting, DPOptimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplicity: int, **kwargs):
-        if noise_multiplicity < 1:
-            raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
+        k = check_noise_multiplicity(noise_multiplicity)
         super().__init__(optimizer, **kwargs)
-        self.noise_multiplicity = int(noise_multiplicity)
+        self.noise_multiplicity = k
         # Logical (noised) steps taken; physical batches that only accumulate do not count.
         self.steps_taken = 0
 
@@ -116,13 +114,8 @@ class NoiseMultiplicityDPOptimizer(StepCounting, DPOptimizer):
 
     def _average_draws(self, grad_sample: torch.Tensor) -> torch.Tensor:
         k = self.noise_multiplicity
-        rows = grad_sample.shape[0]
-        if rows % k:
-            raise RuntimeError(
-                f"{rows} per-sample gradient rows are not a multiple of "
-                f"noise_multiplicity={k}; feed batches through repeat_for_noise_draws"
-            )
-        return grad_sample.reshape(rows // k, k, *grad_sample.shape[1:]).mean(dim=1)
+        examples = examples_in(grad_sample.shape[0], k)
+        return grad_sample.reshape(examples, k, *grad_sample.shape[1:]).mean(dim=1)
 
     def clip_and_accumulate(self) -> None:
         """Average each example's K rows, then clip and accumulate exactly as Opacus does."""

@@ -36,6 +36,24 @@ from privimage.errors import ConfigError
 SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.Embedding)
 
 
+def check_noise_multiplicity(noise_multiplicity: int) -> int:
+    """K as an int, or a one-line error unless K >= 1."""
+    if noise_multiplicity < 1:
+        raise ConfigError(f"finetune.noise_multiplicity={noise_multiplicity} must be >= 1")
+    return int(noise_multiplicity)
+
+
+def examples_in(rows: int, noise_multiplicity: int) -> int:
+    """How many examples ``rows`` batch rows hold, K consecutive rows each: the one layout
+    both DP-SGD engines (Opacus hooks and book-keeping) read."""
+    if rows % noise_multiplicity:
+        raise RuntimeError(
+            f"{rows} batch rows are not a multiple of noise_multiplicity={noise_multiplicity}"
+            "; feed batches through privimage.dp.dpsgd.repeat_for_noise_draws"
+        )
+    return rows // noise_multiplicity
+
+
 # Per-example gradients are kept (rather than recomputing a weighted weight gradient)
 # while they take at most this many times the memory of the layer's activation and output
 # gradient. The stored gradients grow while the backward pass frees activations, so on
