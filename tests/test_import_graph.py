@@ -30,6 +30,7 @@ LAYERS = {
     "config.schema": 1,
     "io.atomic": 1,
     "io.seeding": 1,
+    "io.names": 1,
     "plots": 1,
     "io.stats": 2,
     "io.artifacts": 2,

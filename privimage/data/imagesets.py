@@ -15,7 +15,6 @@ comparisons with the training set are well defined.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,10 @@ from privimage.data.archives import is_image_name
 from privimage.data.containers import ImageSplit
 from privimage.data.preprocess import to_array
 from privimage.errors import DataError
+from privimage.io.names import safe_name
 
 #: Label of an image whose class is unknown (a flat folder, an .npz without labels).
 UNLABELLED = -1
-
-
-def safe_name(name: str) -> str:
-    """A class name made safe as a folder name (the sample stage's folder names)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
 
 
 def _resize_all(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:

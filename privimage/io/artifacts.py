@@ -31,6 +31,7 @@ import numpy as np
 
 from privimage.errors import PrivImageError
 from privimage.io.atomic import atomic_file, write_json, write_text
+from privimage.io.names import safe_name
 
 # The stage folders of a run, in the order the pipeline runs them; the audit runs only
 # when asked for by name.
@@ -177,15 +178,44 @@ def save_png(image, path: Path) -> None:
         Image.fromarray(arr).save(f, format="PNG")
 
 
+@dataclass
+class SampleLayout:
+    """A synthetic set laid out class by class: image ``i`` of class ``c`` has seed
+    ``first_seed + c * images_per_class + i`` and is ``images/<class>/<seed>.png``, so
+    each image depends on its own seed only and a resumed run keeps what is on disk."""
+
+    seeds: np.ndarray
+    labels: np.ndarray
+    paths: list[Path]
+    class_names: list[str]
+
+    @classmethod
+    def class_by_class(
+        cls, out: Path, class_names: list[str], *, images_per_class: int, first_seed: int
+    ) -> SampleLayout:
+        labels = np.repeat(np.arange(len(class_names)), images_per_class)
+        seeds = first_seed + np.arange(len(labels))
+        image_dir = Path(out) / IMAGES
+        paths = [
+            image_dir / safe_name(class_names[c]) / f"{seed:06d}.png"
+            for c, seed in zip(labels, seeds, strict=True)
+        ]
+        return cls(seeds, labels, paths, list(class_names))
+
+
+def restart_unless_made_with(out: Path, fingerprint: dict) -> bool:
+    """Keep the images of an earlier attempt only if ``progress.json`` says they were made
+    with ``fingerprint``; otherwise delete them and return True. Records ``fingerprint``."""
+    progress = Path(out) / PROGRESS
+    changed = progress.exists() and read_json(progress) != fingerprint
+    if changed:
+        shutil.rmtree(Path(out) / IMAGES, ignore_errors=True)
+    write_json(progress, fingerprint)
+    return changed
+
+
 def write_sample_set(
-    out: Path,
-    *,
-    paths: list[Path],
-    labels: np.ndarray,
-    seeds: np.ndarray,
-    class_names: list[str],
-    grid_images_per_class: int,
-    title: str,
+    out: Path, layout: SampleLayout, *, grid_images_per_class: int, title: str
 ) -> None:
     """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``paths``.
 
@@ -199,6 +229,12 @@ def write_sample_set(
 
     from privimage.plots import save_image_grid
 
+    paths, labels, seeds, class_names = (
+        layout.paths,
+        layout.labels,
+        layout.seeds,
+        layout.class_names,
+    )
     pil_images = [Image.open(p).copy() for p in paths]
     arrays = [np.asarray(im) for im in pil_images]
     images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])

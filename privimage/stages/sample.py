@@ -13,20 +13,16 @@ seeds, class names), ``dataset/`` (Hugging Face ``save_to_disk``), ``grid.png``,
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from privimage.config.schema import Config
-from privimage.data.imagesets import safe_name
 from privimage.diffusion import sample_batch, sampler_name, to_uint8
 from privimage.io import artifacts
-from privimage.io.artifacts import Stage, mark_done, read_json, require_upstream, stage_dir
-from privimage.io.atomic import write_json
+from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
 from privimage.io.release import Output
 from privimage.nets.models import check_same_diffusion, load_unet, weight_files
 from privimage.runtime import resolve_device
@@ -42,13 +38,6 @@ RELEASE = {
     name: Output(inputs=_FROM_MODEL, dest=f"synthetic/{name}")
     for name in (artifacts.IMAGES, artifacts.SAMPLES, artifacts.DATASET, artifacts.GRID)
 }
-
-
-def class_seeds(*, num_classes: int, images_per_class: int, first_seed: int) -> np.ndarray:
-    """Seeds laid out class by class: seeds[c, i] = first_seed + c * images_per_class + i."""
-    return first_seed + np.arange(num_classes * images_per_class).reshape(
-        num_classes, images_per_class
-    )
 
 
 def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
@@ -72,32 +61,24 @@ def run(cfg: Config, run_dir: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     class_names = artifacts.class_names(run_dir, needed_by=STAGE)
-    num_classes = len(class_names)
     solver = sampler_name(cfg)
 
     model, trained_with = load_unet(finetune_dir / artifacts.UNET)
     check_same_diffusion(trained_with, cfg.diffusion, finetune_dir / artifacts.UNET)
     model = model.to(device).eval()
-    seeds = class_seeds(
-        num_classes=num_classes,
+    layout = artifacts.SampleLayout.class_by_class(
+        out,
+        class_names,
         images_per_class=cfg.sample.images_per_class,
         first_seed=cfg.sample.first_seed,
-    ).reshape(-1)
-    labels = np.repeat(np.arange(num_classes), cfg.sample.images_per_class)
-    image_dir = out / artifacts.IMAGES
-    paths = [
-        image_dir / safe_name(class_names[label]) / f"{seed:06d}.png"
-        for label, seed in zip(labels, seeds, strict=True)
-    ]
+    )
+    seeds, labels, paths = layout.seeds, layout.labels, layout.paths
 
     # Resume: every image is a function of its seed alone, so the PNGs of an interrupted
     # attempt are kept and only the missing seeds are sampled.
     fingerprint = _fingerprint(cfg, finetune_dir / artifacts.UNET, solver)
-    progress_file = out / artifacts.PROGRESS
-    if progress_file.exists() and read_json(progress_file) != fingerprint:
+    if artifacts.restart_unless_made_with(out, fingerprint):
         log.info("sample: settings or weights changed since the last attempt; starting over")
-        shutil.rmtree(image_dir, ignore_errors=True)
-    write_json(progress_file, fingerprint)
     for name in {p.parent for p in paths}:
         name.mkdir(parents=True, exist_ok=True)
     todo = [i for i, p in enumerate(paths) if not p.exists()]
@@ -127,10 +108,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
     artifacts.write_sample_set(
         out,
-        paths=paths,
-        labels=labels,
-        seeds=seeds,
-        class_names=class_names,
+        layout,
         grid_images_per_class=cfg.sample.grid_images_per_class,
         title=(
             f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps, "

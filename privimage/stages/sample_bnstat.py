@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from privimage import bnstat, data
 from privimage.config.schema import BNStatConfig, Config
-from privimage.data.imagesets import safe_name
 from privimage.diffusion import to_uint8
 from privimage.dp.ledger import run_ledger
 from privimage.io import artifacts
-from privimage.io.artifacts import Stage, mark_done, read_json, stage_dir
-from privimage.io.atomic import torch_save, write_json
+from privimage.io.artifacts import Stage, mark_done, stage_dir
+from privimage.io.atomic import torch_save
 from privimage.io.release import Output
 from privimage.nets.classifier import train_classifier
 from privimage.nets.models import ResNet
@@ -167,28 +164,17 @@ def run(cfg: Config, run_dir: Path) -> Path:
         "images_per_class": s.images_per_class,
         "first_seed": s.first_seed,
     }
-    progress_file = out / artifacts.PROGRESS
-    image_dir = out / artifacts.IMAGES
-    if progress_file.exists() and read_json(progress_file) != fingerprint:
+    if artifacts.restart_unless_made_with(out, fingerprint):
         log.info("bnstat: settings changed since the last attempt; starting over")
-        shutil.rmtree(image_dir, ignore_errors=True)
-    write_json(progress_file, fingerprint)
-
-    num_classes = len(class_names)
-    seeds = s.first_seed + np.arange(num_classes * s.images_per_class)
-    labels = np.repeat(np.arange(num_classes), s.images_per_class)
-    paths = [
-        image_dir / safe_name(class_names[c]) / f"{seed:06d}.png"
-        for c, seed in zip(labels, seeds, strict=True)
-    ]
+    layout = artifacts.SampleLayout.class_by_class(
+        out, class_names, images_per_class=s.images_per_class, first_seed=s.first_seed
+    )
+    paths, labels, seeds = layout.paths, layout.labels, layout.seeds
     _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, device)
 
     artifacts.write_sample_set(
         out,
-        paths=paths,
-        labels=labels,
-        seeds=seeds,
-        class_names=class_names,
+        layout,
         grid_images_per_class=s.grid_images_per_class,
         title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
     )
