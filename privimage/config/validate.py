@@ -28,6 +28,25 @@ def _positive(value: float, name: str, hint: str = "") -> None:
         raise ConfigError(f"{name}={value} must be > 0{hint}")
 
 
+# What to set, for the positive settings whose meaning is not plain from their name.
+_HINTS = {
+    "pretrain.batch_size": "; set the images per optimizer step, e.g. pretrain.batch_size=64",
+    "finetune.batch_size": (
+        "; set the expected images per DP-SGD step, e.g. finetune.batch_size=256"
+    ),
+    "finetune.physical_batch_size": (
+        "; set the images per forward pass, e.g. finetune.physical_batch_size=64"
+    ),
+}
+
+
+def _all_positive(cfg: Config, *keys: str) -> None:
+    """Each ``group.name`` setting must be > 0, checked in the order given."""
+    for key in keys:
+        group, name = key.split(".")
+        _positive(getattr(getattr(cfg, group), name), key, _HINTS.get(key, ""))
+
+
 def _validate_audit(au: AuditConfig) -> None:
     _positive(au.epsilon, "audit.epsilon", "; the audit's claim, e.g. audit.epsilon=1")
     if not math.isfinite(au.epsilon):
@@ -191,8 +210,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.privacy.accountant not in ("rdp", "prv"):
         raise ConfigError(f"privacy.accountant={cfg.privacy.accountant!r}; choose rdp or prv")
-    _positive(cfg.query.top_k, "query.top_k")
-    _positive(cfg.query.noise_multiplier, "query.noise_multiplier")
+    _all_positive(cfg, "query.top_k", "query.noise_multiplier")
     if cfg.query.epsilon is not None:
         _positive(cfg.query.epsilon, "query.epsilon", " (the query's share of the budget)")
         if cfg.query.epsilon >= cfg.privacy.target_epsilon:
@@ -216,9 +234,12 @@ def validate(cfg: Config) -> None:
         f = cfg.query.fraction_of_public_classes
         if not 0 < f <= 1:
             raise ConfigError(f"query.fraction_of_public_classes={f} must be in (0, 1]")
-    _positive(cfg.query.classifier_epochs, "query.classifier_epochs")
-    _positive(cfg.query.score_classifier_epochs, "query.score_classifier_epochs")
-    _positive(cfg.query.score_images_per_class, "query.score_images_per_class")
+    _all_positive(
+        cfg,
+        "query.classifier_epochs",
+        "query.score_classifier_epochs",
+        "query.score_images_per_class",
+    )
     _validate_diffusion(cfg)
     _positive(cfg.pretrain.epochs, "pretrain.epochs")
     if cfg.pretrain.warmup_steps < 0:
@@ -243,14 +264,13 @@ def validate(cfg: Config) -> None:
             f"pretrain.public_subset={cfg.pretrain.public_subset} does not use the semantic "
             f"query, which would spend privacy budget for nothing; set stages=[{','.join(rest)}]"
         )
-    _positive(
-        cfg.pretrain.batch_size,
+    _all_positive(
+        cfg,
         "pretrain.batch_size",
-        "; set the images per optimizer step, e.g. pretrain.batch_size=64",
+        "pretrain.gradient_accumulation_steps",
+        "pretrain.checkpoint_every_steps",
+        "pretrain.log_every_steps",
     )
-    _positive(cfg.pretrain.gradient_accumulation_steps, "pretrain.gradient_accumulation_steps")
-    _positive(cfg.pretrain.checkpoint_every_steps, "pretrain.checkpoint_every_steps")
-    _positive(cfg.pretrain.log_every_steps, "pretrain.log_every_steps")
     if cfg.pretrain.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         raise ConfigError(
             f"pretrain.mixed_precision={cfg.pretrain.mixed_precision!r}; "
@@ -265,26 +285,20 @@ def validate(cfg: Config) -> None:
         if not 0 <= p < 1:
             raise ConfigError(f"{key}={p} must be in [0, 1)")
     _validate_evaluate(cfg.evaluate)
-    _positive(cfg.finetune.epochs, "finetune.epochs")
-    _positive(
-        cfg.finetune.batch_size,
+    _all_positive(
+        cfg,
+        "finetune.epochs",
         "finetune.batch_size",
-        "; set the expected images per DP-SGD step, e.g. finetune.batch_size=256",
-    )
-    _positive(
-        cfg.finetune.physical_batch_size,
         "finetune.physical_batch_size",
-        "; set the images per forward pass, e.g. finetune.physical_batch_size=64",
+        "finetune.max_grad_norm",
+        "finetune.noise_multiplicity",
     )
-    _positive(cfg.finetune.max_grad_norm, "finetune.max_grad_norm")
-    _positive(cfg.finetune.noise_multiplicity, "finetune.noise_multiplicity")
     if cfg.finetune.grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ConfigError(
             f"finetune.grad_sample_mode={cfg.finetune.grad_sample_mode!r} is not one of "
             f"{', '.join(GRAD_SAMPLE_MODES)}; bookkeeping is the fast default"
         )
-    _positive(cfg.finetune.checkpoint_every_steps, "finetune.checkpoint_every_steps")
-    _positive(cfg.sample.images_per_class, "sample.images_per_class")
+    _all_positive(cfg, "finetune.checkpoint_every_steps", "sample.images_per_class")
     for key, group in (("sample", cfg.sample), ("pretrain", cfg.pretrain)):
         prefix = "" if key == "sample" else "grid_"
         _sampler_settings(
