@@ -40,7 +40,6 @@ from privimage import (
     ResNet,
     accuracy,
     cache_root,
-    classwise_bn_statistics,
     compose,
     load_dataset,
     load_group,
@@ -52,6 +51,7 @@ from privimage import (
     stratified_split,
     synthesis_weights,
     synthesize_bnstat,
+    train_bnstat_teacher,
     train_classifier,
 )
 
@@ -76,27 +76,6 @@ VARIATIONS = {
 def default_cache() -> Path:
     """The cache folder a run would use (``cache_dir`` of ``conf/config.yaml``)."""
     return cache_root(compose().cache_dir)
-
-
-def train_teacher(b, images, labels, *, num_classes, device, seed):
-    """The BatchNorm teacher and its class-wise statistics, trained as the sample stage of
-    ``synthesizer=bnstat`` trains them (``stages/sample_bnstat.py``)."""
-    model = train_classifier(
-        images,
-        labels,
-        num_classes=num_classes,
-        width=b.teacher_width,
-        epochs=b.teacher_epochs,
-        batch_size=b.teacher_batch_size,
-        lr=b.teacher_lr,
-        device=device,
-        seed=seed,
-        hflip=b.teacher_hflip,
-        model=ResNet(in_channels=images.shape[1], num_classes=num_classes, width=b.teacher_width),
-        desc="bnstat teacher (sensitive data, not DP)",
-    )
-    stats = classwise_bn_statistics(model, images, labels, num_classes=num_classes, device=device)
-    return model.eval(), stats
 
 
 def _student_accuracy(x, y, val_x, val_y, *, num_classes, args, device) -> float:
@@ -168,7 +147,7 @@ def main() -> None:
         teacher = teacher.to(device).eval()
         stats = ClassStatistics.from_dict(saved["statistics"])
     else:
-        teacher, stats = train_teacher(
+        teacher, stats = train_bnstat_teacher(
             dataclasses.replace(defaults, teacher_epochs=teacher_epochs, teacher_hflip=args.hflip),
             x,
             teach.labels,

@@ -68,6 +68,8 @@ _API = {
     "ClassStatistics": "privimage.bnstat",
     "classwise_bn_statistics": "privimage.bnstat",
     "synthesis_weights": "privimage.bnstat",
+    # The teacher as synthesizer=bnstat trains it (on the sensitive data, without noise).
+    "train_bnstat_teacher": "privimage.stages.sample_bnstat:train_teacher",
     "synthesize_bnstat": "privimage.bnstat:synthesize",
     # Metrics: FID features, neighbours, leakage, downstream utility, gradient inversion
     "load_inception": "privimage.metrics.fid",

@@ -52,20 +52,6 @@ NON_PRIVATE_NOTE = (
 )
 
 
-def synthesis_weights(b: BNStatConfig) -> bnstat.SynthesisWeights:
-    """The synthesis settings of ``cfg.bnstat``."""
-    return bnstat.SynthesisWeights(
-        steps=b.steps,
-        lr=b.lr,
-        bn=b.bn_weight,
-        ce=b.ce_weight,
-        tv=b.tv_weight,
-        l2=b.l2_weight,
-        jitter_pixels=b.jitter_pixels,
-        flip=b.flip,
-    )
-
-
 def train_teacher(
     b: BNStatConfig,
     images: torch.Tensor,
@@ -156,7 +142,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     del sensitive  # the synthesis reads only the teacher and the statistics
 
     b, s = cfg.bnstat, cfg.sample
-    weights = synthesis_weights(b)
+    weights = bnstat.synthesis_weights(b)
     fingerprint = {
         "teacher": teacher_settings,
         "weights": asdict(weights),
