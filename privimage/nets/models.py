@@ -77,8 +77,8 @@ def weight_files(path: Path) -> list[Path]:
 def load_unet(path: Path) -> tuple[UNet2DModel, DiffusionConfig]:
     """Load a UNet saved by :func:`save_unet` and its diffusion formulation.
 
-    A folder without ``diffusion.json`` (saved by privimage before 0.2, or by other
-    tools) is read as DDPM epsilon prediction, the diffusers convention.
+    A folder without ``diffusion.json`` (a ``UNet2DModel`` saved by other diffusers code)
+    is read as DDPM epsilon prediction, the diffusers convention.
     """
     path = Path(path)
     model = UNet2DModel.from_pretrained(path)
