@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from selection_proxy import run_config
 
 from privimage import (
     ImageSplit,
@@ -26,6 +25,7 @@ from privimage import (
     downstream_settings,
     evaluate_downstream,
     load_dataset,
+    load_run_config,
     resolve_device,
 )
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = run_config(args.run_dir, [])
+    cfg = load_run_config(args.run_dir)
     samples = np.load(args.run_dir / "sample" / "samples.npz")
     synthetic = ImageSplit(
         torch.from_numpy(samples["images"]), torch.from_numpy(samples["labels"]).long()

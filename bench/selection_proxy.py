@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from short_pretraining import relabelled, selection_mapping
 
 from privimage import (
@@ -44,24 +43,15 @@ from privimage import (
     downstream_settings,
     evaluate_downstream,
     load_dataset,
+    load_run_config,
     load_unet,
     resolve_device,
     sample_batch,
     sampler_name,
-    to_config,
     to_uint8,
 )
 
 FIRST_SEED = 10**6
-
-
-def run_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The run's resolved config (Hydra's copy, or the one the run folder keeps)."""
-    for path in (run_dir / ".hydra" / "config.yaml", run_dir / "config.yaml"):
-        if path.exists():
-            raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-            return to_config(raw)
-    raise SystemExit(f"{run_dir}: no .hydra/config.yaml or config.yaml (is it a run folder?)")
 
 
 def selection_test_split(cfg: Config, selection: dict) -> ImageSplit:
@@ -121,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cfg = run_config(args.run_dir, args.set)
+    cfg = load_run_config(args.run_dir, args.set)
     unet_dir = args.run_dir / args.unet
     selection_file = args.run_dir / "query" / "selection.json"
     for path in (unet_dir, selection_file):

@@ -33,6 +33,7 @@ _API = {
     "to_config": "privimage.config.store",
     "load_group": "privimage.config.store",
     "group_options": "privimage.config.store",
+    "load_run_config": "privimage.config.store",
     # Running: the whole pipeline, the device and the cache folder a run uses
     "run_pipeline": "privimage.pipeline",
     "resolve_device": "privimage.runtime",

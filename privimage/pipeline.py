@@ -12,14 +12,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
 from privimage import data, reuse
 from privimage.config.schema import Config, method_of
+from privimage.config.store import save_run_config
 from privimage.errors import ConfigError
 from privimage.io import artifacts
 from privimage.io.artifacts import STAGES, is_done, stage_dir
-from privimage.io.atomic import write_text
 from privimage.io.release import write_release
 from privimage.runtime import cache_root
 from privimage.stages import stage_spec
@@ -60,7 +58,7 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
         sensitive = data.load(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=main_process)
         data.check_classes(sensitive, cfg.data, key="data")
         del sensitive
-    write_text(run_dir / artifacts.RUN_CONFIG, yaml.safe_dump(asdict(cfg), sort_keys=False))
+    save_run_config(cfg, run_dir)
 
     for name in (s for s in STAGES if s in cfg.stages):
         stage = stage_spec(cfg, name)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from privimage import compose, group_options, load_group
+from privimage import compose, group_options, load_group, load_run_config
 from privimage.config.schema import Config, DataConfig
-from privimage.config.store import config_dir
+from privimage.config.store import config_dir, save_run_config
 from privimage.errors import ConfigError
 
 # Each group with a schema -> its dataclass (the field type of Config).
@@ -66,3 +66,13 @@ def test_a_preset_that_does_not_fit_its_schema_names_its_file(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"bad\.yaml: .*bogus") as err:
         load_group("model", "bad")
     assert "\n" not in str(err.value)
+
+
+def test_a_run_folder_gives_back_the_config_it_ran_with(tmp_path):
+    cfg = compose(["experiment=smoke", "sample.images_per_class=3"])
+    save_run_config(cfg, tmp_path)  # as run_pipeline does at the start of every run
+    assert load_run_config(tmp_path) == cfg
+    changed = load_run_config(tmp_path, ["sample.batch_size=8"])
+    assert changed.sample.batch_size == 8 and changed.sample.images_per_class == 3
+    with pytest.raises(ConfigError, match="has no config.yaml or .hydra/config.yaml"):
+        load_run_config(tmp_path / "empty")

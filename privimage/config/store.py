@@ -1,20 +1,25 @@
 """Hydra's side of the config: the schemas registered with its ConfigStore, the typed
 :class:`~privimage.config.schema.Config` built (and validated) from a composed config, and
-one group's preset on its own (:func:`load_group`) for benches and notebooks.
+one group's preset on its own (:func:`load_group`) for benches and notebooks, and the
+config a finished run ran with (:func:`load_run_config`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from privimage.config.schema import Config
 from privimage.config.validate import validate
 from privimage.errors import ConfigError
+from privimage.io.artifacts import RUN_CONFIG
+from privimage.io.atomic import write_text
 
 
 def register_configs() -> None:
@@ -99,3 +104,29 @@ def load_group(group: str, name: str) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(node, OmegaConf.load(path)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
+
+
+def save_run_config(cfg: Config, run_dir: str | Path) -> None:
+    """The run folder's ``config.yaml``: every setting, resolved, for people and
+    :func:`load_run_config`."""
+    text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+    write_text(Path(run_dir) / RUN_CONFIG, text)
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The typed config a run ran with, with dotted ``overrides`` (``["sample.batch_size=8"]``)
+    on top: the run folder's ``config.yaml`` (which the pipeline writes), else Hydra's
+    ``.hydra/config.yaml``."""
+    run_dir = Path(run_dir)
+    # Hydra names its copy of the composed config the same.
+    for path in (run_dir / RUN_CONFIG, run_dir / ".hydra" / RUN_CONFIG):
+        if path.exists():
+            try:
+                raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+            return to_config(raw)
+    raise ConfigError(
+        f"{run_dir} has no {RUN_CONFIG} or .hydra/config.yaml; pass a run folder (the "
+        "hydra.run.dir of a privimage run)"
+    )
