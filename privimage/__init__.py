@@ -88,7 +88,9 @@ _API = {
     "build_downstream": "privimage.metrics.downstream",
     "example_gradient": "privimage.metrics.inversion",
     "invert_gradient": "privimage.metrics.inversion",
-    # Results: finished runs as one table (``privimage report``)
+    # Results: one run's evaluation, typed; finished runs as one table (``privimage report``)
+    "Evaluation": "privimage.io.artifacts",
+    "load_evaluation": "privimage.io.artifacts",
     "find_runs": "privimage.results",
     "run_row": "privimage.results",
     "read_timings": "privimage.results",
