@@ -7,9 +7,12 @@ test_smoke.py; here each rule is shown to withhold what it must.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from privimage.dp.accounting import dpsgd_mechanism, query_mechanism
 from privimage.dp.ledger import Ledger
+from privimage.io.atomic import is_leftover
 from privimage.io.release import Output, write_release
 
 QUERY = query_mechanism(noise_multiplier=10.0, top_k=1)
@@ -143,3 +146,32 @@ def test_an_over_budget_ledger_releases_nothing(tmp_path):
     write_release(run, DECLARED, summary={})
     assert _released(run) == ["privacy.json"]
     assert "NOT within budget" in (run / "release" / "RELEASE.md").read_text()
+
+
+def test_a_write_killed_before_its_rename_leaves_nothing_in_the_release(tmp_path):
+    """kill -9 inside atomic_file leaves its temporary file beside the outputs (no cleanup
+    runs); a resumed stage writes the real file again, and the release skips the leftover."""
+    run, _ = _run(tmp_path)
+    image = run / "sample" / "images" / "0" / "000001.png"
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from privimage.io.atomic import atomic_file\n"
+            "with atomic_file(sys.argv[1]) as f:\n"
+            "    f.write(b'png')\n"
+            "    f.flush()\n"
+            "    os._exit(9)\n",
+            str(image),
+        ],
+        check=False,
+    )
+    assert killed.returncode == 9
+    leftovers = [p for p in image.parent.iterdir() if p.name != "000000.png"]
+    assert len(leftovers) == 1 and is_leftover(leftovers[0]) and not image.exists()
+    image.write_bytes(b"png")  # what the resumed stage writes
+    write_release(run, DECLARED, summary={"method": "test"})
+    synthetic = [p for p in _released(run) if p.startswith("synthetic/")]
+    assert synthetic == ["synthetic/images/0/000000.png", "synthetic/images/0/000001.png"]
+    assert not is_leftover(image)

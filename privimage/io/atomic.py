@@ -19,13 +19,22 @@ from typing import IO, Any
 
 import numpy as np
 
+TEMP_SUFFIX = ".tmp"
+
+
+def is_leftover(path: Path) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_file` whose write was killed
+    before its rename (``kill -9``, a power cut: no ``except`` runs to remove it). Such a
+    file is never an output; a resumed stage writes the real one again."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
 
 @contextlib.contextmanager
 def atomic_file(path: Path | str, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file that replaces ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -34,6 +34,7 @@ from typing import Any
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
 from privimage.io.artifacts import LEDGER, is_done, trained_text
+from privimage.io.atomic import is_leftover
 
 RELEASE_DIR = "release"
 MANIFEST = "MANIFEST.json"
@@ -113,7 +114,10 @@ def _copy(src: Path, dst: Path, root: Path, *, copy_of: str, mechanisms: set[str
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    """The files of an output; a killed write's temporary file is none of them."""
+    if not root.is_dir():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and not is_leftover(p))
 
 
 def write_release(
