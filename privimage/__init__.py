@@ -105,3 +105,8 @@ def __getattr__(name: str):
         module, _, attr = _API[name].partition(":")
         return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'privimage' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too, for dir() and tab completion.
+    return sorted({*globals(), *_API})

@@ -1,6 +1,6 @@
 """Command-line entry point (``privimage`` and ``python -m privimage``): the only Hydra code.
 
-Composes the config, builds the typed :class:`~privimage.config.Config`, and runs the
+Composes the config, builds the typed :class:`~privimage.config.schema.Config`, and runs the
 requested stages in Hydra's run directory. Errors meant for the user are printed as one
 line and exit with status 2.
 """

@@ -98,6 +98,8 @@ def read_timings(run_dir: Path) -> list[dict]:
 def run_row(run_dir: Path) -> dict:
     """One row of the table from one run directory's files."""
     ev = load_evaluation(run_dir)
+    if ev is None:
+        raise DataError(f"{run_dir} has no {METRICS}; run the evaluate stage first")
     cfg_file = run_dir / artifacts.RUN_CONFIG
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
     ledger_file = run_dir / LEDGER

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from privimage import data
-from privimage.data.imagesets import UNLABELLED, load_image_set, safe_name
+from privimage.data.imagesets import UNLABELLED, load_image_set
 from privimage.errors import DataError
+from privimage.io.names import safe_name
 
 CLASSES = ["zero", "one", "two"]
 

@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from privimage.io.artifacts import Evaluation, load_evaluation, save_evaluation
+from privimage.errors import DataError
+from privimage.io.artifacts import EVALUATION_NOTE, Evaluation, load_evaluation, save_evaluation
 from privimage.report import privacy_line, summary_line
+from privimage.results import run_row
 
 
 def _ledger(**extra) -> dict:
@@ -67,14 +69,17 @@ def test_ledger_fields_and_privacy_state():
         (_ledger(), "epsilon 0.988 of 1.0 (delta 1e-05)"),
         (_ledger(noise_secret=False), "epsilon 0.988 but NOT differentially private against"),
         (_ledger(differentially_private=False), ", NOT differentially private"),
-        (None, "downstream accuracy n/a"),
+        (None, None),
     ],
 )
 def test_summary_and_report_say_the_same_privacy(ledger, words):
     ev = _evaluation(ledger)
     line = summary_line(ev)
-    assert line.startswith("FID 12.35, precision 0.500, recall 0.250, downstream accuracy n/a")
-    assert words in line
+    headline = "FID 12.35, precision 0.500, recall 0.250, downstream accuracy n/a"
+    if words is None:  # nothing is known of the images' privacy, and nothing is claimed
+        assert line == headline
+    else:
+        assert line.startswith(headline) and words in line
     report = privacy_line(ev)
     expected = {
         "dp": "ε = 0.988 spent of 1.0",
@@ -92,8 +97,27 @@ def test_file_round_trip_keeps_the_key_order(tmp_path):
     ev.seconds = {"fidelity": 1.5, "total": 1.5}
     save_evaluation(tmp_path / "evaluate", ev)
     raw = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
-    assert list(raw)[:4] == ["fid", "precision", "recall", "downstream_accuracy"]
-    assert list(raw)[-3:] == ["leakage", "seconds", "note"]
+    # The key order metrics.json had before it was typed.
+    assert list(raw) == [
+        "fid",
+        "precision",
+        "recall",
+        "downstream_accuracy",
+        "epsilon_spent",
+        "target_epsilon",
+        "delta",
+        "differentially_private",
+        "noise_secret",
+        "non_private_steps",
+        "dp_trained",
+        "synthesizer",
+        "synthetic",
+        "fidelity",
+        "utility",
+        "leakage",
+        "seconds",
+        "note",
+    ]
     assert load_evaluation(tmp_path) == ev
     assert load_evaluation(tmp_path / "elsewhere") is None
 
@@ -102,3 +126,9 @@ def test_an_older_file_without_some_keys_still_reads():
     ev = Evaluation.from_json({"fid": 3.0, "synthetic": "x.npz", "unknown_key": 1})
     assert ev.fid == 3.0 and ev.privacy == "unknown"
     assert ev.leakage == {} and ev.seconds == {} and ev.non_private_steps == []
+    assert ev.note == EVALUATION_NOTE  # a field with a default keeps it
+
+
+def test_the_results_table_says_which_run_has_no_evaluation(tmp_path):
+    with pytest.raises(DataError, match="has no evaluate/metrics.json; run the evaluate stage"):
+        run_row(tmp_path)

@@ -76,3 +76,16 @@ def test_a_run_folder_gives_back_the_config_it_ran_with(tmp_path):
     assert changed.sample.batch_size == 8 and changed.sample.images_per_class == 3
     with pytest.raises(ConfigError, match="has no config.yaml or .hydra/config.yaml"):
         load_run_config(tmp_path / "empty")
+
+
+def test_hydras_copy_serves_when_the_run_folder_has_none(tmp_path):
+    cfg = compose(["experiment=smoke", "sample.images_per_class=3"])
+    other = compose(["experiment=smoke", "sample.images_per_class=5"])
+    save_run_config(cfg, tmp_path / ".hydra")  # Hydra's copy has the same file name
+    assert load_run_config(tmp_path) == cfg
+    # Both: the pipeline's own (resolved) copy wins.
+    save_run_config(other, tmp_path)
+    assert load_run_config(tmp_path).sample.images_per_class == 5
+    (tmp_path / "config.yaml").write_text("sample: [unclosed\n")
+    with pytest.raises(ConfigError, match="config.yaml: "):
+        load_run_config(tmp_path)

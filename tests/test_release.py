@@ -174,4 +174,5 @@ def test_a_write_killed_before_its_rename_leaves_nothing_in_the_release(tmp_path
     write_release(run, DECLARED, summary={"method": "test"})
     synthetic = [p for p in _released(run) if p.startswith("synthetic/")]
     assert synthetic == ["synthetic/images/0/000000.png", "synthetic/images/0/000001.png"]
-    assert not is_leftover(image)
+    manifest = json.loads((run / "release" / "MANIFEST.json").read_text())
+    assert not [f["path"] for f in manifest["files"] if f["path"].endswith(".tmp")]

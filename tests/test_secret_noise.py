@@ -10,7 +10,6 @@ tests' switch) both succeed, which shows the attack is real and the switch works
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -117,12 +116,6 @@ def pretrained(tmp_path_factory, pretrain_smoke):
     return pretrain_smoke(tmp_path_factory.mktemp("secret-base"))
 
 
-def _copy(pretrained, tmp_path, name):
-    target = tmp_path / name
-    shutil.copytree(pretrained, target)
-    return target
-
-
 def _finetune(run_dir, compose, *extra):
     run_pipeline(compose([*FINETUNE, *extra]), run_dir)
     return UNet2DModel.from_pretrained(run_dir / "finetune" / "unet").state_dict()
@@ -134,13 +127,13 @@ def _same(a, b):
 
 @pytest.mark.slow
 def test_dp_sgd_differs_between_default_runs_and_not_under_reproducible_noise(
-    pretrained, tmp_path, compose
+    pretrained, tmp_path, copy_run, compose
 ):
-    first = _finetune(_copy(pretrained, tmp_path, "a"), compose)
-    second = _finetune(_copy(pretrained, tmp_path, "b"), compose)
+    first = _finetune(copy_run(pretrained, "a"), compose)
+    second = _finetune(copy_run(pretrained, "b"), compose)
     assert not _same(first, second), "the DP-SGD noise or masks follow the config"
-    seeded = _finetune(_copy(pretrained, tmp_path, "c"), compose, REPRODUCIBLE)
-    seeded_again = _finetune(_copy(pretrained, tmp_path, "d"), compose, REPRODUCIBLE)
+    seeded = _finetune(copy_run(pretrained, "c"), compose, REPRODUCIBLE)
+    seeded_again = _finetune(copy_run(pretrained, "d"), compose, REPRODUCIBLE)
     assert _same(seeded, seeded_again)
     assert not _same(first, seeded)
     ledger = json.loads((tmp_path / "c" / "privacy.json").read_text())
@@ -163,8 +156,8 @@ def _crash_after_checkpoint(monkeypatch, step):
     monkeypatch.setattr(dp_training, "torch_save", save_then_crash)
 
 
-def _crashed(pretrained, tmp_path, compose, monkeypatch, *extra):
-    run_dir = _copy(pretrained, tmp_path, "crashed")
+def _crashed(pretrained, copy_run, compose, monkeypatch, *extra):
+    run_dir = copy_run(pretrained, "crashed")
     with monkeypatch.context() as m:
         _crash_after_checkpoint(m, step=2)
         with pytest.raises(Crash):
@@ -175,12 +168,12 @@ def _crashed(pretrained, tmp_path, compose, monkeypatch, *extra):
 
 @pytest.mark.slow
 def test_resume_continues_the_checkpointed_secret_streams(
-    pretrained, tmp_path, compose, monkeypatch
+    pretrained, copy_run, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
+    crashed = _crashed(pretrained, copy_run, compose, monkeypatch)
     ckpt = torch.load(crashed / "finetune" / finetune.CHECKPOINT, weights_only=True)
     assert ckpt["reproducible_noise"] is False and ckpt["step"] == 2
-    copies = [crashed, _copy(crashed, tmp_path, "crashed-copy")]
+    copies = [crashed, copy_run(crashed, "crashed-copy")]
 
     draws = []
 
@@ -204,15 +197,15 @@ def test_resume_continues_the_checkpointed_secret_streams(
         assert events == [("begin", None), ("resume", 2), ("complete", None)]
         assert not (run / "finetune" / finetune.CHECKPOINT).exists()
     # And they are not what the config's seed would give.
-    seeded = _finetune(_copy(pretrained, tmp_path, "seeded"), compose, REPRODUCIBLE)
+    seeded = _finetune(copy_run(pretrained, "seeded"), compose, REPRODUCIBLE)
     assert not _same(resumed[0], seeded)
 
 
 @pytest.mark.slow
 def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
-    pretrained, tmp_path, compose, monkeypatch
+    pretrained, copy_run, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
+    crashed = _crashed(pretrained, copy_run, compose, monkeypatch)
     first = json.loads((crashed / "privacy.json").read_text())
     sigma_first = next(m for m in first["mechanisms"] if m["name"] == "dp_sgd")["noise_multiplier"]
     (crashed / "finetune" / finetune.CHECKPOINT).unlink()
@@ -231,22 +224,22 @@ def test_a_restart_without_the_checkpoint_is_charged_as_a_second_release(
 
 @pytest.mark.slow
 def test_under_reproducible_noise_a_restart_replays_the_same_mechanism(
-    pretrained, tmp_path, compose, monkeypatch
+    pretrained, copy_run, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch, REPRODUCIBLE)
+    crashed = _crashed(pretrained, copy_run, compose, monkeypatch, REPRODUCIBLE)
     (crashed / "finetune" / finetune.CHECKPOINT).unlink()
     restarted = _finetune(crashed, compose, REPRODUCIBLE)
     ledger = json.loads((crashed / "privacy.json").read_text())
     assert [m["status"] for m in ledger["mechanisms"] if m["name"] == "dp_sgd"] == ["completed"]
-    straight = _finetune(_copy(pretrained, tmp_path, "straight"), compose, REPRODUCIBLE)
+    straight = _finetune(copy_run(pretrained, "straight"), compose, REPRODUCIBLE)
     assert _same(restarted, straight)
 
 
 @pytest.mark.slow
 def test_a_checkpoint_is_not_resumed_on_other_weights_or_other_data(
-    pretrained, tmp_path, compose, monkeypatch
+    pretrained, copy_run, compose, monkeypatch
 ):
-    crashed = _crashed(pretrained, tmp_path, compose, monkeypatch)
+    crashed = _crashed(pretrained, copy_run, compose, monkeypatch)
     ledger_before = (crashed / "privacy.json").read_text()
     # Same shapes, other sensitive images: the split seed picks other training digits.
     with pytest.raises(ConfigError, match="data_key"):
@@ -275,17 +268,17 @@ def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_pa
 
 
 @pytest.mark.slow
-def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, tmp_path, compose):
+def test_bookkeeping_and_hooks_fine_tune_to_the_same_model(pretrained, copy_run, compose):
     """The two clipping paths compute the same clipped sums: with the same (seeded) noise,
     masks and diffusion draws, the finished models agree to 1e-4 (float rounding only)."""
     fast = _finetune(
-        _copy(pretrained, tmp_path, "bk"),
+        copy_run(pretrained, "bk"),
         compose,
         REPRODUCIBLE,
         "finetune.grad_sample_mode=bookkeeping",
     )
     hooks = _finetune(
-        _copy(pretrained, tmp_path, "hooks"),
+        copy_run(pretrained, "hooks"),
         compose,
         REPRODUCIBLE,
         "finetune.grad_sample_mode=hooks",

@@ -1,2 +1,3 @@
 """Typed configuration: ``schema`` (dataclasses, imports nothing of privimage's),
-``validate`` (one-line errors) and ``store`` (Hydra registration, ``to_config``)."""
+``validate`` (one-line errors) and ``store`` (Hydra's side: ``to_config``, ``compose``,
+``load_group`` for one group's preset, and a run folder's ``config.yaml``)."""

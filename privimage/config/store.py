@@ -102,7 +102,7 @@ def load_group(group: str, name: str) -> Any:
         )
     try:
         return OmegaConf.to_object(OmegaConf.merge(node, OmegaConf.load(path)))
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from err
 
 
@@ -116,16 +116,18 @@ def save_run_config(cfg: Config, run_dir: str | Path) -> None:
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
     """The typed config a run ran with, with dotted ``overrides`` (``["sample.batch_size=8"]``)
     on top: the run folder's ``config.yaml`` (which the pipeline writes), else Hydra's
-    ``.hydra/config.yaml``."""
+    ``.hydra/config.yaml``. The pipeline's copy comes first: it is resolved, where Hydra's
+    copy of a sweep job keeps interpolations such as ``${hydra:sweep.dir}`` that resolve
+    only inside Hydra."""
     run_dir = Path(run_dir)
     # Hydra names its copy of the composed config the same.
     for path in (run_dir / RUN_CONFIG, run_dir / ".hydra" / RUN_CONFIG):
         if path.exists():
             try:
                 raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(overrides or []))
-            except OmegaConfBaseException as e:
+                return to_config(raw)
+            except (OmegaConfBaseException, yaml.YAMLError) as e:
                 raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-            return to_config(raw)
     raise ConfigError(
         f"{run_dir} has no {RUN_CONFIG} or .hydra/config.yaml; pass a run folder (the "
         "hydra.run.dir of a privimage run)"

@@ -169,7 +169,8 @@ def select_trainable(model: torch.nn.Module, prefixes: list[str] | None) -> dict
 @dataclass
 class Checkpoint:
     """``finetune/checkpoint.pt``: the private state a fine-tune resumes from, one type for
-    the DP-SGD path, the non-private path and the audit. ``identity`` is what a resume
+    the DP-SGD path (written by :meth:`DPTraining.save`) and the non-private path (the
+    audit never resumes: a killed audit starts over). ``identity`` is what a resume
     must match (mechanism, data, pretrained weights, settings); it is stored flat beside
     the state, so a checkpoint reads as one dictionary.
     """

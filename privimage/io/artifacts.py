@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ def restart_unless_made_with(out: Path, fingerprint: dict) -> bool:
 def write_sample_set(
     out: Path, layout: SampleLayout, *, grid_images_per_class: int, title: str
 ) -> None:
-    """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``paths``.
+    """``samples.npz``, ``dataset/`` and ``grid.png`` from the PNGs at ``layout.paths``.
 
     Everything is rebuilt from the PNGs (lossless), so a resumed run's outputs are
     byte-for-byte those of an uninterrupted one. Shared by every synthesizer, so the
@@ -295,7 +295,7 @@ class Evaluation:
     # The completed DP-SGD entry's details (which parameters it trained), if any.
     dp_trained: dict | None
     synthesizer: str | None
-    synthetic: str
+    synthetic: str | None  # None only in a file that lacks it
     fidelity: dict[str, Any]
     utility: dict[str, Any]
     leakage: dict[str, Any]
@@ -341,9 +341,13 @@ class Evaluation:
     def from_json(cls, d: dict[str, Any]) -> Evaluation:
         """From a metrics.json dict; keys an older file lacks take their empty value."""
         known = {f.name for f in fields(cls)}
-        values = {name: None for name in known}
-        values |= {name: {} for name in ("fidelity", "utility", "leakage", "seconds")}
-        values["non_private_steps"] = []
+        # Fields with a default keep it; the others are unknown (None) or empty.
+        values: dict[str, Any] = {
+            f.name: None
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING
+        }
+        values |= {"fidelity": {}, "utility": {}, "leakage": {}, "non_private_steps": []}
         values.update({k: v for k, v in d.items() if k in known})
         return cls(**values)
 

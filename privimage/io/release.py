@@ -232,7 +232,7 @@ def _basis(run_dir: Path, ledger_path: Path, outputs: dict[str, Output], summary
 
 
 def privacy_headline(ledger: dict) -> str:
-    """One line on what guarantee a run's outputs carry (RELEASE.md, the report, the CLI)."""
+    """One line on what guarantee a run's outputs carry, for RELEASE.md and MANIFEST.json."""
     if not ledger:
         return "no privacy ledger: nothing here is covered by a differential-privacy guarantee"
     if ledger.get("non_private"):
