@@ -187,8 +187,13 @@ class Checkpoint:
     _STATE = ("step", "model", "ema", "optimizer", "accountant", "rng")
 
     def save(self, path: Path) -> None:
-        state = {"step": self.step, **self.identity, "model": self.model, "ema": self.ema}
-        state["optimizer"] = self.optimizer
+        state = {
+            "step": self.step,
+            **self.identity,
+            "model": self.model,
+            "ema": self.ema,
+            "optimizer": self.optimizer,
+        }
         if self.accountant is not None:
             state |= {"accountant": self.accountant, "rng": self.rng}
         torch_save(state, path)

@@ -229,12 +229,7 @@ def write_sample_set(
 
     from privimage.plots import save_image_grid
 
-    paths, labels, seeds, class_names = (
-        layout.paths,
-        layout.labels,
-        layout.seeds,
-        layout.class_names,
-    )
+    paths, labels, class_names = layout.paths, layout.labels, layout.class_names
     pil_images = [Image.open(p).copy() for p in paths]
     arrays = [np.asarray(im) for im in pil_images]
     images = np.stack([a[None] if a.ndim == 2 else a.transpose(2, 0, 1) for a in arrays])
@@ -243,7 +238,7 @@ def write_sample_set(
             f,
             images=images,
             labels=labels.astype(np.int64),
-            seeds=seeds.astype(np.int64),
+            seeds=layout.seeds.astype(np.int64),
             class_names=np.array(class_names),
         )
     features = datasets.Features(
@@ -254,7 +249,7 @@ def write_sample_set(
         }
     )
     ds = datasets.Dataset.from_dict(
-        {"image": pil_images, "label": labels.tolist(), "seed": seeds.tolist()},
+        {"image": pil_images, "label": labels.tolist(), "seed": layout.seeds.tolist()},
         features=features,
     )
     if (out / DATASET).exists():

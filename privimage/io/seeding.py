@@ -82,7 +82,12 @@ def public_rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
 
 
 def public_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:
-    state = public_words(seed, purpose, *keys).generate_state(2)
+    return _seeded_torch(public_words(seed, purpose, *keys))
+
+
+def _seeded_torch(words: np.random.SeedSequence) -> torch.Generator:
+    """A CPU torch generator seeded with 64 bits of ``words`` (the public streams' form)."""
+    state = words.generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -92,5 +97,4 @@ def step_generator(*, seed: int, step: int, process: int, micro: int) -> torch.G
     It predates the named streams above and keeps its form, so pretrained weights stay
     what they were; the seed sequence's length (four words) keeps it apart from them.
     """
-    state = np.random.SeedSequence([seed, step, process, micro]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return _seeded_torch(np.random.SeedSequence([seed, step, process, micro]))

@@ -155,8 +155,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     layout = artifacts.SampleLayout.class_by_class(
         out, class_names, images_per_class=s.images_per_class, first_seed=s.first_seed
     )
-    paths, labels, seeds = layout.paths, layout.labels, layout.seeds
-    _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, device)
+    _synthesize_missing(cfg, model, stats, weights, layout, out, device)
 
     artifacts.write_sample_set(
         out,
@@ -164,16 +163,17 @@ def run(cfg: Config, run_dir: Path) -> Path:
         grid_images_per_class=s.grid_images_per_class,
         title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
     )
-    log.info("bnstat: wrote %d images to %s (not differentially private)", len(paths), out)
+    log.info("bnstat: wrote %d images to %s (not differentially private)", len(layout.paths), out)
     mark_done(out)
     return out
 
 
-def _synthesize_missing(cfg, model, stats, weights, paths, labels, seeds, out, device) -> None:
+def _synthesize_missing(cfg, model, stats, weights, layout, out, device) -> None:
     """Synthesize every batch whose PNGs are not all on disk yet (a resumed run makes only
     the missing ones); each batch's last loss parts go to ``synthesis.jsonl``."""
     b, s = cfg.bnstat, cfg.sample
-    num_classes = int(labels.max()) + 1
+    paths, labels, seeds = layout.paths, layout.labels, layout.seeds
+    num_classes = len(layout.class_names)
     image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     batches = []
     for c in range(num_classes):
