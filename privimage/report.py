@@ -37,6 +37,11 @@ def privacy_line(ev: Evaluation) -> str:
             f"**Privacy: none. These images carry no differential-privacy guarantee** "
             f"({why}). Read the leakage measurements below with that in mind."
         )
+    if ev.privacy == "over_budget":
+        return (
+            f"**Privacy: NOT within budget.** ε = {ev.epsilon_spent:.4g} spent exceeds the "
+            f"target {ev.target_epsilon:g} (the run's ledger `privacy.json`)."
+        )
     if ev.privacy == "seeded":
         return (
             f"**Privacy: NOT differentially private against anyone who knows this run's "
@@ -335,6 +340,8 @@ def summary_line(ev: Evaluation) -> str:
     )
     if ev.privacy == "none":
         line += ", NOT differentially private"
+    elif ev.privacy == "over_budget":
+        line += f", epsilon {ev.epsilon_spent:.4g} OVER the target {ev.target_epsilon:g}"
     elif ev.privacy == "seeded":
         line += (
             f", epsilon {ev.epsilon_spent:.3f} but NOT differentially private against anyone "

@@ -27,6 +27,7 @@ from privimage.io.artifacts import (
     AUDIT_STAGE,
     LEDGER,
     load_evaluation,
+    privacy_status,
     read_done_json,
 )
 from privimage.io.atomic import write_text
@@ -109,7 +110,8 @@ def run_row(run_dir: Path) -> dict:
     seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != AUDIT_STAGE}
     audit = read_done_json(run_dir, AUDIT_STAGE, AUDIT_RESULT) or {}
     # Unknown (None) for images scored from elsewhere, which have no ledger.
-    private = ledger.get("differentially_private", True) if ledger else None
+    status = privacy_status(ledger)
+    private = None if status == "unknown" else status != "none"
     return {
         "method": method_of(cfg) or run_dir.name,
         "name": cfg.get("name"),

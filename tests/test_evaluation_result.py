@@ -8,7 +8,15 @@ import json
 import pytest
 
 from privimage.errors import DataError
-from privimage.io.artifacts import EVALUATION_NOTE, Evaluation, load_evaluation, save_evaluation
+from privimage.io.artifacts import (
+    EVALUATION_NOTE,
+    PRIVACY_STATES,
+    Evaluation,
+    load_evaluation,
+    privacy_status,
+    save_evaluation,
+)
+from privimage.io.release import privacy_headline
 from privimage.report import privacy_line, summary_line
 from privimage.results import run_row
 
@@ -69,6 +77,7 @@ def test_ledger_fields_and_privacy_state():
         (_ledger(), "epsilon 0.988 of 1.0 (delta 1e-05)"),
         (_ledger(noise_secret=False), "epsilon 0.988 but NOT differentially private against"),
         (_ledger(differentially_private=False), ", NOT differentially private"),
+        (_ledger(epsilon_spent=1.25), "epsilon 1.25 OVER the target 1"),
         (None, None),
     ],
 )
@@ -85,11 +94,38 @@ def test_summary_and_report_say_the_same_privacy(ledger, words):
         "dp": "ε = 0.988 spent of 1.0",
         "seeded": "NOT differentially private against anyone who knows",
         "none": "Privacy: none.",
+        "over_budget": "NOT within budget.** ε = 1.25 spent exceeds the target 1",
         "unknown": "Privacy: no ledger",
     }[ev.privacy]
     assert expected in report
     if ev.privacy == "dp":
         assert "trained every parameter (5 of 5 parameters)" in report
+
+
+LEDGERS = {
+    "unknown": {},
+    "none": _ledger(differentially_private=False, non_private=[{"description": "teacher"}]),
+    "over_budget": _ledger(epsilon_spent=1.0 + 1e-6),
+    "seeded": _ledger(noise_secret=False),
+    "dp": _ledger(epsilon_spent=1.0 + 1e-12),  # within the ledger's rounding tolerance
+}
+
+
+@pytest.mark.parametrize("state", PRIVACY_STATES)
+def test_the_ledger_the_evaluation_and_the_release_agree_on_privacy(state):
+    ledger = LEDGERS[state]
+    assert privacy_status(ledger) == state
+    # The evaluation copies the ledger's fields and must classify them the same way.
+    assert _evaluation(ledger or None).privacy == state
+    headline = privacy_headline(ledger)
+    claims_dp = "-differentially private with respect to" in headline
+    assert claims_dp == (state == "dp"), headline
+
+
+def test_a_missing_noise_flag_is_not_read_as_secret():
+    # A ledger that does not say its noise was secret gets no guarantee.
+    ledger = {k: v for k, v in _ledger().items() if k != "noise_secret"}
+    assert privacy_status(ledger) == "seeded"
 
 
 def test_file_round_trip_keeps_the_key_order(tmp_path):

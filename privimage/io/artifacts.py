@@ -264,6 +264,31 @@ def write_sample_set(
 EVALUATION_NOTE = "measured on sensitive data for the data owner; not part of the DP release"
 
 
+# What a run's ledger guarantees, in one word (see privacy_status).
+PRIVACY_STATES = ("unknown", "none", "over_budget", "seeded", "dp")
+
+
+def privacy_status(ledger: dict[str, Any] | None) -> str:
+    """What guarantee a ledger gives, from ``privacy.json`` as read or the fields an
+    :class:`Evaluation` copied from it (same keys); the one place that decides it.
+
+    ``unknown``: no ledger (images from elsewhere). ``none``: a non-private step used the
+    sensitive data. ``over_budget``: epsilon spent exceeds the target. ``seeded``: the DP
+    noise followed the seed (``privacy.reproducible_noise``), so no epsilon holds against
+    anyone who knows the config. ``dp``: epsilon spent within the target, noise secret.
+    """
+    if not ledger:
+        return "unknown"
+    if ledger.get("differentially_private") is False:
+        return "none"
+    eps, target = ledger.get("epsilon_spent"), ledger.get("target_epsilon")
+    if eps is None:
+        return "unknown"
+    if target is not None and eps > target * (1 + 1e-9):
+        return "over_budget"
+    return "dp" if ledger.get("noise_secret") else "seeded"
+
+
 @dataclass
 class Evaluation:
     """``evaluate/metrics.json``, typed: the headline numbers flat, then each part in full.
@@ -321,13 +346,8 @@ class Evaluation:
 
     @property
     def privacy(self) -> str:
-        """``none`` (a non-private step), ``seeded`` (DP noise followed the seed), ``dp``
-        (epsilon spent, noise secret) or ``unknown`` (no ledger)."""
-        if self.differentially_private is False:
-            return "none"
-        if self.epsilon_spent is None:
-            return "unknown"
-        return "seeded" if self.noise_secret is False else "dp"
+        """What the run's ledger guarantees: see :func:`privacy_status`."""
+        return privacy_status(asdict(self))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,7 +33,7 @@ from typing import Any
 
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
-from privimage.io.artifacts import LEDGER, is_done, trained_text
+from privimage.io.artifacts import LEDGER, is_done, privacy_status, trained_text
 from privimage.io.atomic import is_leftover
 
 RELEASE_DIR = "release"
@@ -151,8 +151,9 @@ def write_release(
         json.loads((final / MANIFEST).read_text()).get("built_from") == built_from
     ):
         return final  # nothing finished or changed since the last build
+    status = privacy_status(ledger)
     private_use = [e["description"] for e in ledger.get("non_private", [])]
-    if ledger and not ledger["epsilon_spent"] <= ledger["target_epsilon"] * (1 + 1e-9):
+    if status == "over_budget":
         private_use.append(
             f"epsilon spent {ledger['epsilon_spent']:.4g} exceeds the target "
             f"{ledger['target_epsilon']:g}"
@@ -192,9 +193,7 @@ def write_release(
         # the files (tests compare them) but no guarantee holds against the config's
         # readers, so differentially_private is false then too.
         "guarantee": privacy_headline(ledger),
-        "differentially_private": bool(ledger)
-        and not private_use
-        and bool(ledger.get("noise_secret", False)),
+        "differentially_private": status == "dp",
         "noise_secret": bool(ledger.get("noise_secret", False)),
         "epsilon_spent": ledger.get("epsilon_spent"),
         "delta": ledger.get("delta"),
@@ -233,16 +232,17 @@ def _basis(run_dir: Path, ledger_path: Path, outputs: dict[str, Output], summary
 
 def privacy_headline(ledger: dict) -> str:
     """One line on what guarantee a run's outputs carry, for RELEASE.md and MANIFEST.json."""
-    if not ledger:
+    status = privacy_status(ledger)
+    if status == "unknown":
         return "no privacy ledger: nothing here is covered by a differential-privacy guarantee"
-    if ledger.get("non_private"):
+    if status == "none":
         return "NOT differentially private: the ledger records a non-private use of the data"
-    eps, delta = ledger.get("epsilon_spent"), ledger.get("delta")
-    if eps > ledger.get("target_epsilon") * (1 + 1e-9):
+    eps, delta = ledger["epsilon_spent"], ledger["delta"]
+    if status == "over_budget":
         return (
             f"NOT within budget: epsilon {eps:.4g} exceeds the target {ledger['target_epsilon']:g}"
         )
-    if not ledger.get("noise_secret", False):
+    if status == "seeded":
         return (
             f"NOT differentially private against anyone who knows the run's config: its DP "
             f"noise was derived from the seed (privacy.reproducible_noise=true; epsilon "
@@ -250,7 +250,7 @@ def privacy_headline(ledger: dict) -> str:
         )
     return (
         f"({eps:.3f}, {delta:g})-differentially private with respect to one sensitive "
-        f"training image (target epsilon {ledger.get('target_epsilon')})"
+        f"training image (target epsilon {ledger['target_epsilon']})"
     )
 
 
