@@ -49,7 +49,6 @@ from privimage import (
     resolve_device,
     ssim,
     stratified_split,
-    synthesis_weights,
     synthesize_bnstat,
     train_bnstat_teacher,
     train_classifier,
@@ -62,11 +61,11 @@ VARIATIONS = {
     "steps=1000": {"steps": 1000},
     "lr=0.03": {"lr": 0.03},
     "lr=0.3": {"lr": 0.3},
-    "bn=0": {"bn": 0.0},  # class inversion only, no statistics
-    "bn=10": {"bn": 10.0},
-    "ce=0": {"ce": 0.0},  # statistics only
-    "tv=0": {"tv": 0.0},
-    "tv=0.1": {"tv": 0.1},
+    "bn=0": {"bn_weight": 0.0},  # class inversion only, no statistics
+    "bn=10": {"bn_weight": 10.0},
+    "ce=0": {"ce_weight": 0.0},  # statistics only
+    "tv=0": {"tv_weight": 0.0},
+    "tv=0.1": {"tv_weight": 0.1},
     "jitter=2": {"jitter_pixels": 2},
     "flip": {"flip": True},
     "batch=10": {"batch_size": 10},
@@ -187,14 +186,13 @@ def main() -> None:
     )
     print(f"student on {len(real_idx)} real images: validation accuracy {real_acc:.3f}")
 
-    base = synthesis_weights(defaults)
     teach_pixels = pixel_vectors(teach.images)
     names = args.only or list(VARIATIONS)
     rows = []
     for name in names:
-        change = dict(VARIATIONS[name])
-        batch_size = change.pop("batch_size", defaults.batch_size)
-        weights = dataclasses.replace(base, **change)
+        # cfg.bnstat is the synthesis settings plus the teacher's and the batch size.
+        weights = dataclasses.replace(defaults, **VARIATIONS[name])
+        batch_size = weights.batch_size
         start = time.perf_counter()
         images, labels, bn_losses, ce_losses = [], [], [], []
         for c in range(num_classes):

@@ -22,7 +22,6 @@ from privimage import (
     ImageSplit,
     SealedSplit,
     cache_root,
-    downstream_settings,
     evaluate_downstream,
     load_dataset,
     load_run_config,
@@ -48,12 +47,13 @@ def main() -> None:
     sensitive = load_dataset(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []
     for seed in args.seeds:
-        settings = downstream_settings(cfg.evaluate, seed=seed, progress=False)
         report, _, _ = evaluate_downstream(
             synthetic,
             SealedSplit(sensitive.test),
             num_classes=len(sensitive.class_names),
-            settings=settings,
+            settings=cfg.evaluate,
+            seed=seed,
+            progress=False,
             device=resolve_device(args.device),
         )
         accs = {k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()}

@@ -76,7 +76,9 @@ def proxy_accuracy(images: torch.Tensor, labels: torch.Tensor, seeds: range) -> 
             ImageSplit(images, labels),
             SealedSplit(proxy_digits()),
             num_classes=10,
-            settings=DownstreamSettings(seed=seed, progress=False),
+            settings=DownstreamSettings(),
+            seed=seed,
+            progress=False,
             device=torch.device("cpu"),
         )
         out.append({k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()})

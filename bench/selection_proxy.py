@@ -40,7 +40,6 @@ from privimage import (
     ImageSplit,
     SealedSplit,
     cache_root,
-    downstream_settings,
     evaluate_downstream,
     load_dataset,
     load_run_config,
@@ -142,7 +141,9 @@ def main() -> None:
                 synthetic,
                 SealedSplit(test),
                 num_classes=classes,
-                settings=downstream_settings(cfg.evaluate, seed=seed, progress=False),
+                settings=cfg.evaluate,
+                seed=seed,
+                progress=False,
                 device=device,
             )
             runs.append({k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()})

@@ -68,7 +68,7 @@ _API = {
     # BN-statistics synthesis (not DP): a teacher's class statistics, image optimisation
     "ClassStatistics": "privimage.bnstat",
     "classwise_bn_statistics": "privimage.bnstat",
-    "synthesis_weights": "privimage.bnstat",
+    "SynthesisWeights": "privimage.config.schema",
     # The teacher as synthesizer=bnstat trains it (on the sensitive data, without noise).
     "train_bnstat_teacher": "privimage.stages.sample_bnstat:train_teacher",
     "synthesize_bnstat": "privimage.bnstat:synthesize",
@@ -82,8 +82,7 @@ _API = {
     "psnr": "privimage.metrics.leakage",
     "ssim": "privimage.metrics.leakage",
     "SealedSplit": "privimage.metrics.downstream",
-    "DownstreamSettings": "privimage.metrics.downstream",
-    "downstream_settings": "privimage.metrics.downstream",
+    "DownstreamSettings": "privimage.config.schema",
     "evaluate_downstream": "privimage.metrics.downstream",
     "build_downstream": "privimage.metrics.downstream",
     "example_gradient": "privimage.metrics.inversion",

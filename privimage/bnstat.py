@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage.config.schema import BNStatConfig
+from privimage.config.schema import SynthesisWeights
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -140,32 +140,9 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     ).abs().mean()
 
 
-@dataclass
-class SynthesisWeights:
-    """Loss weights and optimiser settings of the synthesis (see the module docstring)."""
-
-    steps: int = 500
-    lr: float = 0.1
-    bn: float = 1.0
-    ce: float = 1.0
-    tv: float = 1e-2
-    l2: float = 1e-4
-    jitter_pixels: int = 2
-    flip: bool = False
-
-
-def synthesis_weights(b: BNStatConfig) -> SynthesisWeights:
-    """The synthesis settings of ``cfg.bnstat``."""
-    return SynthesisWeights(
-        steps=b.steps,
-        lr=b.lr,
-        bn=b.bn_weight,
-        ce=b.ce_weight,
-        tv=b.tv_weight,
-        l2=b.l2_weight,
-        jitter_pixels=b.jitter_pixels,
-        flip=b.flip,
-    )
+def synthesis_settings(weights: SynthesisWeights) -> dict:
+    """The synthesis fields of ``weights`` alone (``cfg.bnstat`` also holds the teacher's)."""
+    return {f.name: getattr(weights, f.name) for f in fields(SynthesisWeights)}
 
 
 def synthesis_loss(
@@ -197,7 +174,12 @@ def synthesis_loss(
     ce = F.cross_entropy(logits, labels)
     tv = total_variation(x)
     l2 = x.square().mean()
-    loss = weights.bn * bn_loss + weights.ce * ce + weights.tv * tv + weights.l2 * l2
+    loss = (
+        weights.bn_weight * bn_loss
+        + weights.ce_weight * ce
+        + weights.tv_weight * tv
+        + weights.l2_weight * l2
+    )
     parts = {
         "loss": float(loss.detach()),
         "bn": float(bn_loss.detach()),

@@ -116,7 +116,7 @@ def test_model_inversion_from_running_statistics(digits):
             torch.testing.assert_close(stats.var[name][c], layer.running_var.double())
     before = [p.requires_grad for p in model.parameters()]
     weights = bnstat.SynthesisWeights(
-        steps=150, bn=EvaluateConfig().model_inversion_bn_weight, jitter_pixels=0
+        steps=150, bn_weight=EvaluateConfig().model_inversion_bn_weight
     )
     hits = []
     for c in (2, 7):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from privimage.config.schema import DownstreamSettings
 from privimage.data import ImageSplit
 from privimage.errors import DataError
 from privimage.metrics import downstream as ds
@@ -22,14 +23,13 @@ def digits():
 
 def _settings(**kw):
     base = dict(
-        cnn_width=8,
-        cnn_epochs=8,
+        classifier_width=8,
+        classifier_epochs=8,
         linear_epochs=4,
-        weight_decays=(0.0, 1e-2),
-        batch_size=32,
-        progress=False,
+        weight_decays=[0.0, 1e-2],
+        classifier_batch_size=32,
     )
-    return ds.DownstreamSettings(**{**base, **kw})
+    return DownstreamSettings(**{**base, **kw})
 
 
 def test_sealed_split_opens_once():
@@ -63,8 +63,10 @@ def test_test_split_is_read_only_after_every_classifier_is_trained(digits, monke
         sealed,
         num_classes=10,
         settings=_settings(),
+        seed=0,
         device=torch.device("cpu"),
         real_train=real_train,
+        progress=False,
     )
     trained = ["trained cnn", "trained logreg", "trained mlp"]
     assert events == [*trained, *trained, "opened test"]  # synthetic, then real, then test
@@ -85,7 +87,14 @@ def test_test_split_is_read_only_after_every_classifier_is_trained(digits, monke
 def test_selection_picks_the_best_validation_epoch_and_decay(digits):
     train, val = digits.subset(np.arange(0, 600)), digits.subset(np.arange(600, 800))
     sel = ds.train_and_select(
-        "logreg", train, val, num_classes=10, settings=_settings(), device=torch.device("cpu")
+        "logreg",
+        train,
+        val,
+        num_classes=10,
+        settings=_settings(),
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
     )
     assert len(sel.history) == 2 * 4  # two decays x four epochs, each scored on validation
     best = max(sel.history, key=lambda h: h["val_accuracy"])

@@ -268,8 +268,26 @@ class SampleConfig:
 
 
 @dataclass
-class BNStatConfig:
-    """BN-statistics synthesis (privimage.bnstat): teacher training and image optimisation.
+class SynthesisWeights:
+    """The image optimisation of BN-statistics synthesis (privimage.bnstat.synthesize):
+    loss weights and optimiser. ``cfg.bnstat`` is one; the model-inversion attack makes its
+    own."""
+
+    steps: int = 500
+    lr: float = 0.1
+    bn_weight: float = 1.0
+    ce_weight: float = 1.0
+    tv_weight: float = 1e-2
+    l2_weight: float = 1e-4
+    # Random roll by up to this many pixels each step (DeepInversion's jitter).
+    jitter_pixels: int = 0
+    flip: bool = False
+
+
+@dataclass
+class BNStatConfig(SynthesisWeights):
+    """BN-statistics synthesis (privimage.bnstat): teacher training and image optimisation
+    (the fields of :class:`SynthesisWeights`, then these).
 
     Not differentially private: the teacher trains on the sensitive data without noise.
     """
@@ -282,15 +300,6 @@ class BNStatConfig:
     teacher_hflip: bool = False
     # Images optimised together; they share (and jointly match) one set of batch statistics.
     batch_size: int = 50
-    steps: int = 500
-    lr: float = 0.1
-    bn_weight: float = 1.0
-    ce_weight: float = 1.0
-    tv_weight: float = 1e-2
-    l2_weight: float = 1e-4
-    # Random roll by up to this many pixels each step (DeepInversion's jitter).
-    jitter_pixels: int = 0
-    flip: bool = False
 
 
 # Downstream classifier kinds (privimage.metrics.downstream).
@@ -313,24 +322,10 @@ class DeviceCount:
 
 
 @dataclass
-class EvaluateConfig:
-    """Fidelity, utility and leakage of a synthetic dataset (privimage.stages.evaluate)."""
+class DownstreamSettings:
+    """How the downstream classifiers are trained and selected
+    (privimage.metrics.downstream). ``cfg.evaluate`` is one."""
 
-    # A folder (<class>/<image> or flat) or .npz of images to evaluate instead of this
-    # run's sample/ output; then any folder of images can be scored against cfg.data.
-    synthetic: str | None = None
-    # Real training images for FID, precision/recall and feature-space neighbours.
-    reference_images: DeviceCount = field(default_factory=lambda: DeviceCount(2000, None))
-    # Real test images: the baseline of the leakage statistics and the non-members of the
-    # membership-inference attack (as many training images serve as members).
-    heldout_images: DeviceCount = field(default_factory=lambda: DeviceCount(1000, None))
-    # Synthetic images (a seeded random subset) whose Inception features enter FID,
-    # precision/recall and the feature-space neighbour distance (null = all). The
-    # downstream classifiers and the pixel-space near-copy check always use every image:
-    # more images help the classifiers long after they stop changing FID's estimate.
-    fidelity_images: DeviceCount = field(default_factory=lambda: DeviceCount(None, None))
-    feature_batch_size: int = 50
-    precision_recall_k: int = 4
     classifiers: list[str] = field(default_factory=lambda: list(DOWNSTREAM_CLASSIFIERS))
     # The "cnn" classifier's architecture: cnn (SmallCNN) or resnet.
     classifier_arch: str = "cnn"
@@ -349,6 +344,28 @@ class EvaluateConfig:
     weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3])
     # Fraction of the synthetic images held out for model selection.
     validation_fraction: float = 0.1
+
+
+@dataclass
+class EvaluateConfig(DownstreamSettings):
+    """Fidelity, utility and leakage of a synthetic dataset (privimage.stages.evaluate);
+    the downstream classifiers' settings are the fields of :class:`DownstreamSettings`."""
+
+    # A folder (<class>/<image> or flat) or .npz of images to evaluate instead of this
+    # run's sample/ output; then any folder of images can be scored against cfg.data.
+    synthetic: str | None = None
+    # Real training images for FID, precision/recall and feature-space neighbours.
+    reference_images: DeviceCount = field(default_factory=lambda: DeviceCount(2000, None))
+    # Real test images: the baseline of the leakage statistics and the non-members of the
+    # membership-inference attack (as many training images serve as members).
+    heldout_images: DeviceCount = field(default_factory=lambda: DeviceCount(1000, None))
+    # Synthetic images (a seeded random subset) whose Inception features enter FID,
+    # precision/recall and the feature-space neighbour distance (null = all). The
+    # downstream classifiers and the pixel-space near-copy check always use every image:
+    # more images help the classifiers long after they stop changing FID's estimate.
+    fidelity_images: DeviceCount = field(default_factory=lambda: DeviceCount(None, None))
+    feature_batch_size: int = 50
+    precision_recall_k: int = 4
     # Also train the classifiers on as many real training images (the reference accuracy).
     real_baseline: bool = True
     # Near-copy criterion (Carlini et al. 2023): an image is flagged when

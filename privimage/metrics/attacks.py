@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from privimage import bnstat, data
-from privimage.config.schema import EvaluateConfig
+from privimage.config.schema import EvaluateConfig, SynthesisWeights
 from privimage.diffusion import to_uint8
 from privimage.metrics import downstream as ds
 from privimage.metrics import leakage
@@ -135,8 +135,8 @@ def model_memorisation(
     the synthetic images are, beside the held-out real baseline.
     """
     k = ev.model_inversion_images_per_class
-    weights = bnstat.SynthesisWeights(
-        steps=ev.model_inversion_steps, bn=ev.model_inversion_bn_weight, jitter_pixels=0
+    weights = SynthesisWeights(
+        steps=ev.model_inversion_steps, bn_weight=ev.model_inversion_bn_weight
     )
     results, rows, labels = {}, [], []
     for key in ("real/cnn", "cnn"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage.config.schema import EvaluateConfig
+from privimage.config.schema import DOWNSTREAM_CLASSIFIERS, DownstreamSettings
 from privimage.data.containers import ImageSplit
 from privimage.data.splits import stratified_split
 from privimage.errors import DataError
@@ -35,7 +35,7 @@ from privimage.nets.models import build_classifier
 log = logging.getLogger(__name__)
 
 #: The classifier kinds, in report order.
-KINDS = ("cnn", "logreg", "mlp")
+KINDS = DOWNSTREAM_CLASSIFIERS
 MLP_HIDDEN = 512
 
 
@@ -75,30 +75,6 @@ class SealedSplit:
         if self._on_open is not None:
             self._on_open()
         return split
-
-
-@dataclass
-class DownstreamSettings:
-    """How the downstream classifiers are trained and selected."""
-
-    kinds: Sequence[str] = KINDS
-    cnn_arch: str = "cnn"
-    cnn_width: int = 32
-    cnn_epochs: int = 10
-    linear_epochs: int = 20
-    batch_size: int = 128
-    lr: float = 2e-3
-    # Logistic regression and the MLP take larger steps (measured on the 8x8 digits:
-    # 90% validation accuracy in 3 epochs at 1e-2, 83% after 10 at 2e-3).
-    linear_lr: float = 1e-2
-    # The CNN trains once (it is the costly one) and only its epoch is selected; the linear
-    # models also choose their weight decay from this grid.
-    cnn_weight_decay: float = 5e-4
-    weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3)
-    validation_fraction: float = 0.1
-    hflip: bool = False
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -146,6 +122,10 @@ def synthetic_holdout(
     return train_idx, val_idx
 
 
+def _epochs(settings: DownstreamSettings, kind: str) -> int:
+    return settings.classifier_epochs if kind == "cnn" else settings.linear_epochs
+
+
 def train_and_select(
     kind: str,
     train: ImageSplit,
@@ -153,23 +133,25 @@ def train_and_select(
     *,
     num_classes: int,
     settings: DownstreamSettings,
+    seed: int,
     device: torch.device,
+    progress: bool = True,
 ) -> Selected:
     """Train ``kind`` for each weight decay of its grid; keep the best (decay, epoch) by
     accuracy on the synthetic validation split (the earliest wins ties)."""
     decays = [settings.cnn_weight_decay] if kind == "cnn" else list(settings.weight_decays)
-    epochs = settings.cnn_epochs if kind == "cnn" else settings.linear_epochs
+    epochs = _epochs(settings, kind)
     x_train, x_val = train.as_float(), val.as_float()
     best: Selected | None = None
     history: list[dict] = []
     for decay in decays:
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed)
         model = build_downstream(
             kind,
             image_shape=tuple(train.images.shape[1:]),
             num_classes=num_classes,
-            cnn_arch=settings.cnn_arch,
-            width=settings.cnn_width,
+            cnn_arch=settings.classifier_arch,
+            width=settings.classifier_width,
         )
 
         def epoch_end(m: nn.Module, epoch: int, decay: float = decay) -> None:
@@ -183,21 +165,21 @@ def train_and_select(
             x_train,
             train.labels,
             num_classes=num_classes,
-            width=settings.cnn_width,
+            width=settings.classifier_width,
             epochs=epochs,
-            batch_size=settings.batch_size,
-            lr=settings.lr if kind == "cnn" else settings.linear_lr,
+            batch_size=settings.classifier_batch_size,
+            lr=settings.classifier_lr if kind == "cnn" else settings.linear_lr,
             device=device,
-            seed=settings.seed,
+            seed=seed,
             # Shifts suit a convolutional network; a linear model on raw pixels has no
             # translation invariance to learn, and shifted inputs only blur its weights
             # (measured on the 8x8 digits: chance accuracy with shifts, 90%+ without).
             augment="shift" if kind == "cnn" else "none",
-            hflip=settings.hflip and kind == "cnn",
+            hflip=settings.classifier_hflip and kind == "cnn",
             model=model,
             weight_decay=decay,
             epoch_end=epoch_end,
-            progress=settings.progress,
+            progress=progress,
             desc=f"downstream {kind} (wd {decay:g}) on synthetic data",
         )
     assert best is not None
@@ -217,8 +199,10 @@ def evaluate_downstream(
     *,
     num_classes: int,
     settings: DownstreamSettings,
+    seed: int,
     device: torch.device,
     real_train: ImageSplit | None = None,
+    progress: bool = True,
 ) -> tuple[dict, dict[str, Selected], ImageSplit]:
     """Train and select every classifier on synthetic data, then score them on the real
     test split, which is opened here and only here.
@@ -241,15 +225,20 @@ def evaluate_downstream(
 
     def train_every_kind(split: ImageSplit) -> tuple[dict[str, Selected], int, int]:
         """Hold out a validation slice of ``split``, train and select every kind on it."""
-        train_idx, val_idx = synthetic_holdout(
-            split.labels, settings.validation_fraction, settings.seed
-        )
+        train_idx, val_idx = synthetic_holdout(split.labels, settings.validation_fraction, seed)
         train, val = split.subset(train_idx), split.subset(val_idx)
         selected = {
             kind: train_and_select(
-                kind, train, val, num_classes=num_classes, settings=settings, device=device
+                kind,
+                train,
+                val,
+                num_classes=num_classes,
+                settings=settings,
+                seed=seed,
+                device=device,
+                progress=progress,
             )
-            for kind in settings.kinds
+            for kind in settings.classifiers
         }
         return selected, len(train), len(val)
 
@@ -264,7 +253,7 @@ def evaluate_downstream(
             "validation_accuracy": sel.validation_accuracy,
             "weight_decay": sel.weight_decay,
             "epoch": sel.epoch + 1,
-            "epochs_trained": settings.cnn_epochs if kind == "cnn" else settings.linear_epochs,
+            "epochs_trained": _epochs(settings, kind),
         }
         if kind in on_real:
             real_logits = predict_logits(
@@ -285,25 +274,3 @@ def evaluate_downstream(
     chosen.update({f"real/{kind}": sel for kind, sel in on_real.items()})
     report["real_test_images"] = len(real_test)
     return report, chosen, real_test
-
-
-def downstream_settings(
-    ev: EvaluateConfig, *, seed: int, progress: bool = True
-) -> DownstreamSettings:
-    """The downstream classifiers' settings from the evaluation config."""
-    return DownstreamSettings(
-        kinds=tuple(ev.classifiers),
-        cnn_arch=ev.classifier_arch,
-        cnn_width=ev.classifier_width,
-        cnn_epochs=ev.classifier_epochs,
-        linear_epochs=ev.linear_epochs,
-        batch_size=ev.classifier_batch_size,
-        lr=ev.classifier_lr,
-        linear_lr=ev.linear_lr,
-        cnn_weight_decay=ev.cnn_weight_decay,
-        weight_decays=tuple(ev.weight_decays),
-        validation_fraction=ev.validation_fraction,
-        hflip=ev.classifier_hflip,
-        seed=seed,
-        progress=progress,
-    )

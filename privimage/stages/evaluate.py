@@ -268,7 +268,8 @@ def _measure_utility(cfg, synthetic, train, sealed_test, num_classes: int, devic
         synthetic,
         sealed_test,
         num_classes=num_classes,
-        settings=ds.downstream_settings(ev, seed=cfg.seed),
+        settings=ev,
+        seed=cfg.seed,
         device=device,
         real_train=real_train,
     )

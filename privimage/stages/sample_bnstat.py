@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -142,10 +141,10 @@ def run(cfg: Config, run_dir: Path) -> Path:
     del sensitive  # the synthesis reads only the teacher and the statistics
 
     b, s = cfg.bnstat, cfg.sample
-    weights = bnstat.synthesis_weights(b)
+    weights = b  # cfg.bnstat is a SynthesisWeights
     fingerprint = {
         "teacher": teacher_settings,
-        "weights": asdict(weights),
+        "weights": bnstat.synthesis_settings(weights),
         "batch_size": b.batch_size,
         "images_per_class": s.images_per_class,
         "first_seed": s.first_seed,
