@@ -81,6 +81,8 @@ _API = {
     "pixel_vectors": "privimage.metrics.leakage",
     "psnr": "privimage.metrics.leakage",
     "ssim": "privimage.metrics.leakage",
+    "roc_auc": "privimage.metrics.leakage",
+    "tpr_at_fpr": "privimage.metrics.leakage",
     "SealedSplit": "privimage.metrics.downstream",
     "DownstreamSettings": "privimage.config.schema",
     "evaluate_downstream": "privimage.metrics.downstream",

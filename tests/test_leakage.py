@@ -51,6 +51,40 @@ def test_ssim_matches_torchmetrics_on_rgb():
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-9, atol=1e-12)
 
 
+def _ssim_reference(x: np.ndarray, y: np.ndarray, size: int, sigma: float) -> float:
+    """SSIM of two (H, W) images over the valid positions of a size x size Gaussian window,
+    written out from Wang et al. (2004) with numpy."""
+    r = np.arange(size) - (size - 1) / 2
+    w = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
+    w /= w.sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for i in range(x.shape[0] - size + 1):
+        for j in range(x.shape[1] - size + 1):
+            px, py = x[i : i + size, j : j + size], y[i : i + size, j : j + size]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * px * px).sum() - mx**2, (w * py * py).sum() - my**2
+            cov = (w * px * py).sum() - mx * my
+            values.append(
+                (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+            )
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("side", [8, 12, 28])
+def test_ssim_matches_the_formula_written_out(side):
+    # 28 and 12 px: the standard 11x11 window at sigma 1.5. 8 px (sklearn's digits): the
+    # window shrinks to 7 and sigma with it, 1.5 * 7 / 11.
+    a = torch.randint(0, 256, (2, 1, side, side), dtype=torch.uint8, generator=_gen(3))
+    b = (a.int() + torch.randint(-50, 51, a.shape, generator=_gen(4))).clamp(0, 255).byte()
+    size = min(11, side - 1 + side % 2)
+    ref = [
+        _ssim_reference(a[i, 0].double().numpy(), b[i, 0].double().numpy(), size, 1.5 * size / 11)
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(leakage.ssim(a, b), ref, rtol=1e-9)
+
+
 def test_similarity_inputs_are_checked():
     with pytest.raises(ValueError, match="one shape"):
         leakage.ssim(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.zeros(1, 1, 9, 9))

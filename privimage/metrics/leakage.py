@@ -3,7 +3,8 @@
 Pure functions behind the evaluation's privacy measurements, after Soufleri et al. (2022)
 and Carlini et al. (2023):
 
-- image similarity to the nearest training image: :func:`psnr` and :func:`ssim`;
+- image similarity to the nearest training image: :func:`psnr` and :func:`ssim`
+  (torchmetrics underneath);
 - a normalised nearest-neighbour criterion for near-copies, :func:`near_copy_score`: the
   distance to the nearest training image divided by ``alpha`` times the mean distance to
   the ``n`` nearest, flagged below ``delta`` (Carlini et al. 2023, Sec. 5.1, as we read it:
@@ -11,7 +12,8 @@ and Carlini et al. (2023):
   to one training image than to its other neighbours; a fresh image from the same
   distribution does not;
 - a loss-threshold membership-inference attack, summarised by :func:`roc_auc` and
-  :func:`tpr_at_fpr` (members should have lower loss, so the score is the negative loss).
+  :func:`tpr_at_fpr` (sklearn underneath; members should have lower loss, so the score is
+  the negative loss).
 
 The baseline for every statistic is the same statistic for real held-out images: if
 synthetic images sit no closer to the training set than unseen real images do, the
@@ -21,10 +23,12 @@ nearest-neighbour measurements reveal nothing about membership.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchmetrics.functional.image as tmi
+from sklearn.metrics import roc_auc_score, roc_curve
 
 #: PSNR of identical images is infinite; it is reported as this many dB (JSON has no inf).
 PSNR_CAP_DB = 100.0
@@ -45,26 +49,22 @@ def pixel_vectors(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    """Per-image peak signal-to-noise ratio (dB) of two uint8 image batches.
+    """Per-image peak signal-to-noise ratio (dB) of two uint8 image batches (torchmetrics).
 
     ``10 log10(255^2 / MSE)``; identical images give :data:`PSNR_CAP_DB`.
     """
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     _check_pair(a, b)
-    out = []
-    for i in range(0, len(a), CHUNK):
-        x, y = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
-        mse = (x - y).square().flatten(1).mean(1)
-        db = 10.0 * torch.log10(255.0**2 / mse)
-        out.append(db.clamp(max=PSNR_CAP_DB).nan_to_num(PSNR_CAP_DB).cpu())
+    out = [
+        tmi.peak_signal_noise_ratio(
+            x.double(), y.double(), data_range=255.0, reduction="none", dim=(1, 2, 3)
+        )
+        .clamp(max=PSNR_CAP_DB)
+        .nan_to_num(PSNR_CAP_DB)
+        .cpu()
+        for x, y in _chunks(a, b)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0)
-
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -72,32 +72,38 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 11, sigma: float = 1
 
     The standard form: an 11x11 Gaussian window (sigma 1.5), ``K1 = 0.01``, ``K2 = 0.03``,
     data range 255, statistics over the valid window positions only (no padding), averaged
-    over positions and channels. Identical images give 1. Windows larger than the image
-    shrink to its smaller side (odd), so 8x8 digits still get a score.
+    over positions and channels. Identical images give 1. An image smaller than the
+    window (8x8 digits) gets the largest odd window that fits, and sigma shrinks with it.
+
+    torchmetrics computes the map. Its own mean runs over a reflection-padded border,
+    which is not the standard statistic, so the border is cut off here; and it sizes the
+    Gaussian window from sigma alone (``2 * int(3.5 sigma + 0.5) + 1``), hence the
+    shrunken sigma for small images.
     """
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     _check_pair(a, b)
     size = min(window, *a.shape[-2:])
     size -= 1 - size % 2  # odd, so the window has a centre
-    c = a.shape[1]
-    w = _gaussian_window(size, sigma).to(a.device).expand(c, 1, size, size)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def filt(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, w, groups=c)
-
+    sigma = sigma * size / window  # unchanged unless the image is smaller than the window
+    edge = (size - 1) // 2
     out = []
-    for i in range(0, len(a), CHUNK):
-        x, y = a[i : i + CHUNK].double(), b[i : i + CHUNK].double()
-        mu_x, mu_y = filt(x), filt(y)
-        var_x = filt(x * x) - mu_x**2
-        var_y = filt(y * y) - mu_y**2
-        cov = filt(x * y) - mu_x * mu_y
-        s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-            (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    for x, y in _chunks(a, b):
+        _, full = tmi.structural_similarity_index_measure(
+            x.double(),
+            y.double(),
+            sigma=sigma,
+            data_range=255.0,
+            reduction="none",
+            return_full_image=True,
         )
-        out.append(s.flatten(1).mean(1).cpu())
+        valid = full[..., edge : full.shape[-2] - edge, edge : full.shape[-1] - edge]
+        out.append(valid.flatten(1).mean(1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def _chunks(a: torch.Tensor, b: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(0, len(a), CHUNK):
+        yield a[i : i + CHUNK], b[i : i + CHUNK]
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -129,40 +135,31 @@ def near_copy_score(sorted_distances: np.ndarray, *, alpha: float = NEAR_COPY_AL
     return np.divide(d[:, 0], scale, out=np.zeros(len(d)), where=scale > 0)
 
 
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2.
-
-    Computed exactly from ranks (the Mann-Whitney U statistic), not from a sampled curve.
-    """
+def _labelled(positive: np.ndarray, negative: np.ndarray, what: str):
     pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
     if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("AUC needs at least one positive and one negative score")
-    scores = np.concatenate([pos, neg])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # Average ranks over ties (1-based).
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
-    return float(u / (len(pos) * len(neg)))
+        raise ValueError(f"{what} needs at least one positive and one negative score")
+    return np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2
+    (sklearn's exact ``roc_auc_score``)."""
+    y, scores = _labelled(positive, negative, "AUC")
+    return float(roc_auc_score(y, scores))
 
 
 def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) -> float:
     """Highest true-positive rate of a threshold ``score >= t`` whose false-positive rate
-    is at most ``fpr`` (Carlini et al. 2022's low-FPR view of an attack)."""
-    pos, neg = np.sort(np.asarray(positive, np.float64)), np.sort(np.asarray(negative, np.float64))
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("TPR at FPR needs at least one positive and one negative score")
+    is at most ``fpr`` (Carlini et al. 2022's low-FPR view of an attack), from sklearn's
+    ``roc_curve`` at every threshold."""
+    y, scores = _labelled(positive, negative, "TPR at FPR")
+    num_neg = int((y == 0).sum())
     # With fewer than 1/fpr negatives no negative may pass: this is then the TPR at 0 FPR.
-    allowed = math.floor(fpr * len(neg) + 1e-9)  # negatives that may score >= t
-    # The strictest threshold that lets through at most `allowed` negatives is just above the
-    # (allowed+1)-th largest negative; positives strictly above it are detected.
-    if allowed >= len(neg):
-        return 1.0
-    bar = neg[len(neg) - 1 - allowed]
-    return float((pos > bar).mean())
+    # Counted in whole negatives, so that 1% of 100 is exactly one.
+    allowed = math.floor(fpr * num_neg + 1e-9)
+    fprs, tprs, _ = roc_curve(y, scores, drop_intermediate=False)
+    return float(tprs[np.rint(fprs * num_neg) <= allowed].max())
 
 
 def loss_threshold_attack(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
