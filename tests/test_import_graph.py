@@ -31,6 +31,7 @@ LAYERS = {
     "io.atomic": 1,
     "io.seeding": 1,
     "io.names": 1,
+    "io.trackers": 1,
     "plots": 1,
     "io.stats": 2,
     "io.artifacts": 2,

@@ -173,7 +173,7 @@ class PretrainConfig:
     # Accelerate save_state checkpoints for resume (re-run the same command).
     checkpoint_every_steps: int = 500
     log_every_steps: int = 10
-    # Optional Accelerate tracker ("tensorboard") logging into pretrain/logs.
+    # Optional Accelerate tracker: tensorboard (pretrain/logs), wandb or mlflow.
     tracker: str | None = None
     max_images: int | None = None
     # Samples per class in pretrain/grid.png (0: no grid). The grid has its own sampler
@@ -211,6 +211,10 @@ class FinetuneConfig:
     grad_sample_mode: str = "bookkeeping"
     # Atomic resume checkpoints (model, EMA, optimizer, RNG streams) every this many steps.
     checkpoint_every_steps: int = 25
+    # Optional Accelerate tracker for each step's loss and epsilon: tensorboard or mlflow
+    # (finetune/logs, never released) or wandb. The loss is computed on the sensitive
+    # images without noise, like stats.jsonl: keep the tracker's store private.
+    tracker: str | None = None
     # Labels replaced by the null class (guidance); the draw is data-independent.
     label_dropout: float = 0.0
     # Parameter-efficient DP fine-tuning: the UNet's parameters whose qualified names start

@@ -19,6 +19,7 @@ from privimage.data import SOURCES
 from privimage.diffusion import FORMULATIONS, SOLVERS
 from privimage.errors import ConfigError
 from privimage.io.artifacts import STAGES, SYNTHESIZER_STAGES
+from privimage.io.trackers import check_tracker
 from privimage.nets.classifier import AUGMENTATIONS
 from privimage.schedule import LR_DECAYS
 
@@ -276,8 +277,8 @@ def validate(cfg: Config) -> None:
             f"pretrain.mixed_precision={cfg.pretrain.mixed_precision!r}; "
             "choose auto, no, fp16 or bf16"
         )
-    if cfg.pretrain.tracker not in (None, "tensorboard"):
-        raise ConfigError(f"pretrain.tracker={cfg.pretrain.tracker!r}; choose tensorboard or null")
+    check_tracker(cfg.pretrain.tracker, key="pretrain.tracker")
+    check_tracker(cfg.finetune.tracker, key="finetune.tracker")
     for key, p in (
         ("pretrain.label_dropout", cfg.pretrain.label_dropout),
         ("finetune.label_dropout", cfg.finetune.label_dropout),

@@ -33,7 +33,7 @@ from privimage.dp.dpsgd import make_private, repeat_for_noise_draws
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io.atomic import torch_save
 from privimage.io.seeding import torch_generator
-from privimage.io.stats import StatsWriter, truncate_jsonl
+from privimage.io.stats import StatsWriter
 from privimage.nets.models import ema_update, make_opacus_safe
 
 
@@ -301,8 +301,10 @@ class DPTraining:
         save_checkpoint,
         procs: Processes,
         device: torch.device,
+        tracker: Any = None,
     ) -> None:
-        """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes."""
+        """Run logical DP-SGD steps ``start + 1 .. mechanism.steps``, checkpointing as it goes;
+        each step's loss and epsilon go to ``stats_path`` and to ``tracker`` if given."""
         dp_model, optimizer, dp_loader, ema = (
             self.dp_model,
             self.optimizer,
@@ -313,9 +315,11 @@ class DPTraining:
         ft = cfg.finetune
         steps = mechanism.steps
         null_label = null_class(dp_model._module)
-        if procs.main:
-            truncate_jsonl(stats_path, max_step=start)
-        stats = StatsWriter(stats_path) if procs.main else None
+        stats = (
+            StatsWriter.resume(stats_path, after_step=start, tracker=tracker)
+            if procs.main
+            else None
+        )
 
         def epsilon_after(step: int) -> float:
             return accounting.epsilon_spent(

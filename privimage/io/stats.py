@@ -34,16 +34,35 @@ def truncate_jsonl(path: Path, *, max_step: int) -> None:
 
 
 class StatsWriter:
-    """Append one JSON object per line to ``stats.jsonl`` (flushed, so a crash loses little)."""
+    """Append one JSON object per line to ``stats.jsonl`` (flushed, so a crash loses little),
+    and log each line's numbers to an experiment tracker when one is given
+    (:func:`privimage.io.trackers.open_tracker`), which it finishes on :meth:`close`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, tracker: Any = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")  # noqa: SIM115 (closed by close())
+        self.tracker = tracker
+
+    @classmethod
+    def resume(cls, path: Path, *, after_step: int, tracker: Any = None) -> StatsWriter:
+        """A writer for a stage that continues after ``after_step`` (0: from the start),
+        with the lines of later steps from a crashed attempt dropped first."""
+        truncate_jsonl(path, max_step=after_step)
+        return cls(path, tracker=tracker)
 
     def write(self, **stats: Any) -> None:
         self._f.write(json.dumps(stats) + "\n")
         self._f.flush()
+        if self.tracker is not None:
+            numbers = {
+                k: v
+                for k, v in stats.items()
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+            }
+            self.tracker.log(numbers, step=stats.get("step"))
 
     def close(self) -> None:
         self._f.close()
+        if self.tracker is not None:
+            self.tracker.finish()

@@ -62,7 +62,8 @@ from privimage.io import artifacts
 from privimage.io.artifacts import LEDGER, Stage, is_done, mark_done, require_upstream, stage_dir
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, public_generator, public_rng
-from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
+from privimage.io.stats import STATS, StatsWriter
+from privimage.io.trackers import open_tracker
 from privimage.nets.models import (
     check_same_diffusion,
     ema_update,
@@ -181,6 +182,11 @@ def run(cfg: Config, run_dir: Path) -> Path:
     )
     del ckpt
     if start < steps:
+        tracker = (
+            _tracker(cfg, out, first_step=start + 1, noise_multiplier=mechanism.noise_multiplier)
+            if procs.main
+            else None
+        )
         state.train(
             cfg,
             mechanism=mechanism,
@@ -190,6 +196,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
             save_checkpoint=lambda step: state.save(step, identity, ckpt_path, procs),
             procs=procs,
             device=device,
+            tracker=tracker,
         )
     _finish(cfg, ledger, mechanism, state, out, procs, already_completed=already_completed)
     return out
@@ -373,6 +380,29 @@ def _finish(
     procs.barrier()
 
 
+def _tracker(cfg: Config, out: Path, *, first_step: int, noise_multiplier: float | None):
+    """``finetune.tracker``, logging each step's loss and epsilon from ``first_step`` on."""
+    ft = cfg.finetune
+    settings = {
+        "dp": ft.dp,
+        "target_epsilon": cfg.privacy.target_epsilon if ft.dp else None,
+        "noise_multiplier": noise_multiplier,
+        "batch_size": ft.batch_size,
+        "lr": ft.lr,
+        "max_grad_norm": ft.max_grad_norm if ft.dp else None,
+        "noise_multiplicity": ft.noise_multiplicity,
+        "epochs": ft.epochs,
+    }
+    return open_tracker(
+        ft.tracker,
+        stage_dir=out,
+        run_name=STAGE,
+        config=settings,
+        first_step=first_step,
+        private=True,
+    )
+
+
 def _run_non_private(
     cfg: Config,
     train: data.ImageSplit,
@@ -416,9 +446,8 @@ def _run_non_private(
         start = ckpt.step
     del ckpt
     images, labels = train.as_float(), train.labels
-    stats_path = out / STATS
-    truncate_jsonl(stats_path, max_step=start)
-    stats = StatsWriter(stats_path)
+    tracker = _tracker(cfg, out, first_step=start + 1, noise_multiplier=None)
+    stats = StatsWriter.resume(out / STATS, after_step=start, tracker=tracker)
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="finetune (no DP)"):
         loss = _non_private_step(cfg, model, optimizer, images, labels, step=step, device=device)
         ema_update(ema, model, decay=ft.ema_decay, step=step)

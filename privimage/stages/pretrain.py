@@ -56,7 +56,7 @@ from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
 from privimage.io.atomic import write_json
 from privimage.io.release import Output
 from privimage.io.seeding import step_generator
-from privimage.io.stats import STATS, StatsWriter, truncate_jsonl
+from privimage.io.stats import STATS, StatsWriter
 from privimage.nets.models import build_unet, count_parameters, ema_update, save_unet
 from privimage.plots import save_image_grid, save_loss_curve
 from privimage.runtime import cache_root
@@ -289,15 +289,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
 
 
 def _accelerator(cfg: Config, out: Path) -> Accelerator:
-    tracker = cfg.pretrain.tracker
-    if tracker == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "pretrain.tracker=tensorboard needs the tensorboard package; "
-                "pip install tensorboard, or set pretrain.tracker=null"
-            ) from None
+    tracker = cfg.pretrain.tracker  # checked when the config was composed
     return Accelerator(
         mixed_precision=mixed_precision(cfg.pretrain.mixed_precision, cfg.device),
         cpu=cfg.device == "cpu",
@@ -348,8 +340,7 @@ class _Loop:
         main = acc.is_main_process
         stats = None
         if main:
-            truncate_jsonl(out / STATS, max_step=state.step)
-            stats = StatsWriter(out / STATS)
+            stats = StatsWriter.resume(out / STATS, after_step=state.step)
         bar = tqdm(total=steps, initial=state.step, desc="pretrain (public)", disable=not main)
         seen = torch.zeros(2, dtype=torch.float64)  # images this process saw, sum of their ids
         first_ids: list[int] = []
