@@ -9,6 +9,7 @@ scores, and nothing of the audit may reach ``release/``.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from privimage.dp.audit import canary_images, fixed_noise_losses, with_canary_classes
+from privimage.diffusion import formulation
+from privimage.dp.audit import CanaryScoring, canary_images, with_canary_classes
 from privimage.errors import ConfigError
 from privimage.nets.models import build_unet
 from privimage.pipeline import run_pipeline
@@ -61,10 +63,53 @@ def test_scoring_noise_is_fixed_so_equal_models_score_equal(compose):
     model = with_canary_classes(build_unet(cfg.model, resolution=16, channels=1, num_classes=2), 4)
     images = canary_images(4, (1, 16, 16), seed=0)
     labels = 2 + torch.arange(4)
-    kwargs = dict(spec=cfg.diffusion, sigmas=[2.0, 5.0], seed=0, batch_size=3)
-    first = fixed_noise_losses(model, images, labels, **kwargs)
-    assert np.array_equal(first, fixed_noise_losses(model, images, labels, **kwargs))
+    scoring = CanaryScoring(spec=cfg.diffusion, sigmas=[2.0, 5.0], seed=0, batch_size=3)
+    first = scoring.losses(model, images, labels)
+    assert np.array_equal(first, scoring.losses(model, images, labels))
     assert first.shape == (4,) and np.isfinite(first).all()
+
+
+def test_alignment_is_the_cosine_of_the_row_move_and_minus_the_loss_gradient(compose):
+    cfg = compose(["experiment=smoke"])
+    torch.manual_seed(0)
+    net = build_unet(cfg.model, resolution=16, channels=1, num_classes=2)
+    reference = with_canary_classes(net, 4).eval()
+    images = canary_images(4, (1, 16, 16), seed=1)
+    labels = 2 + torch.arange(4)
+    sigmas = [2.0, 5.0]
+    scoring = CanaryScoring(spec=cfg.diffusion, sigmas=sigmas, seed=0, batch_size=3)
+    # The independent reference: torch.func's gradient of the canaries' fixed-noise losses
+    # (seed 0's noise images) as a function of the class table alone.
+    params = dict(reference.named_parameters())
+    noise = torch.randn((len(sigmas), *images.shape), generator=torch.Generator().manual_seed(29))
+    kind = formulation(cfg.diffusion)
+
+    def losses(table: torch.Tensor) -> torch.Tensor:
+        class Table(torch.nn.Module):  # the UNet with ``table`` as its class rows
+            config = reference.config
+
+            def forward(self, *args, **kw):
+                swapped = {**params, "class_embedding.weight": table}
+                return torch.func.functional_call(reference, swapped, args, kw)
+
+        return sum(
+            kind.fixed_noise_loss(Table(), images, labels, noise[j], s).sum()
+            for j, s in enumerate(sigmas)
+        )
+
+    grad = torch.func.grad(losses)(params["class_embedding.weight"].detach())[labels].detach()
+    move = torch.stack([-grad[0], grad[1], torch.zeros_like(grad[2]), torch.randn(grad.shape[1])])
+    audited = copy.deepcopy(reference)
+    with torch.no_grad():
+        audited.class_embedding.weight[labels] += 1e-3 * move
+    cos = scoring.row_alignment(reference, audited, images, labels)
+    expected = torch.nn.functional.cosine_similarity(-grad, move, dim=1).double().numpy()
+    np.testing.assert_allclose(cos[[0, 1, 3]], expected[[0, 1, 3]], atol=1e-4)
+    assert cos[0] == pytest.approx(1, abs=1e-4) and cos[1] == pytest.approx(-1, abs=1e-4)
+    assert cos[2] == 0  # a row that did not move
+    # And the direction is the loss's: a small step down lowers it, one up raises it.
+    drop = scoring.losses(reference, images, labels) - scoring.losses(audited, images, labels)
+    assert drop[0] > 0 > drop[1]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 # show the audit notices; the third, a noise stream anyone can regenerate, is
 # privacy.reproducible_noise=true.
 AUDIT_BREAKS = ("none", "no_noise", "no_clipping")
+# How the audit scores a canary (privimage.dp.audit).
+AUDIT_SCORES = ("alignment", "loss")
 # What the UNet is pretrained on: the query's semantic subset (PrivImage), the whole public
 # training split (PDP-Diffusion), or nothing at all (DPDM: DP training from scratch).
 PUBLIC_SUBSETS = ("semantic", "all", "none")
@@ -249,6 +251,12 @@ class AuditConfig:
     # EDM noise levels (DDPM: timestep fractions in (0, 1)) at which each canary's loss
     # is measured, with one fixed noise image per level and canary.
     score_sigmas: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
+    # A canary's score: alignment (the cosine between how its class row moved and the
+    # way down its loss) or loss (how far its loss fell). Under Adam a row moved only by
+    # noise travels as far as a trained one, which the cosine ignores and the loss drop
+    # does not: on the smoke preset without clipping, 46-49 of 50 guesses right against
+    # 38-41 (3 runs each).
+    score: str = "alignment"
     # TESTS ONLY: break the audited DP-SGD (none, no_noise, no_clipping) to check that
     # the audit notices; the bound then describes a mechanism privimage never runs.
     broken: str = "none"

@@ -8,6 +8,7 @@ import math
 
 from privimage.config.schema import (
     AUDIT_BREAKS,
+    AUDIT_SCORES,
     DOWNSTREAM_CLASSIFIERS,
     GRAD_SAMPLE_MODES,
     PUBLIC_SUBSETS,
@@ -65,6 +66,8 @@ def _validate_audit(au: AuditConfig) -> None:
         raise ConfigError(
             f"audit.score_sigmas={au.score_sigmas} must be positive noise levels, e.g. [0.2, 1.0]"
         )
+    if au.score not in AUDIT_SCORES:
+        raise ConfigError(f"audit.score={au.score!r}; choose one of {list(AUDIT_SCORES)}")
     if au.broken not in AUDIT_BREAKS:
         raise ConfigError(f"audit.broken={au.broken!r}; choose one of {list(AUDIT_BREAKS)}")
 

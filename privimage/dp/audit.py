@@ -24,6 +24,9 @@ referee in the tests.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from diffusers import UNet2DModel
@@ -191,35 +194,75 @@ def with_canary_classes(model: UNet2DModel, count: int) -> UNet2DModel:
     return grown
 
 
-@torch.no_grad()
-def fixed_noise_losses(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    spec: DiffusionConfig,
-    sigmas: list[float],
-    seed: int,
-    batch_size: int = 250,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """Each image's denoising loss averaged over ``sigmas``, with noise fixed by ``seed``.
+@dataclass(frozen=True)
+class CanaryScoring:
+    """How canaries are scored: their denoising loss at the noise levels ``sigmas``, with
+    one noise image per (level, image) fixed by ``seed``, so that every model scored sees
+    the same noise and two models' losses differ only by what the models learnt.
 
     EDM: the training loss ``lambda(s) * mean (D(x + s n; s) - x)^2`` at each level ``s``.
     DDPM: the epsilon MSE at timestep ``round(s * (T - 1))`` for each ``s`` in (0, 1].
-    The noise image of (image i, level j) is the same for every model scored, so two
-    models' losses differ only by what the models learnt.
     """
-    model.eval().to(device)
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + 29)
-    noise = torch.randn((len(sigmas), *images.shape), generator=g)
-    total = torch.zeros(len(images), dtype=torch.float64)
-    kind = formulation(spec)
-    for j, s in enumerate(sigmas):
-        for lo in range(0, len(images), batch_size):
-            x = images[lo : lo + batch_size].to(device)
-            y = labels[lo : lo + batch_size].to(device)
-            n = noise[j, lo : lo + batch_size].to(device)
-            loss = kind.fixed_noise_loss(model, x, y, n, s)
-            total[lo : lo + len(x)] += loss.double().cpu()
-    return (total / len(sigmas)).numpy()
+
+    spec: DiffusionConfig
+    sigmas: list[float]
+    seed: int
+    batch_size: int = 250
+    device: torch.device | str = "cpu"
+
+    def _batches(self, images: torch.Tensor, labels: torch.Tensor):
+        g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + 29)
+        noise = torch.randn((len(self.sigmas), *images.shape), generator=g)
+        for j, s in enumerate(self.sigmas):
+            for lo in range(0, len(images), self.batch_size):
+                hi = min(lo + self.batch_size, len(images))
+                yield (
+                    slice(lo, hi),
+                    images[lo:hi].to(self.device),
+                    labels[lo:hi].to(self.device),
+                    noise[j, lo:hi].to(self.device),
+                    s,
+                )
+
+    @torch.no_grad()
+    def losses(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        """Each image's loss averaged over the levels, as a float64 array."""
+        model.eval().to(self.device)
+        total = torch.zeros(len(images), dtype=torch.float64)
+        kind = formulation(self.spec)
+        for rows, x, y, n, s in self._batches(images, labels):
+            total[rows] += kind.fixed_noise_loss(model, x, y, n, s).double().cpu()
+        return (total / len(self.sigmas)).numpy()
+
+    def row_alignment(
+        self,
+        reference: UNet2DModel,
+        audited: UNet2DModel,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> np.ndarray:
+        """Each image's cosine between how its class row moved and the way down its loss.
+
+        The two models differ only in the rows ``labels`` name, one per image. The move is
+        ``audited - reference`` in the image's row; the way down is minus the gradient, in
+        the reference, of the image's :meth:`losses` loss with respect to that row. A row
+        trained on its image moves down its loss; a row moved only by DP noise points
+        anywhere. Unlike the loss drop itself, the cosine does not reward a row for moving
+        far: under Adam a row that only noise moved travels about as far as a trained one.
+        """
+        net = copy.deepcopy(reference).eval().to(self.device).requires_grad_(False)
+        table = net.class_embedding.weight
+        table.requires_grad_(True)
+        kind = formulation(self.spec)
+        for _, x, y, n, s in self._batches(images, labels):
+            # Each image has its own row, so one backward of the summed losses gives every
+            # row its own image's gradient.
+            kind.fixed_noise_loss(net, x, y, n, s).sum().backward()
+        rows = labels.to(self.device)
+        down = -table.grad[rows].double()
+        with torch.no_grad():
+            move = (
+                audited.class_embedding.weight.to(self.device)[rows]
+                - reference.class_embedding.weight.to(self.device)[rows]
+            ).double()
+        return torch.nn.functional.cosine_similarity(down, move, dim=1, eps=1e-30).cpu().numpy()

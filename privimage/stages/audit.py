@@ -22,14 +22,18 @@ checks the whole, end to end, on the run's own sensitive data and DP-SGD loop
    there. The noise is calibrated to the audit's own claim
    ``(audit.epsilon, privacy.delta)`` for DP-SGD alone, because m canaries cannot show
    more than about ``log(guesses / 3)``.
-3. Each canary's score is how much lower its denoising loss is (fixed noise levels
-   ``audit.score_sigmas``, fixed noise images from the seed) in the audited EMA model
-   than in the same model with the canaries' class rows put back to what they would be
-   without the canaries: their start, or, when the DP streams follow the config's seed
-   (``privacy.reproducible_noise``), their values in a replay of the training with every
-   canary out, which the adversary can run because it knows those streams (the replay's
-   rows got exactly the same noise). The rest of the network, which every record moves,
-   is the same on both sides, so the score measures the canary's own direction.
+3. Each canary is scored against a reference: the audited EMA model with the canaries'
+   class rows put back to what they would be without the canaries (their start, or,
+   when the DP streams follow the config's seed (``privacy.reproducible_noise``), their
+   values in a replay of the training with every canary out, which the adversary can
+   run because it knows those streams: the replay's rows got exactly the same noise).
+   The rest of the network, which every record moves, is the same on both sides. The
+   score (``audit.score``) is, by default, the cosine between how the canary's row moved
+   and the way down its denoising loss in the reference (fixed noise levels
+   ``audit.score_sigmas``, fixed noise images from the seed):
+   :meth:`privimage.dp.audit.CanaryScoring.row_alignment`. ``audit.score=loss`` scores how far
+   that loss fell instead; under Adam a row that only noise moved travels about as far
+   as a trained one, so the loss drop ranks such rows among the trained ones more often.
 4. The top ``audit.guesses`` scores are guessed "in"; :func:`privimage.dp.audit.
    epsilon_lower_bound` turns the right guesses into the largest epsilon they refute at
    ``1 - audit.significance`` confidence. ``jax-privacy`` (the dev extra), when
@@ -66,9 +70,9 @@ from privimage import data
 from privimage.config.schema import Config
 from privimage.dp import accounting
 from privimage.dp.audit import (
+    CanaryScoring,
     canary_images,
     epsilon_lower_bound,
-    fixed_noise_losses,
     with_canary_classes,
 )
 from privimage.dp.ledger import run_ledger
@@ -193,8 +197,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         out=out,
         device=device,
     )
-    before, after = _canary_losses(cfg, (reference, audited), canaries, canary_labels, device)
-    scores = before - after
+    scores, losses = _scores(cfg, reference, audited, canaries, canary_labels, device)
     keep = kept.numpy()
     bound = epsilon_lower_bound(
         scores[keep],
@@ -215,7 +218,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         trained=trained,
     )
     result["seconds"] = round(time.perf_counter() - started, 1)
-    save_npz(out / "scores.npz", scores=scores, kept=keep, loss_before=before, loss_after=after)
+    save_npz(out / "scores.npz", scores=scores, kept=keep, **losses)
     write_json(out / RESULT_FILE, result)
     _plot(out / "scores.png", scores, keep, bound, result)
     log.info("audit: %s", summary_line(result))
@@ -261,6 +264,7 @@ def _result(
         "lr": ft.lr,
         "sensitive_images": sensitive_images,
         **trained,
+        "score": au.score,
         "score_sigmas": list(au.score_sigmas),
         "canary_loss_scale": au.canary_loss_scale,
     }
@@ -368,24 +372,19 @@ def _train_audited(
     return audited, reference, reference_kind
 
 
-def _canary_losses(cfg, nets, canaries, canary_labels, device) -> list[np.ndarray]:
-    """Each net's fixed-noise diffusion loss on every canary."""
-    out = []
-    with tqdm(total=len(nets), desc="audit: scoring canaries") as bar:
-        for net in nets:
-            out.append(
-                fixed_noise_losses(
-                    net,
-                    canaries,
-                    canary_labels,
-                    spec=cfg.diffusion,
-                    sigmas=list(cfg.audit.score_sigmas),
-                    seed=cfg.seed,
-                    device=device,
-                )
-            )
-            bar.update(1)
-    return out
+def _scores(cfg, reference, audited, canaries, canary_labels, device):
+    """Every canary's score (``audit.score``), and for the loss score both models' losses."""
+    scoring = CanaryScoring(
+        spec=cfg.diffusion, sigmas=list(cfg.audit.score_sigmas), seed=cfg.seed, device=device
+    )
+    if cfg.audit.score == "alignment":
+        log.info("audit: scoring canaries (row alignment)")
+        return scoring.row_alignment(reference, audited, canaries, canary_labels), {}
+    before, after = (
+        scoring.losses(net, canaries, canary_labels)
+        for net in tqdm((reference, audited), desc="audit: scoring canaries")
+    )
+    return before - after, {"loss_before": before, "loss_after": after}
 
 
 def _referee(ins, outs, bound: dict, au, delta: float) -> float | None:
