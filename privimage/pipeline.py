@@ -9,15 +9,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from privimage import data, reuse
-from privimage.config.schema import Config, method_of
+from privimage.config.schema import Config
 from privimage.config.store import save_run_config
 from privimage.errors import ConfigError
 from privimage.io import artifacts
 from privimage.io.artifacts import STAGES, is_done, stage_dir
+from privimage.io.cards import run_summary
 from privimage.io.release import write_release
 from privimage.runtime import cache_root
 from privimage.stages import stage_spec
@@ -85,7 +85,7 @@ def run_pipeline(cfg: Config, run_dir: Path) -> Path:
             with (run_dir / artifacts.TIMINGS).open("a") as f:
                 f.write(json.dumps({**record, "seconds": round(seconds, 1)}) + "\n")
     if main_process:
-        write_release(run_dir, release_declarations(cfg), summary=release_summary(cfg))
+        write_release(run_dir, release_declarations(cfg), summary=run_summary(cfg))
     return run_dir
 
 
@@ -102,31 +102,6 @@ def _reads_sensitive(cfg: Config, stage: str) -> bool:
 def release_declarations(cfg: Config) -> dict:
     """Every stage's declared outputs (its ``RELEASE``, or ``release_outputs(cfg)``)."""
     return {name: stage_spec(cfg, name).release(cfg) for name in STAGES}
-
-
-def release_summary(cfg: Config) -> dict[str, str]:
-    """What RELEASE.md says was done, from the settings (never from the data)."""
-    method = method_of(asdict(cfg)) or cfg.synthesizer
-    summary = {
-        "method": f"{method} (synthesizer {cfg.synthesizer})",
-        "sensitive data": f"{cfg.data.source}, {cfg.data.resolution}x{cfg.data.resolution}, "
-        f"{cfg.data.channels} channel(s)",
-    }
-    if cfg.synthesizer == "diffusion":
-        summary["public data"] = cfg.public.source
-        summary["pretraining subset"] = cfg.pretrain.public_subset
-        summary["DP fine-tuning"] = (
-            f"{cfg.finetune.epochs:g} epochs at batch {cfg.finetune.batch_size}, clipping "
-            f"norm {cfg.finetune.max_grad_norm:g}, {cfg.finetune.noise_multiplicity} noise "
-            "draws per example"
-            if cfg.finetune.dp
-            else "none (finetune.dp=false)"
-        )
-    summary["budget"] = (
-        f"target epsilon {cfg.privacy.target_epsilon:g} at delta {cfg.privacy.delta:g}, "
-        f"{cfg.privacy.accountant} accountant"
-    )
-    return summary
 
 
 def shared_key(cfg: Config, stage: str) -> str:

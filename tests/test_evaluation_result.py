@@ -12,11 +12,11 @@ from privimage.io.artifacts import (
     EVALUATION_NOTE,
     PRIVACY_STATES,
     Evaluation,
+    guarantee,
     load_evaluation,
     privacy_status,
     save_evaluation,
 )
-from privimage.io.release import privacy_headline
 from privimage.report import privacy_line, summary_line
 from privimage.results import run_row
 
@@ -117,7 +117,7 @@ def test_the_ledger_the_evaluation_and_the_release_agree_on_privacy(state):
     assert privacy_status(ledger) == state
     # The evaluation copies the ledger's fields and must classify them the same way.
     assert _evaluation(ledger or None).privacy == state
-    headline = privacy_headline(ledger)
+    headline = guarantee(ledger)
     claims_dp = "-differentially private with respect to" in headline
     assert claims_dp == (state == "dp"), headline
 

@@ -32,6 +32,7 @@ LAYERS = {
     "io.seeding": 1,
     "io.names": 1,
     "io.trackers": 1,
+    "io.cards": 2,
     "plots": 1,
     "io.stats": 2,
     "io.artifacts": 2,

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from diffusers import UNet2DModel
+from huggingface_hub import DatasetCard, ModelCard
 
 from privimage.pipeline import run_pipeline
 
@@ -196,3 +197,11 @@ def test_release_holds_only_dp_outputs_and_public_data(smoke_run):
     assert f"({ledger['epsilon_spent']:.3f}, 1e-05)-differentially private" in text
     assert "selection_score.json" in text and "evaluate/" in text  # said to stay behind
     assert manifest["noise_secret"] is True and manifest["differentially_private"] is True
+    # The cards travel inside the folders they describe and parse as the hub reads them.
+    model_card = ModelCard.load(release / "model" / "README.md")
+    dataset_card = DatasetCard.load(release / "synthetic" / "dataset" / "README.md")
+    for card in (model_card, dataset_card):
+        assert "differential-privacy" in card.data.tags
+        assert f"({ledger['epsilon_spent']:.3f}, 1e-05)-differentially private" in card.text
+        assert all(f"`{m['stage']}/{m['name']}`" in card.text for m in ledger["mechanisms"])
+    assert model_card.data.library_name == "diffusers"

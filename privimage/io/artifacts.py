@@ -367,6 +367,39 @@ class Evaluation:
         return cls(**values)
 
 
+def guarantee(ledger: dict) -> str:
+    """The guarantee of a ledger in one sentence (:func:`privacy_status` decides which)."""
+    status = privacy_status(ledger)
+    if status == "unknown":
+        return "no privacy ledger: nothing here is covered by a differential-privacy guarantee"
+    if status == "none":
+        return "NOT differentially private: the ledger records a non-private use of the data"
+    eps, target = ledger["epsilon_spent"], ledger["target_epsilon"]
+    if status == "over_budget":
+        return f"NOT within budget: epsilon {eps:.4g} exceeds the target {target:g}"
+    if status == "seeded":
+        return (
+            "NOT differentially private against anyone who knows the run's config: its DP "
+            f"noise was derived from the seed (privacy.reproducible_noise=true; epsilon "
+            f"{eps:.3f} holds only against someone who does not know the seed)"
+        )
+    return (
+        f"({eps:.3f}, {ledger['delta']:g})-differentially private with respect to one "
+        f"sensitive training image (target epsilon {target})"
+    )
+
+
+def mechanism_line(m: dict) -> str:
+    """One ledger mechanism as a Markdown list item."""
+    return (
+        f"- `{m['stage']}/{m['name']}` ({m['status']}): noise multiplier "
+        f"{m['noise_multiplier']:.4g}, sampling rate {m['sample_rate']:.4g}, "
+        f"{m['steps']} step(s), sensitivity {m['sensitivity']:.4g}, noise "
+        f"{'secret (OS entropy)' if m.get('noise_secret') else 'DERIVED FROM THE SEED'}"
+        f"{trained_text(m.get('details'), prefix='; ')}"
+    )
+
+
 def trained_text(details: dict | None, *, prefix: str = "") -> str:
     """Which parameters a DP-SGD entry trained, in words ("" when it does not say)."""
     if not details or "trainable" not in details:

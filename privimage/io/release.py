@@ -33,7 +33,7 @@ from typing import Any
 
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
-from privimage.io.artifacts import LEDGER, is_done, privacy_status, trained_text
+from privimage.io.artifacts import LEDGER, guarantee, is_done, mechanism_line, privacy_status
 from privimage.io.atomic import is_leftover
 
 RELEASE_DIR = "release"
@@ -192,7 +192,7 @@ def write_release(
         # What the files are: the guarantee in words, and as flags. Seeded noise keeps
         # the files (tests compare them) but no guarantee holds against the config's
         # readers, so differentially_private is false then too.
-        "guarantee": privacy_headline(ledger),
+        "guarantee": guarantee(ledger),
         "differentially_private": status == "dp",
         "noise_secret": bool(ledger.get("noise_secret", False)),
         "epsilon_spent": ledger.get("epsilon_spent"),
@@ -230,33 +230,9 @@ def _basis(run_dir: Path, ledger_path: Path, outputs: dict[str, Output], summary
     )
 
 
-def privacy_headline(ledger: dict) -> str:
-    """One line on what guarantee a run's outputs carry, for RELEASE.md and MANIFEST.json."""
-    status = privacy_status(ledger)
-    if status == "unknown":
-        return "no privacy ledger: nothing here is covered by a differential-privacy guarantee"
-    if status == "none":
-        return "NOT differentially private: the ledger records a non-private use of the data"
-    eps, delta = ledger["epsilon_spent"], ledger["delta"]
-    if status == "over_budget":
-        return (
-            f"NOT within budget: epsilon {eps:.4g} exceeds the target {ledger['target_epsilon']:g}"
-        )
-    if status == "seeded":
-        return (
-            f"NOT differentially private against anyone who knows the run's config: its DP "
-            f"noise was derived from the seed (privacy.reproducible_noise=true; epsilon "
-            f"{eps:.3f} holds only against someone who does not know the seed)"
-        )
-    return (
-        f"({eps:.3f}, {delta:g})-differentially private with respect to one sensitive "
-        f"training image (target epsilon {ledger['target_epsilon']})"
-    )
-
-
 def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> str:
     """RELEASE.md: the guarantee, what was done, what is here and what is not."""
-    lines = ["# privimage release", "", f"**{privacy_headline(ledger)}.**", ""]
+    lines = ["# privimage release", "", f"**{guarantee(ledger)}.**", ""]
     lines += [f"- {key}: {value}" for key, value in summary.items()]
     mechanisms = ledger.get("mechanisms", [])
     if mechanisms:
@@ -266,14 +242,7 @@ def render_release_md(manifest: dict, ledger: dict, summary: dict[str, str]) -> 
             "accountant (all in `privacy.json`):",
             "",
         ]
-        for m in mechanisms:
-            lines.append(
-                f"- `{m['stage']}/{m['name']}` ({m['status']}): noise multiplier "
-                f"{m['noise_multiplier']:.4g}, sampling rate {m['sample_rate']:.4g}, "
-                f"{m['steps']} step(s), sensitivity {m['sensitivity']:.4g}, noise "
-                f"{'secret (OS entropy)' if m.get('noise_secret') else 'DERIVED FROM THE SEED'}"
-                f"{trained_text(m.get('details'), prefix='; ')}"
-            )
+        lines += [mechanism_line(m) for m in mechanisms]
     lines += ["", "## Contents", ""]
     by_top: dict[str, int] = {}
     for f in manifest["files"]:

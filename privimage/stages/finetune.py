@@ -60,6 +60,7 @@ from privimage.dp.training import (
 from privimage.errors import ConfigError, PrivacyBudgetError, PrivImageError
 from privimage.io import artifacts
 from privimage.io.artifacts import LEDGER, Stage, is_done, mark_done, require_upstream, stage_dir
+from privimage.io.cards import write_model_card
 from privimage.io.release import Output
 from privimage.io.seeding import dp_entropy, public_generator, public_rng
 from privimage.io.stats import STATS, StatsWriter
@@ -374,6 +375,7 @@ def _finish(
             f"{cfg.privacy.target_epsilon}"
         )
     save_unet(state.ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    write_model_card(out / artifacts.UNET, cfg, out.parent)  # the ledger is final now
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     (out / CHECKPOINT).unlink(missing_ok=True)
@@ -462,6 +464,7 @@ def _run_non_private(
             ).save(ckpt_path)
     stats.close()
     save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    write_model_card(out / artifacts.UNET, cfg, out.parent)
     mark_done(out)
     ckpt_path.unlink(missing_ok=True)
 

@@ -23,6 +23,7 @@ from privimage.config.schema import Config
 from privimage.diffusion import sample_batch, sampler_name, to_uint8
 from privimage.io import artifacts
 from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
+from privimage.io.cards import write_dataset_card
 from privimage.io.release import Output
 from privimage.nets.models import check_same_diffusion, load_unet, weight_files
 from privimage.runtime import resolve_device
@@ -114,6 +115,9 @@ def run(cfg: Config, run_dir: Path) -> Path:
             f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps, "
             f"guidance {cfg.sample.guidance_scale:g})"
         ),
+    )
+    write_dataset_card(
+        out / artifacts.DATASET, cfg, run_dir, images=len(paths), class_names=class_names
     )
     log.info("wrote %d synthetic images to %s", len(paths), out)
     mark_done(out)

@@ -30,6 +30,7 @@ from privimage.dp.ledger import run_ledger
 from privimage.io import artifacts
 from privimage.io.artifacts import Stage, mark_done, stage_dir
 from privimage.io.atomic import torch_save
+from privimage.io.cards import write_dataset_card
 from privimage.io.release import Output
 from privimage.nets.classifier import train_classifier
 from privimage.nets.models import ResNet
@@ -161,6 +162,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         layout,
         grid_images_per_class=s.grid_images_per_class,
         title=f"BN-statistics synthesis ({b.steps} steps; not differentially private)",
+    )
+    write_dataset_card(
+        out / artifacts.DATASET,
+        cfg,
+        run_dir,
+        images=len(layout.paths),
+        class_names=list(class_names),
     )
     log.info("bnstat: wrote %d images to %s (not differentially private)", len(layout.paths), out)
     mark_done(out)
