@@ -66,8 +66,27 @@ def _privacy_lines(ledger: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _settings_lines(summary: dict[str, str]) -> list[str]:
-    return ["## How it was made", "", *(f"- {k}: {v}" for k, v in summary.items()), ""]
+def _save(card_type, data, folder: Path, cfg: Config, ledger: dict, head: list[str]) -> Path:
+    """A card of ``card_type`` with metadata ``data``: ``head``, then the privacy, how the
+    run was made and where its evaluation is; saved as ``folder/README.md``."""
+    body = [
+        *head,
+        "",
+        *_privacy_lines(ledger),
+        "## How it was made",
+        "",
+        *(f"- {k}: {v}" for k, v in run_summary(cfg).items()),
+        "",
+        "## Evaluation",
+        "",
+        "Not on this card: the run's fidelity, utility and leakage figures are measured on "
+        "the sensitive data outside the privacy budget, so they stay with the run "
+        "(`evaluate/report.md`) and are not released.",
+        "",
+    ]
+    path = Path(folder) / CARD
+    card_type("---\n" + data.to_yaml() + "\n---\n" + "\n".join(body)).save(path)
+    return path
 
 
 def _ledger(run_dir: Path) -> dict:
@@ -85,26 +104,14 @@ def write_model_card(unet_dir: Path, cfg: Config, run_dir: Path) -> Path:
         tags=[*TAGS, "class-conditional"] + ([] if dp else ["not-differentially-private"]),
         datasets=[cfg.public.source],
     )
-    body = [
+    head = [
         f"# {cfg.name}: a class-conditional diffusion model fine-tuned with DP-SGD",
         "",
         f"Made with privimage ([PrivImage, Li et al., USENIX Security 2024]({PAPER})). "
         "It loads with `diffusers.UNet2DModel.from_pretrained`; `diffusion.json` beside "
         "the weights says whether it is an EDM or a DDPM model.",
-        "",
-        *_privacy_lines(ledger),
-        *_settings_lines(run_summary(cfg)),
-        "## Evaluation",
-        "",
-        "Not on this card: the run's fidelity, utility and leakage figures are measured on "
-        "the sensitive data outside the privacy budget, so they stay with the run "
-        "(`evaluate/report.md`) and are not released.",
-        "",
     ]
-    card = ModelCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(body))
-    path = Path(unet_dir) / CARD
-    card.save(path)
-    return path
+    return _save(ModelCard, data, unet_dir, cfg, ledger, head)
 
 
 def write_dataset_card(
@@ -119,23 +126,12 @@ def write_dataset_card(
         tags=TAGS + ([] if dp else ["not-differentially-private"]),
         license="other",
     )
-    body = [
+    head = [
         f"# Synthetic images standing in for {cfg.data.source}",
         "",
         f"{images} labelled images, {len(class_names)} classes "
         f"({', '.join(class_names)}), made by privimage. Load with "
         "`datasets.load_from_disk`; columns `image`, `label`, `seed` (each image is a "
         "function of its seed and the model).",
-        "",
-        *_privacy_lines(ledger),
-        *_settings_lines(run_summary(cfg)),
-        "## Evaluation",
-        "",
-        "Not on this card: the run's figures are measured on the sensitive data outside "
-        "the privacy budget and stay with the run (`evaluate/report.md`).",
-        "",
     ]
-    card = DatasetCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(body))
-    path = Path(dataset_dir) / CARD
-    card.save(path)
-    return path
+    return _save(DatasetCard, data, dataset_dir, cfg, ledger, head)
