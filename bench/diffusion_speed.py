@@ -83,10 +83,8 @@ def bench_preset(
                 spec=spec,
                 seeds=seeds,
                 labels=labels,
-                image_shape=(channels, resolution, resolution),
                 num_steps=steps,
                 solver=solver,
-                device=device,
             )
 
         return run

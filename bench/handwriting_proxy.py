@@ -49,7 +49,6 @@ from privimage import (
     load_unet,
     predict_logits,
     sample_batch,
-    to_uint8,
 )
 
 FIRST_SEED = 10**6
@@ -119,7 +118,6 @@ def sample(
     model.eval()
     labels = torch.arange(10).repeat_interleave(per_class)
     seeds = list(range(FIRST_SEED, FIRST_SEED + len(labels)))
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     batches = []
     for i in range(0, len(labels), 100):
         x = sample_batch(
@@ -127,12 +125,11 @@ def sample(
             spec=spec,
             seeds=seeds[i : i + 100],
             labels=labels[i : i + 100],
-            image_shape=shape,
             num_steps=steps,
             solver=solver,
             guidance_scale=guidance,
         )
-        batches.append(to_uint8(x))
+        batches.append(x)
     return torch.cat(batches), labels
 
 

@@ -47,7 +47,6 @@ from privimage import (
     resolve_device,
     sample_batch,
     sampler_name,
-    to_uint8,
 )
 
 FIRST_SEED = 10**6
@@ -78,7 +77,6 @@ def sample(
     """``per_class`` images of every class at ``guidance``, with the run's solver and steps."""
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = list(range(FIRST_SEED, FIRST_SEED + len(labels)))
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
     batch = cfg.sample.batch_size
     out = []
     for i in range(0, len(labels), batch):
@@ -87,13 +85,11 @@ def sample(
             spec=spec,
             seeds=seeds[i : i + batch],
             labels=labels[i : i + batch],
-            image_shape=shape,
             num_steps=cfg.sample.num_inference_steps,
             solver=sampler_name(cfg),
             guidance_scale=guidance,
-            device=device,
         )
-        out.append(to_uint8(x).cpu())
+        out.append(x)
     return ImageSplit(torch.cat(out), labels)
 
 

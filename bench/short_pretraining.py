@@ -279,22 +279,23 @@ def main() -> None:
                 spec=spec,
                 seeds=list(range(len(labels))),
                 labels=labels,
-                image_shape=(channels, resolution, resolution),
                 num_steps=a.solver_steps,
                 solver="euler",
                 guidance_scale=w,
             )
-            pred = predict_logits(judge, images, batch_size=256, device=torch.device("cpu"))
+            pred = predict_logits(
+                judge, images.float() / 127.5 - 1, batch_size=256, device=torch.device("cpu")
+            )
             row[f"class_acc_g{w:g}"] = round((pred.argmax(1) == labels).float().mean().item(), 3)
             row[f"sample_s_g{w:g}"] = round(time.perf_counter() - t1, 1)
             row[f"dark_px_g{w:g}"] = dark_fraction(images)
             if reference is not None:
-                feats = inception_features(to_uint8(images), batch_size=25, progress=False)
+                feats = inception_features(images, batch_size=25, progress=False)
                 row[f"fid_g{w:g}"] = round(frechet_distance_of_features(feats, reference), 1)
             if a.grid is not None and step + 1 == a.steps and w == scales[-1]:
                 from torchvision.utils import save_image
 
-                save_image((images + 1) / 2, a.grid, nrow=a.per_class)
+                save_image(images.float() / 255, a.grid, nrow=a.per_class)
         print(json.dumps(row), flush=True)
 
 

@@ -55,6 +55,10 @@ _API = {
     # Diffusion: the training loss and sampler of any formulation
     "training_loss": "privimage.diffusion",
     "sample_batch": "privimage.diffusion",
+    "pipeline_for": "privimage.diffusion",
+    "PrivImagePipeline": "privimage.diffusion.pipeline",
+    "EDMHeunScheduler": "privimage.diffusion.pipeline",
+    "seed_generators": "privimage.diffusion.pipeline",
     "sampler_name": "privimage.diffusion",
     "drop_labels": "privimage.diffusion.common",
     "to_uint8": "privimage.diffusion.common",

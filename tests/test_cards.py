@@ -39,7 +39,7 @@ MECHANISMS = [
 
 def _run(tmp_path, **ledger):
     run = tmp_path / "run"
-    (run / "finetune" / "unet").mkdir(parents=True)
+    (run / "finetune" / "pipeline").mkdir(parents=True)
     (run / "sample" / "dataset").mkdir(parents=True)
     base = {
         "epsilon_spent": 9.87654,
@@ -58,7 +58,7 @@ def _run(tmp_path, **ledger):
 def test_cards_of_a_dp_run_parse_and_state_the_ledger(tmp_path, compose):
     cfg = compose(["experiment=smoke"])
     run = _run(tmp_path)
-    model = ModelCard.load(write_model_card(run / "finetune" / "unet", cfg, run))
+    model = ModelCard.load(write_model_card(run / "finetune" / "pipeline", cfg, run))
     data = DatasetCard.load(
         write_dataset_card(
             run / "sample" / "dataset", cfg, run, images=40, class_names=["zero", "one"]
@@ -77,6 +77,7 @@ def test_cards_of_a_dp_run_parse_and_state_the_ledger(tmp_path, compose):
         # Nothing measured on the sensitive data: no FID or accuracy figures.
         assert "FID" not in card.text and "accuracy" not in card.text
     assert "40 labelled images, 2 classes (zero, one)" in data.text
+    assert "model fine-tuned with DP-SGD" in model.text
 
 
 @pytest.mark.parametrize(
@@ -96,6 +97,7 @@ def test_cards_of_a_dp_run_parse_and_state_the_ledger(tmp_path, compose):
 def test_a_card_without_a_guarantee_says_so(tmp_path, compose, ledger, words):
     cfg = compose(["experiment=smoke"])
     run = _run(tmp_path, **ledger)
-    card = ModelCard.load(write_model_card(run / "finetune" / "unet", cfg, run))
+    card = ModelCard.load(write_model_card(run / "finetune" / "pipeline", cfg, run))
     assert words in card.text and "not-differentially-private" in card.data.tags
+    assert "fine-tuned without a DP guarantee" in card.text  # the title too
     assert "-differentially private with respect to" not in card.text

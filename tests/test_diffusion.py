@@ -5,28 +5,35 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from privimage.config.schema import DiffusionConfig, ModelConfig
-from privimage.diffusion import drop_labels, null_class, to_uint8, training_loss
-from privimage.diffusion.common import initial_noise
+from privimage.diffusion import (
+    drop_labels,
+    formulation,
+    null_class,
+    pipeline_for,
+    sample_batch,
+    training_loss,
+)
 from privimage.diffusion.ddpm import (
     add_noise,
-    ddim_sample,
     linear_alphas_cumprod,
     per_example_loss,
     unet_denoiser,
 )
 from privimage.diffusion.edm import (
     TrainingNoise,
+    edm_denoise,
     edm_loss_weight,
     edm_per_example_loss,
     edm_precondition,
-    edm_sample,
-    karras_sigmas,
     sample_training_sigmas,
     unet_network,
 )
+from privimage.diffusion.pipeline import denoise_loop, seed_generators, start_sigma
 from privimage.nets.models import build_unet
 
 
@@ -90,11 +97,13 @@ def test_loss_of_the_zero_denoiser_is_the_noise_energy():
     assert torch.allclose(loss, noise.pow(2).flatten(1).mean(1))
 
 
-def test_initial_noise_depends_only_on_each_seed():
-    a = initial_noise([3, 7, 11], (1, 4, 4))
-    b = initial_noise([11, 3], (1, 4, 4))
+def test_starting_noise_depends_only_on_each_seed():
+    a = randn_tensor((3, 1, 4, 4), generator=seed_generators([3, 7, 11]))
+    b = randn_tensor((2, 1, 4, 4), generator=seed_generators([11, 3]))
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
     assert not torch.equal(a[0], a[1])
+    # Each image's noise is what its own generator draws for one image.
+    assert torch.equal(a[1], torch.randn((1, 4, 4), generator=torch.Generator().manual_seed(7)))
 
 
 def _tiny_unet():
@@ -103,31 +112,45 @@ def _tiny_unet():
     return build_unet(cfg, resolution=8, channels=1, num_classes=3).eval()
 
 
-def test_sampler_is_deterministic_and_split_invariant():
-    model = _tiny_unet()
-    kw = dict(image_shape=(1, 8, 8), num_train_timesteps=1000, num_inference_steps=5)
-    den = unet_denoiser(model)
+DDPM = DiffusionConfig(formulation="ddpm")
+
+
+def _sample(model, spec, seeds, labels, solver, steps=5, guidance=1.0):
+    return sample_batch(
+        model,
+        spec=spec,
+        seeds=seeds,
+        labels=labels,
+        num_steps=steps,
+        solver=solver,
+        guidance_scale=guidance,
+    )
+
+
+def _assert_split_invariant(model, spec, solver):
     seeds, labels = [0, 1, 2, 3], torch.tensor([0, 1, 2, 0])
-    whole = ddim_sample(den, seeds=seeds, labels=labels, **kw)
-    again = ddim_sample(den, seeds=seeds, labels=labels, **kw)
-    first = ddim_sample(den, seeds=seeds[:1], labels=labels[:1], **kw)
-    rest = ddim_sample(den, seeds=seeds[1:], labels=labels[1:], **kw)
+    whole = _sample(model, spec, seeds, labels, solver)
+    again = _sample(model, spec, seeds, labels, solver)
+    first = _sample(model, spec, seeds[:1], labels[:1], solver)
+    rest = _sample(model, spec, seeds[1:], labels[1:], solver)
+    assert whole.dtype == torch.uint8 and whole.shape == (4, 1, 8, 8)
     assert torch.equal(whole, again)
+    # Batch composition may change float summation order: at most one level, rarely.
     split = torch.cat([first, rest])
-    # Batch composition may change float summation order, never the image.
-    assert torch.equal(to_uint8(whole), to_uint8(split)) or torch.allclose(whole, split, atol=1e-5)
-    assert whole.min() >= -1 and whole.max() <= 1
+    assert (whole.int() - split.int()).abs().max() <= 1
+
+
+def test_ddim_sampler_is_deterministic_and_split_invariant():
+    _assert_split_invariant(_tiny_unet(), DDPM, "ddim")
 
 
 def test_sampler_uses_the_label():
     model = _tiny_unet()
     with torch.no_grad():
         model.class_embedding.weight.mul_(50)  # make the class visible in a random net
-    den = unet_denoiser(model)
-    kw = dict(image_shape=(1, 8, 8), num_train_timesteps=1000, num_inference_steps=3)
-    a = ddim_sample(den, seeds=[5], labels=torch.tensor([0]), **kw)
-    b = ddim_sample(den, seeds=[5], labels=torch.tensor([1]), **kw)
-    assert not torch.allclose(a, b)
+    a = _sample(model, DDPM, [5], torch.tensor([0]), "ddim", steps=3)
+    b = _sample(model, DDPM, [5], torch.tensor([1]), "ddim", steps=3)
+    assert not torch.equal(a, b)
 
 
 def test_ema_warms_up_then_holds_its_decay():
@@ -273,19 +296,32 @@ def test_training_noise_reads_every_level_setting_of_the_config():
     )
 
 
-def test_karras_schedule_known_values():
-    s = karras_sigmas(18, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    assert s.shape == (19,) and s.dtype == torch.float64
-    assert math.isclose(s[0].item(), 80.0, rel_tol=1e-12)
-    assert math.isclose(s[17].item(), 0.002, rel_tol=1e-12)
-    assert s[18].item() == 0.0 and torch.all(s[1:] < s[:-1])
-    mid = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    assert math.isclose(karras_sigmas(3, sigma_min=0.002, sigma_max=80.0, rho=7.0)[1].item(), mid)
-    # rho = 1 is a linear ramp
-    assert torch.allclose(
-        karras_sigmas(5, sigma_min=1.0, sigma_max=5.0, rho=1.0)[:-1],
-        torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64),
-    )
+def _karras(n, smin, smax, rho):
+    """Karras et al.'s schedule written out (their eq. 5), then 0."""
+    return [
+        (smax ** (1 / rho) + i / (n - 1) * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        for i in range(n)
+    ] + [0.0]
+
+
+def _edm_scheduler(solver, steps, **spec):
+    scheduler = formulation(DiffusionConfig(**spec)).scheduler(solver)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def test_every_edm_solver_steps_the_karras_schedule():
+    for solver in ("euler", "heun", "dpmpp_2m"):
+        sigmas = _edm_scheduler(solver, 18).sigmas.double()
+        if solver == "heun":  # every evaluation listed: s0, s1, s1, ..., s17, s17, 0
+            sigmas = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]])
+        expected = torch.tensor(_karras(18, 0.002, 80.0, 7.0), dtype=torch.float64)
+        assert torch.allclose(sigmas, expected, rtol=1e-6), solver
+    assert start_sigma(_edm_scheduler("heun", 18)) == pytest.approx(80.0, rel=1e-7)
+    linear = _edm_scheduler("euler", 5, sigma_min=1.0, sigma_max=5.0, rho=1.0).sigmas
+    assert torch.allclose(linear, torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0]))
+    heun = _edm_scheduler("heun", 4)
+    assert len(heun.timesteps) == 2 * 4 - 1  # Heun: 2N - 1 network evaluations
 
 
 def _gaussian_ode_errors(runs) -> dict:
@@ -295,24 +331,18 @@ def _gaussian_ode_errors(runs) -> dict:
     probability-flow ODE has the closed form x(0) = x(smax) * sd / sqrt(smax^2 + sd^2).
     """
     sd, smax = 0.5, 80.0
-    seeds = [0, 1, 2, 3]
-    start = initial_noise(seeds, (1, 4, 4)).double() * smax
-    exact = (start * sd / math.sqrt(smax**2 + sd**2)).float().clamp(-1, 1)
+    start = randn_tensor((4, 1, 4, 4), generator=seed_generators([0, 1, 2, 3])) * smax
+    exact = start.double() * sd / math.sqrt(smax**2 + sd**2)
     errors = {}
     for solver, steps in runs:
-        x = edm_sample(
-            lambda x, c, y: torch.zeros_like(x),
-            seeds=seeds,
-            labels=torch.zeros(4, dtype=torch.long),
-            image_shape=(1, 4, 4),
-            num_steps=steps,
-            sigma_data=sd,
-            sigma_min=0.002,
-            sigma_max=smax,
-            rho=7.0,
-            solver=solver,
+        scheduler = _edm_scheduler(solver, steps)
+        x = denoise_loop(
+            scheduler,
+            lambda x, t, y: torch.zeros_like(x),
+            start * start_sigma(scheduler) / smax,
+            torch.zeros(4, dtype=torch.long),
         )
-        errors[solver, steps] = (x - exact).abs().max().item()
+        errors[solver, steps] = (x.double() - exact).abs().max().item()
     return errors
 
 
@@ -332,84 +362,80 @@ def test_dpmpp_2m_is_second_order_on_the_gaussian_ode():
     assert errors["dpmpp_2m", 48] < errors["dpmpp_2m", 12] / 8
 
 
-def test_dpmpp_2m_matches_diffusers_edm_dpm_solver():
-    """The same network stepped by diffusers' EDMDPMSolverMultistepScheduler (an
-    independent implementation: dpmsolver++, order 2, midpoint, first-order last step)."""
-    from diffusers import EDMDPMSolverMultistepScheduler
+def _reference_sample(model, seeds, labels, solver, steps, guidance=1.0):
+    """Karras et al.'s Algorithm 1 written out in float64 on our EDM preconditioning: the
+    independent reference for the schedulers (Euler, and Heun's correction)."""
+    spec = DiffusionConfig()
+    sigmas = _karras(steps, spec.sigma_min, spec.sigma_max, spec.rho)
+    x = randn_tensor((len(seeds), 1, 8, 8), generator=seed_generators(seeds)).double()
+    x = x * sigmas[0]
+    net, null = unet_network(model), null_class(model)
 
+    def slope(x, sigma):
+        s = torch.full((len(x),), sigma, dtype=torch.float64)
+        cond = edm_denoise(net, x.float(), s, labels, sigma_data=spec.sigma_data).double()
+        uncond = edm_denoise(
+            net, x.float(), s, torch.full_like(labels, null), sigma_data=spec.sigma_data
+        ).double()
+        return (x - (uncond + guidance * (cond - uncond))) / sigma
+
+    for cur, nxt in zip(sigmas[:-1], sigmas[1:], strict=True):
+        d = slope(x, cur)
+        x_next = x + (nxt - cur) * d
+        if solver == "heun" and nxt > 0:
+            x_next = x + (nxt - cur) * 0.5 * (d + slope(x_next, nxt))
+        x = x_next
+    return x.clamp(-1, 1)
+
+
+def _pipeline_floats(model, solver, seeds, labels, steps, guidance=1.0):
+    pipe = pipeline_for(model, spec=DiffusionConfig(), solver=solver)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        labels,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=seed_generators(seeds),
+        output_type="pt",
+    )
+    return out.images.double() * 2 - 1
+
+
+def test_euler_and_heun_schedulers_match_algorithm_1_in_float64():
     model = _tiny_unet()
-    net = unet_network(model)
-    seeds, labels = [0, 1, 2], torch.tensor([0, 1, 2])
-    kw = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0)
-    ours = edm_sample(
-        net,
-        seeds=seeds,
-        labels=labels,
-        image_shape=(1, 8, 8),
-        num_steps=10,
-        solver="dpmpp_2m",
-        **kw,
-    )
-    sched = EDMDPMSolverMultistepScheduler(
-        **kw,
-        solver_order=2,
-        algorithm_type="dpmsolver++",
-        solver_type="midpoint",
-        prediction_type="epsilon",
-        final_sigmas_type="zero",
-    )
-    sched.set_timesteps(10)
-    assert torch.allclose(
-        sched.sigmas.double(),
-        karras_sigmas(10, sigma_min=0.002, sigma_max=80.0, rho=7.0),
-        rtol=1e-5,
-    )
-    x = initial_noise(seeds, (1, 8, 8)) * 80.0
     with torch.no_grad():
-        for t in sched.timesteps:
-            out = net(sched.scale_model_input(x, t), t.expand(len(seeds)).float(), labels)
-            x = sched.step(out, t, x).prev_sample
-    assert torch.allclose(ours, x.clamp(-1, 1), atol=1e-4)
-
-
-def _edm_kw():
-    return dict(
-        image_shape=(1, 8, 8), num_steps=4, sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0
-    )
+        model.class_embedding.weight.mul_(20)
+    seeds, labels = [0, 1, 2], torch.tensor([0, 1, 2])
+    for solver in ("euler", "heun"):
+        for guidance in (1.0, 2.0):
+            ours = _pipeline_floats(model, solver, seeds, labels, 10, guidance)
+            reference = _reference_sample(model, seeds, labels, solver, 10, guidance)
+            assert (ours - reference).abs().max() < 1e-5, (solver, guidance)
 
 
 def test_edm_sampler_is_deterministic_and_split_invariant():
-    net = unet_network(_tiny_unet())
-    seeds, labels = [0, 1, 2, 3], torch.tensor([0, 1, 2, 0])
     for solver in ("euler", "heun", "dpmpp_2m"):
-        whole = edm_sample(net, seeds=seeds, labels=labels, solver=solver, **_edm_kw())
-        again = edm_sample(net, seeds=seeds, labels=labels, solver=solver, **_edm_kw())
-        first = edm_sample(net, seeds=seeds[:1], labels=labels[:1], solver=solver, **_edm_kw())
-        rest = edm_sample(net, seeds=seeds[1:], labels=labels[1:], solver=solver, **_edm_kw())
-        assert torch.equal(whole, again)
-        split = torch.cat([first, rest])
-        assert torch.equal(to_uint8(whole), to_uint8(split)) or torch.allclose(
-            whole, split, atol=1e-5
-        )
+        _assert_split_invariant(_tiny_unet(), DiffusionConfig(), solver)
 
 
 def test_guidance_scale_one_is_conditional_and_zero_is_unconditional():
     model = _tiny_unet()
     with torch.no_grad():
         model.class_embedding.weight.mul_(50)
-    net = unet_network(model)
     null = null_class(model)
     assert null == 3
-    kw = dict(seeds=[4, 5], **_edm_kw())
-    labels = torch.tensor([0, 1])
-    plain = edm_sample(net, labels=labels, **kw)
-    one = edm_sample(net, labels=labels, guidance_scale=1.0, null_label=null, **kw)
-    zero = edm_sample(net, labels=labels, guidance_scale=0.0, null_label=null, **kw)
-    uncond = edm_sample(net, labels=torch.full((2,), null), **kw)
-    strong = edm_sample(net, labels=labels, guidance_scale=3.0, null_label=null, **kw)
-    assert torch.equal(plain, one)
+    seeds, labels = [4, 5], torch.tensor([0, 1])
+
+    def run(labels, guidance):
+        return _pipeline_floats(model, "heun", seeds, labels, 4, guidance)
+
+    plain = run(labels, 1.0)
+    zero = run(labels, 0.0)
+    uncond = run(torch.full((2,), null), 1.0)
+    strong = run(labels, 3.0)
     assert torch.allclose(zero, uncond, atol=1e-5)
     assert not torch.allclose(strong, plain, atol=1e-3)
+    assert not torch.allclose(plain, uncond, atol=1e-3)
 
 
 def test_label_dropout_replaces_about_p_of_labels_with_the_null_class():

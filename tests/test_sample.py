@@ -133,3 +133,38 @@ def test_a_unet_of_another_formulation_is_refused(tmp_path, compose):
 def test_a_sampler_that_does_not_fit_the_formulation_is_refused(compose):
     with pytest.raises(ConfigError, match="sample.sampler='ddim' does not fit"):
         compose([*BASE, "sample.sampler=ddim"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "scheduler"),
+    [
+        ([], "EDMHeunScheduler"),
+        (["sample.sampler=euler", "sample.guidance_scale=2"], "EDMEulerScheduler"),
+        (["sample.sampler=dpmpp_2m"], "EDMDPMSolverMultistepScheduler"),
+        (["diffusion=ddpm"], "DDIMScheduler"),
+    ],
+)
+def test_the_saved_pipeline_draws_the_stages_images(tmp_path, compose, overrides, scheduler):
+    """A pipeline saved as fine-tuning saves it, loaded by diffusers' generic loader,
+    gives the sample stage's images seed for seed, with every sampler."""
+    from diffusers import DiffusionPipeline
+
+    from privimage.diffusion import configured_pipeline
+    from privimage.diffusion.pipeline import save_pipeline
+    from privimage.nets.models import load_unet
+
+    cfg = compose([*BASE, *overrides])
+    _upstream(tmp_path, cfg, formulation=cfg.diffusion.formulation)
+    out = sample.run(cfg, tmp_path)
+    model, _ = load_unet(tmp_path / "finetune" / "unet")
+    folder = save_pipeline(configured_pipeline(model, cfg, CLASSES), tmp_path / "pipeline")
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__name__ == "PrivImagePipeline"
+    assert type(pipe.scheduler).__name__ == scheduler
+    npz = np.load(out / "samples.npz")
+    generators = [torch.Generator().manual_seed(int(s)) for s in npz["seeds"]]
+    by_name = [CLASSES[y] for y in npz["labels"]]  # labels by name work too
+    images = pipe(class_labels=by_name, generator=generators, output_type="np").images
+    assert np.array_equal((images * 255).round().astype(np.uint8)[..., 0], npz["images"][:, 0])
+    with pytest.raises(ValueError, match="class label 4 is out of range; use 0..2"):
+        pipe(class_labels=[4])

@@ -262,8 +262,8 @@ def test_a_restart_that_cannot_fit_beside_its_abandoned_attempts_says_why(tmp_pa
     attempt = dpsgd_mechanism(noise_multiplier=5.0, sample_rate=0.01, steps=10, max_grad_norm=1)
     ledger.begin(attempt)
     ledger.begin(attempt)  # no checkpoint: the first attempt is abandoned and still counts
-    error = finetune._budget_after_abandoned(ledger, PrivacyBudgetError("nothing left"))
-    assert "1 earlier fine-tuning attempt(s)" in str(error) and "charged in full" in str(error)
+    error = ledger.explain_over_budget(PrivacyBudgetError("nothing left"), stage="finetune")
+    assert "1 earlier finetune attempt(s)" in str(error) and "charged in full" in str(error)
     assert "new run directory" in str(error) and "\n" not in str(error)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -40,6 +43,52 @@ def test_every_stage_wrote_its_files(smoke_run):
     # Checkpoints load with plain diffusers.
     for stage in ("pretrain", "finetune"):
         assert isinstance(UNet2DModel.from_pretrained(run / stage / "unet"), UNet2DModel)
+
+
+# What a user types after `pip install privimage`, and nothing of the test's process.
+_FRESH_PYTHON = """
+import sys
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+folder, out, seeds, labels = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+generators = [torch.Generator().manual_seed(int(s)) for s in seeds.split(",")]
+images = pipe(class_labels=[int(y) for y in labels.split(",")], generator=generators).images
+np.save(out, np.stack([np.asarray(image) for image in images]))
+print(type(pipe).__name__, type(pipe.scheduler).__name__)
+"""
+
+
+def test_the_pipeline_in_a_fresh_python_draws_the_sample_stages_images(smoke_run, tmp_path):
+    """DiffusionPipeline.from_pretrained(run/finetune/pipeline), with the run's sampler,
+    steps and guidance as its defaults, gives the sample stage's images seed for seed."""
+    cfg, run = smoke_run
+    with np.load(run / "sample" / "samples.npz") as f:
+        pick = np.arange(0, len(f["seeds"]), cfg.sample.images_per_class)[:4]  # 4 classes
+        seeds, labels, images = f["seeds"][pick], f["labels"][pick], f["images"][pick]
+    out = tmp_path / "drawn.npy"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FRESH_PYTHON,
+            str(run / "finetune" / "pipeline"),
+            str(out),
+            ",".join(map(str, seeds)),
+            ",".join(map(str, labels)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["PrivImagePipeline", "EDMHeunScheduler"]
+    assert np.array_equal(np.load(out), images[:, 0])
 
 
 def test_query_selection_is_disjoint_and_relabelled(smoke_run):
@@ -148,7 +197,7 @@ ALLOWED_SOURCES = {
     "query/selection.png": {"query/gaussian_histogram"},
     "query/public_index.npy": {"query/gaussian_histogram"},
     "query/public_labels.npy": {"query/gaussian_histogram"},
-    "finetune/unet": {"finetune/dp_sgd", "query/gaussian_histogram"},
+    "finetune/pipeline": {"finetune/dp_sgd", "query/gaussian_histogram"},
     "sample/images": {"finetune/dp_sgd", "query/gaussian_histogram"},
     "sample/samples.npz": {"finetune/dp_sgd", "query/gaussian_histogram"},
     "sample/dataset": {"finetune/dp_sgd", "query/gaussian_histogram"},
@@ -189,7 +238,9 @@ def test_release_holds_only_dp_outputs_and_public_data(smoke_run):
     assert sources == {"query", "finetune", "sample", "privacy.json"}
     assert not any(s.startswith(("evaluate", "pretrain")) for s in sources)
     # What a user needs is there and loads: the DP model, the data, the noisy selection.
-    assert isinstance(UNet2DModel.from_pretrained(release / "model"), UNet2DModel)
+    model = UNet2DModel.from_pretrained(release / "model", subfolder="unet")
+    assert isinstance(model, UNet2DModel)
+    assert "_name_or_path" not in (release / "model" / "unet" / "config.json").read_text()
     with np.load(release / "synthetic" / "samples.npz") as f:
         assert len(f["images"]) == len(list((release / "synthetic" / "images").rglob("*.png")))
     assert (release / "selection" / "histogram_noisy.npy").exists()

@@ -27,13 +27,16 @@ from privimage.config.schema import Config, DiffusionConfig
 from privimage.diffusion.common import drop_labels, null_class, to_uint8
 from privimage.diffusion.ddpm import DDPM
 from privimage.diffusion.edm import EDM
+from privimage.diffusion.pipeline import PrivImagePipeline, seed_generators
 
 __all__ = [
     "FORMULATIONS",
     "SOLVERS",
+    "configured_pipeline",
     "drop_labels",
     "formulation",
     "null_class",
+    "pipeline_for",
     "sample_batch",
     "sampler_name",
     "solver_or_default",
@@ -74,6 +77,44 @@ def training_loss(
     return formulation(spec).loss(model, x0, labels, generator=generator, noise_draws=noise_draws)
 
 
+def pipeline_for(
+    model: torch.nn.Module,
+    *,
+    spec: DiffusionConfig,
+    solver: str,
+    class_names: Sequence[str] | None = None,
+    num_inference_steps: int = 18,
+    guidance_scale: float = 1.0,
+) -> PrivImagePipeline:
+    """The diffusers pipeline that samples ``model`` with ``solver`` under ``spec``."""
+    if solver not in SOLVERS[spec.formulation]:
+        raise ValueError(
+            f"solver {solver!r} does not fit the {spec.formulation} formulation; "
+            f"choose one of {SOLVERS[spec.formulation]}"
+        )
+    return PrivImagePipeline(
+        unet=model,
+        scheduler=formulation(spec).scheduler(solver),
+        class_names=class_names,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    )
+
+
+def configured_pipeline(
+    model: torch.nn.Module, cfg: Config, class_names: Sequence[str]
+) -> PrivImagePipeline:
+    """The pipeline as the run's sample stage uses it: its sampler, steps and guidance."""
+    return pipeline_for(
+        model,
+        spec=cfg.diffusion,
+        solver=sampler_name(cfg),
+        class_names=class_names,
+        num_inference_steps=cfg.sample.num_inference_steps,
+        guidance_scale=cfg.sample.guidance_scale,
+    )
+
+
 @torch.no_grad()
 def sample_batch(
     model: torch.nn.Module,
@@ -81,26 +122,21 @@ def sample_batch(
     spec: DiffusionConfig,
     seeds: Sequence[int],
     labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
     num_steps: int,
     solver: str,
     guidance_scale: float = 1.0,
-    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Sample one batch with ``spec``'s formulation; floats in [-1, 1]."""
-    if solver not in SOLVERS[spec.formulation]:
-        raise ValueError(
-            f"solver {solver!r} does not fit the {spec.formulation} formulation; "
-            f"choose one of {SOLVERS[spec.formulation]}"
-        )
-    return formulation(spec).sample(
-        model,
-        seeds=seeds,
-        labels=labels,
-        image_shape=image_shape,
-        num_steps=num_steps,
-        solver=solver,
+    """One batch through :class:`PrivImagePipeline` on the model's device, image ``i``
+    from ``seeds[i]`` alone: uint8 ``(N, C, H, W)`` on the CPU, the pixels of the
+    pipeline's PIL images."""
+    pipe = pipeline_for(model, spec=spec, solver=solver)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        labels,
+        num_inference_steps=num_steps,
         guidance_scale=guidance_scale,
-        null_label=null_class(model),
-        device=device,
-    )
+        generator=seed_generators(seeds),
+        output_type="pt",
+    ).images
+    # As diffusers' numpy_to_pil rounds, so the stage's PNGs are the pipeline's images.
+    return (images * 255).round().to(torch.uint8)

@@ -1,5 +1,5 @@
-"""What both formulations share: per-seed starting noise, averaging a loss over noise
-draws, classifier-free guidance, label dropout, the null class and the uint8 mapping.
+"""What both formulations share: averaging a loss over noise draws, classifier-free
+guidance, label dropout, the null class and the uint8 mapping.
 
 A *network* is any callable ``(x_in, c_noise, labels) -> output`` (EDM's ``F``); a DDPM
 *denoiser* is ``(x_t, t, labels) -> predicted noise``.
@@ -7,7 +7,7 @@ A *network* is any callable ``(x_in, c_noise, labels) -> output`` (EDM's ``F``);
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -15,19 +15,6 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One Gaussian image per seed, each drawn from its own generator.
-
-    This is what makes every sample a function of its own seed alone, so a sampling
-    job split into pieces or resumed reproduces the same images.
-    """
-    out = torch.empty((len(seeds), *shape))
-    for i, seed in enumerate(seeds):
-        g = torch.Generator().manual_seed(int(seed))
-        out[i] = torch.randn(shape, generator=g)
-    return out
 
 
 def mean_over_draws(

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from diffusers import DDIMScheduler
 
 from privimage.config.schema import DiffusionConfig
-from privimage.diffusion.common import Denoiser, guided, initial_noise, mean_over_draws
+from privimage.diffusion.common import Denoiser, mean_over_draws
 
 BETA_START = 1e-4
 
@@ -75,42 +73,6 @@ def ddim_scheduler(num_train_timesteps: int) -> DDIMScheduler:
     )
 
 
-@torch.no_grad()
-def ddim_sample(
-    denoiser: Denoiser,
-    *,
-    seeds: Sequence[int],
-    labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
-    num_train_timesteps: int,
-    num_inference_steps: int,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) sampling of one batch; returns floats in [-1, 1]."""
-    if len(seeds) != labels.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
-    if guidance_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs the null label")
-    scheduler = ddim_scheduler(num_train_timesteps)
-    scheduler.set_timesteps(num_inference_steps)
-    x = initial_noise(seeds, image_shape).to(device)
-    labels = labels.to(device)
-    for t in scheduler.timesteps:
-        t_batch = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-        eps = guided(
-            lambda xx, ll, tt: denoiser(xx, tt, ll),
-            x,
-            labels,
-            t_batch,
-            guidance_scale=guidance_scale,
-            null_label=null_label,
-        )
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x.clamp(-1.0, 1.0)
-
-
 class DDPM:
     """The DDPM formulation behind one call shape (see :class:`privimage.diffusion.edm.EDM`)."""
 
@@ -133,15 +95,9 @@ class DDPM:
             noise_draws,
         )
 
-    def sample(self, model, *, num_steps: int, solver: str, **request) -> torch.Tensor:
-        """DDIM (``solver`` is ``ddim``); ``request``: seeds, labels, image_shape,
-        guidance_scale, null_label, device, as :func:`ddim_sample` takes them."""
-        return ddim_sample(
-            unet_denoiser(model),
-            num_train_timesteps=self.spec.num_train_timesteps,
-            num_inference_steps=num_steps,
-            **request,
-        )
+    def scheduler(self, solver: str) -> DDIMScheduler:
+        """DDIM (``solver`` is ``ddim``), deterministic (eta = 0)."""
+        return ddim_scheduler(self.spec.num_train_timesteps)
 
     def fixed_noise_loss(self, model, x, labels, noise, level: float) -> torch.Tensor:
         """The epsilon MSE at timestep ``round(level * (T - 1))``, ``level`` in (0, 1]."""

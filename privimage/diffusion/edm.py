@@ -1,18 +1,19 @@
 """EDM (Karras et al. 2022; the default, as in DPDM and PrivImage): the network ``F`` is
 wrapped as ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``, trained at log-normal
 noise levels with the weight ``lambda(sigma)``, and sampled by a deterministic Euler,
-Heun or DPM-Solver++(2M) solver on a Karras sigma schedule."""
+Heun or DPM-Solver++(2M) solver on a Karras sigma schedule: diffusers' EDM schedulers
+and our Heun (:mod:`privimage.diffusion.pipeline`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
 from privimage.config.schema import DiffusionConfig
-from privimage.diffusion.common import Network, guided, initial_noise, mean_over_draws
+from privimage.diffusion.common import Network, mean_over_draws
+from privimage.diffusion.pipeline import EDMHeunScheduler
 
 # The deterministic solvers (the first is the default).
 EDM_SOLVERS = ("heun", "euler", "dpmpp_2m")
@@ -149,120 +150,11 @@ def edm_per_example_loss(
     return mean_over_draws(row_loss, x0, labels, noise_draws)
 
 
-def karras_sigmas(
-    num_steps: int, *, sigma_min: float, sigma_max: float, rho: float
-) -> torch.Tensor:
-    """EDM's time steps: ``num_steps`` sigmas from sigma_max down to sigma_min, then 0.
-
-    ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho`` in float64;
-    a large rho spends more steps at low noise, where detail forms.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    i = torch.arange(num_steps, dtype=torch.float64)
-    ramp = i / max(num_steps - 1, 1)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
-
-
-@torch.no_grad()
-def edm_sample(
-    net: Network,
-    *,
-    seeds: Sequence[int],
-    labels: torch.Tensor,
-    image_shape: tuple[int, int, int],
-    num_steps: int,
-    sigma_data: float,
-    sigma_min: float,
-    sigma_max: float,
-    rho: float,
-    solver: str = "heun",
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Deterministic EDM sampling of one batch (Karras et al. 2022, Algorithm 1).
-
-    ``solver="euler"`` takes ``num_steps`` first-order steps of the probability-flow ODE
-    (DDIM-like, ``num_steps`` network calls); ``"heun"`` adds the second-order correction
-    on every step but the last (``2 num_steps - 1`` calls); ``"dpmpp_2m"`` is
-    DPM-Solver++(2M) (Lu et al. 2022): second order from the previous step's denoised
-    image, so ``num_steps`` calls like Euler. Returns floats clamped to [-1, 1].
-    """
-    if solver not in EDM_SOLVERS:
-        raise ValueError(f"solver must be one of {EDM_SOLVERS}, got {solver!r}")
-    if len(seeds) != labels.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds but {labels.shape[0]} labels")
-    if guidance_scale != 1.0 and null_label is None:
-        raise ValueError("classifier-free guidance needs the null label")
-    sigmas = karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-    labels = labels.to(device)
-    # The ODE state is kept in float64, as EDM does; the network runs in float32.
-    x = initial_noise(seeds, image_shape).to(device, torch.float64) * sigmas[0]
-
-    def predict(xx: torch.Tensor, ll: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
-        return edm_denoise(net, xx, ss, ll, sigma_data=sigma_data)
-
-    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        s = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=device)
-        denoised = guided(
-            predict, x.float(), labels, s, guidance_scale=guidance_scale, null_label=null_label
-        )
-        return denoised.double()
-
-    def slope(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return (x - denoise(x, sigma)) / sigma
-
-    if solver == "dpmpp_2m":
-        return _dpmpp_2m(denoise, x, sigmas).float().clamp(-1.0, 1.0)
-    for i in range(num_steps):
-        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = slope(x, s_cur)
-        x_next = x + (s_next - s_cur) * d
-        if solver == "heun" and s_next > 0:
-            x_next = x + (s_next - s_cur) * 0.5 * (d + slope(x_next, s_next))
-        x = x_next
-    return x.float().clamp(-1.0, 1.0)
-
-
-def _dpmpp_2m(
-    denoise: Callable[[torch.Tensor, float], torch.Tensor],
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) on EDM's ODE (alpha = 1), in log-SNR time ``lambda = -ln sigma``.
-
-    Each step is the exact solution of the ODE for a data prediction that is linear in
-    lambda, fitted through this step's and the previous step's denoised images
-    (``D + (D - D_prev) h / (2 h_prev)``); the first step has no previous one and the
-    last (to sigma 0) returns the denoised image, so both are first order, as in the
-    paper's multistep solver.
-    """
-    previous, h_previous = None, None
-    for i in range(len(sigmas) - 1):
-        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, s_cur)
-        if s_next == 0:
-            return denoised
-        h = math.log(s_cur / s_next)  # lambda_next - lambda_cur > 0
-        d = denoised
-        if previous is not None:
-            d = denoised + (denoised - previous) * (h / (2 * h_previous))
-        # x_next = (s_next / s_cur) x + (1 - e^-h) d: the exact step for a constant d.
-        x = (s_next / s_cur) * x - math.expm1(-h) * d
-        previous, h_previous = denoised, h
-    return x
-
-
 class EDM:
     """The EDM formulation behind one call shape, as EDM's ``training/loss.py`` keeps
     each formulation a small class: ``loss`` (per example, for DP-SGD's clipping),
-    ``sample`` (each image from its own seed) and ``fixed_noise_loss`` (the audit's score
-    at one noise level)."""
+    ``scheduler`` (the diffusers scheduler each sampler is) and ``fixed_noise_loss``
+    (the audit's score at one noise level)."""
 
     name = "edm"
     solvers = EDM_SOLVERS
@@ -282,18 +174,23 @@ class EDM:
             noise_draws=noise_draws,
         )
 
-    def sample(self, model, **request) -> torch.Tensor:
-        """``request``: seeds, labels, image_shape, num_steps, solver, guidance_scale,
-        null_label, device, as :func:`edm_sample` takes them."""
+    def scheduler(self, solver: str):
+        """The diffusers scheduler of ``solver`` on the spec's Karras sigmas
+        (:mod:`privimage.diffusion.pipeline`)."""
         spec = self.spec
-        return edm_sample(
-            unet_network(model),
-            sigma_data=spec.sigma_data,
+        kw = dict(
             sigma_min=spec.sigma_min,
             sigma_max=spec.sigma_max,
+            sigma_data=spec.sigma_data,
             rho=spec.rho,
-            **request,
+            prediction_type="epsilon",  # the network is EDM's F: c_out scales it
+            final_sigmas_type="zero",
         )
+        if solver == "dpmpp_2m":
+            return EDMDPMSolverMultistepScheduler(
+                **kw, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint"
+            )
+        return (EDMHeunScheduler if solver == "heun" else EDMEulerScheduler)(**kw)
 
     def fixed_noise_loss(self, model, x, labels, noise, level: float) -> torch.Tensor:
         """``lambda(s) * mean (D(x + s n; s) - x)^2`` at the one level ``s = level``."""

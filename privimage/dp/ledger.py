@@ -394,6 +394,21 @@ class Ledger:
         """The append-only journal: every begin, resume, restart and completion."""
         return [dict(e) for e in self._events]
 
+    def explain_over_budget(self, exc: PrivacyBudgetError, *, stage: str) -> PrivacyBudgetError:
+        """``exc``, or, when ``stage`` abandoned attempts that are still charged, the error
+        that says so: a restart that cannot fit beside them needs a new run directory."""
+        abandoned = [
+            e for e in self._events if e.get("abandoned_attempt") and e.get("stage") == stage
+        ]
+        if not abandoned:
+            return exc
+        return PrivacyBudgetError(
+            f"{len(abandoned)} earlier {stage} attempt(s) drew secret noise and were restarted "
+            f"without their checkpoint, so each is charged in full ({self.path}) and what is "
+            f"left of privacy.target_epsilon={self.target_epsilon:g} is too little ({exc}); "
+            "start a new run directory"
+        )
+
     def _write(self, event: tuple[str, Mechanism, dict[str, Any]] | None = None) -> None:
         history = self.history
         for i, entry in enumerate(self._entries):

@@ -10,7 +10,8 @@ Who writes what (``docs/architecture.md`` has the table):
 - run root: ``privacy.json`` (the ledger), ``timings.jsonl``, ``config.yaml``
 - ``query/``: ``selection.json``, ``selection.png``, ``public_index.npy``,
   ``public_labels.npy``, ``histogram_noisy.npy``
-- ``pretrain/`` and ``finetune/``: ``unet/`` (diffusers ``save_pretrained``);
+- ``pretrain/`` and ``finetune/``: ``unet/`` (diffusers ``save_pretrained``),
+  ``pipeline/`` (``PrivImagePipeline``; fine-tuning's with the model card);
   ``pretrain/classes.json``
 - ``sample/``: ``images/<class>/<seed>.png``, ``samples.npz``, ``dataset/``, ``grid.png``
 - ``evaluate/``: ``metrics.json``, ``report.md``
@@ -53,6 +54,7 @@ PUBLIC_LABELS = "public_labels.npy"
 HISTOGRAM_NOISY = "histogram_noisy.npy"
 # pretrain/ and finetune/
 UNET = "unet"
+PIPELINE = "pipeline"  # PrivImagePipeline.save_pretrained: the UNet, its scheduler, a card
 CLASSES = "classes.json"
 # sample/
 IMAGES = "images"

@@ -1,5 +1,5 @@
-"""Hugging Face cards for what a run shares: a model card beside the fine-tuned UNet and a
-dataset card beside the synthetic dataset.
+"""Hugging Face cards for what a run shares: a model card at the root of the fine-tuned
+pipeline's folder and a dataset card beside the synthetic dataset.
 
 Both are written by the stage that makes the folder, after the ledger holds its
 mechanisms, and reach ``release/`` inside that folder (``model/README.md``,
@@ -20,6 +20,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardDa
 
 from privimage.config.schema import Config, method_of
 from privimage.io.artifacts import LEDGER, guarantee, mechanism_line, privacy_status
+from privimage.io.atomic import write_text
 
 CARD = "README.md"
 TAGS = ["privimage", "differential-privacy", "synthetic-data", "diffusion"]
@@ -85,7 +86,7 @@ def _save(card_type, data, folder: Path, cfg: Config, ledger: dict, head: list[s
         "",
     ]
     path = Path(folder) / CARD
-    card_type("---\n" + data.to_yaml() + "\n---\n" + "\n".join(body)).save(path)
+    write_text(path, str(card_type("---\n" + data.to_yaml() + "\n---\n" + "\n".join(body))))
     return path
 
 
@@ -94,8 +95,9 @@ def _ledger(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_model_card(unet_dir: Path, cfg: Config, run_dir: Path) -> Path:
-    """``README.md`` beside the fine-tuned UNet's weights; returns its path."""
+def write_model_card(pipeline_dir: Path, cfg: Config, run_dir: Path) -> Path:
+    """``README.md`` at the root of the fine-tuned pipeline's folder (what a hub repo
+    shows); returns its path."""
     ledger = _ledger(run_dir)
     dp = privacy_status(ledger) == "dp"
     data = ModelCardData(
@@ -104,14 +106,26 @@ def write_model_card(unet_dir: Path, cfg: Config, run_dir: Path) -> Path:
         tags=[*TAGS, "class-conditional"] + ([] if dp else ["not-differentially-private"]),
         datasets=[cfg.public.source],
     )
+    how = "fine-tuned with DP-SGD" if dp else "fine-tuned without a DP guarantee"
     head = [
-        f"# {cfg.name}: a class-conditional diffusion model fine-tuned with DP-SGD",
+        f"# {cfg.name}: a class-conditional diffusion model {how}",
         "",
         f"Made with privimage ([PrivImage, Li et al., USENIX Security 2024]({PAPER})). "
-        "It loads with `diffusers.UNet2DModel.from_pretrained`; `diffusion.json` beside "
-        "the weights says whether it is an EDM or a DDPM model.",
+        "A diffusers pipeline; with privimage installed:",
+        "",
+        "```python",
+        "from privimage import PrivImagePipeline",
+        "",
+        'pipe = PrivImagePipeline.from_pretrained("<this folder or repo>")',
+        "images = pipe(class_labels=[0, 1, 2]).images  # PIL images, one per label",
+        "```",
+        "",
+        "`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads it too "
+        "(`pipeline.py` is one import from privimage), and the UNet alone loads with "
+        '`UNet2DModel.from_pretrained(..., subfolder="unet")`. By default it samples as '
+        "the run did (`model_index.json`: steps, guidance; the scheduler's solver).",
     ]
-    return _save(ModelCard, data, unet_dir, cfg, ledger, head)
+    return _save(ModelCard, data, pipeline_dir, cfg, ledger, head)
 
 
 def write_dataset_card(

@@ -1,34 +1,33 @@
 """Stage 3: DP-SGD fine-tuning of the pretrained UNet on the sensitive training split.
 
-Stock Opacus (:mod:`privimage.dp.dpsgd`): Poisson sampling, each example's loss averaged
-over ``noise_multiplicity`` diffusion-noise draws before its gradient is clipped to
-``max_grad_norm``, Gaussian noise. The noise multiplier is calibrated on the run's
-composed history (the query's Gaussian histogram plus every DP-SGD step) so that together
-they meet the target (epsilon, delta) under one accountant; the privacy ledger records
-the mechanism before the first step touches data and again when training ends, and
-Opacus' own accountant, which counts the steps the optimizer really took, must agree.
+Stock Opacus (:mod:`privimage.dp.dpsgd`): Poisson sampling, each example's loss averaged over
+``noise_multiplicity`` diffusion-noise draws before its gradient is clipped to
+``max_grad_norm``, Gaussian noise. The noise multiplier is calibrated on the run's composed
+history (the query's Gaussian histogram plus every DP-SGD step) so that together they meet the
+target (epsilon, delta) under one accountant; the privacy ledger records the mechanism before
+the first step touches data and again when training ends, and Opacus' own accountant, which
+counts the steps the optimizer really took, must agree.
 
 Secret randomness: the Poisson masks, the DP noise and the loss's own draws (timesteps,
-diffusion noise, label dropout) come from generators seeded with fresh OS entropy when
-the mechanism begins (:mod:`privimage.io.seeding`), never from ``cfg.seed``, so nobody
-holding the run's config or files can regenerate them. The loss's draws are secret as
-well because they are consumed in batch order: known values would shift with the Poisson
-mask, and then one record would change every other example's gradient too.
+diffusion noise, label dropout) come from generators seeded with fresh OS entropy when the
+mechanism begins (:mod:`privimage.io.seeding`), never from ``cfg.seed``, so nobody holding the
+run's config or files can regenerate them. The loss's draws are secret as well because they are
+consumed in batch order: known values would shift with the Poisson mask, and then one record
+would change every other example's gradient too.
 
-Crash-safe: every ``checkpoint_every_steps`` logical steps the model, EMA, optimizer,
-Opacus accountant and all three random streams (Poisson masks, DP noise, diffusion
-noise) are saved atomically to ``finetune/checkpoint.pt``, which is private and deleted
-when the stage finishes. Running the same command after a crash (even ``kill -9``)
-resumes there and continues the checkpointed streams, drawing no new entropy, so the run
-releases one instance of the mechanism, and under ``privacy.reproducible_noise`` the
-finished model, ``stats.jsonl`` and ledger equal those of an uninterrupted run. A
-checkpoint is only resumed by the same mechanism on the same sensitive data (content key)
-from the same pretrained weights (SHA-256). Without a checkpoint a started attempt is
-abandoned; with secret noise the ledger keeps charging it (the rerun's fresh noise makes
-it a second release) and the rerun is calibrated on top of it.
+Crash-safe: every ``checkpoint_every_steps`` logical steps the model, EMA, optimizer, Opacus
+accountant and all three random streams are saved atomically to the private
+``finetune/checkpoint.pt`` (deleted when the stage finishes). The same command after a crash
+(even ``kill -9``) resumes there and continues the checkpointed streams, drawing no new
+entropy, so the run releases one instance of the mechanism; under
+``privacy.reproducible_noise`` the finished model, ``stats.jsonl`` and ledger equal those of an
+uninterrupted run. Only the same mechanism on the same sensitive data (content key) from the
+same pretrained weights (SHA-256) resumes a checkpoint. Without one a started attempt is
+abandoned; with secret noise the ledger keeps charging it (the rerun's fresh noise makes it a
+second release) and the rerun is calibrated on top of it.
 
-Writes ``finetune/``: ``unet/`` (EMA weights, ``save_pretrained``), ``stats.jsonl``
-(one line per logical step: loss, epsilon spent so far).
+Writes ``finetune/``: ``unet/`` (EMA weights), ``pipeline/`` (``PrivImagePipeline`` with its
+model card), ``stats.jsonl`` (one line per logical step: loss, epsilon so far).
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ from tqdm.auto import tqdm
 from privimage import data
 from privimage.config.schema import Config
 from privimage.data.archives import file_digest
-from privimage.diffusion import drop_labels, null_class, training_loss
+from privimage.diffusion import configured_pipeline, drop_labels, null_class, training_loss
+from privimage.diffusion.pipeline import save_pipeline
 from privimage.dp import accounting
 from privimage.dp.ledger import Ledger, run_ledger
 from privimage.dp.training import (
@@ -84,13 +84,14 @@ NO_DP = (
     "epsilon describes this run's output"
 )
 
-# The DP model is released as release/model/ (privimage.io.release); stats.jsonl (exact
-# losses of sensitive batches) and the checkpoint are not. A non-private fine-tune has no
-# completed dp_sgd mechanism, so its model is withheld.
+# The DP pipeline is released as release/model/ (privimage.io.release); the bare UNet,
+# which the samples come from, is declared for their lineage only (the pipeline holds the
+# same weights). stats.jsonl (exact losses of sensitive batches) and the checkpoint are not
+# released. A non-private fine-tune completes no dp_sgd mechanism: its model is withheld.
+_FROM = (f"pretrain/{artifacts.UNET}",)
 RELEASE = {
-    artifacts.UNET: Output(
-        mechanism=MECHANISM, inputs=(f"pretrain/{artifacts.UNET}",), dest="model"
-    )
+    artifacts.UNET: Output(mechanism=MECHANISM, inputs=_FROM),
+    artifacts.PIPELINE: Output(mechanism=MECHANISM, inputs=_FROM, dest="model"),
 }
 
 
@@ -101,19 +102,6 @@ def weights_digest(unet_dir: Path) -> str:
     if not weights:
         raise PrivImageError(f"no weights in {unet_dir}; rerun the pretrain stage")
     return ",".join(f"{w.name}:{file_digest(w)['sha256']}" for w in weights)
-
-
-def _budget_after_abandoned(ledger: Ledger, exc: PrivacyBudgetError) -> PrivImageError:
-    """The error for a restart that cannot fit beside the attempts it abandoned."""
-    abandoned = [e for e in ledger.events if e.get("abandoned_attempt") and e.get("stage") == STAGE]
-    if not abandoned:
-        return exc
-    return PrivacyBudgetError(
-        f"{len(abandoned)} earlier fine-tuning attempt(s) drew secret noise and were restarted "
-        f"without their checkpoint, so each is charged in full ({ledger.path}) and what is "
-        f"left of privacy.target_epsilon={ledger.target_epsilon:g} is too little ({exc}); "
-        "start a new run directory"
-    )
 
 
 def check_done(cfg: Config, run_dir: Path) -> None:
@@ -276,7 +264,7 @@ def _plan(
             accountant=cfg.privacy.accountant,
         )
     except PrivacyBudgetError as exc:
-        raise _budget_after_abandoned(ledger, exc) from None
+        raise ledger.explain_over_budget(exc, stage=STAGE) from None
     abandoned = [m for m in prior if m.key == key]
     if abandoned:
         log.warning(
@@ -374,12 +362,19 @@ def _finish(
             f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
             f"{cfg.privacy.target_epsilon}"
         )
-    save_unet(state.ema, out / artifacts.UNET, diffusion=cfg.diffusion)
-    write_model_card(out / artifacts.UNET, cfg, out.parent)  # the ledger is final now
+    _save_model(cfg, state.ema, out)  # the ledger is final now: the card states it
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     (out / CHECKPOINT).unlink(missing_ok=True)
     procs.barrier()
+
+
+def _save_model(cfg: Config, ema, out: Path) -> None:
+    """The UNet, its pipeline (the run's sampler settings) and the pipeline's model card."""
+    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    names = artifacts.class_names(out.parent, needed_by=STAGE)
+    save_pipeline(configured_pipeline(ema, cfg, names), out / artifacts.PIPELINE)
+    write_model_card(out / artifacts.PIPELINE, cfg, out.parent)
 
 
 def _tracker(cfg: Config, out: Path, *, first_step: int, noise_multiplier: float | None):
@@ -463,8 +458,7 @@ def _run_non_private(
                 optimizer=optimizer.state_dict(),
             ).save(ckpt_path)
     stats.close()
-    save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
-    write_model_card(out / artifacts.UNET, cfg, out.parent)
+    _save_model(cfg, ema, out)
     mark_done(out)
     ckpt_path.unlink(missing_ok=True)
 

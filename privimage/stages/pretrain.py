@@ -44,12 +44,13 @@ from tqdm.auto import tqdm
 from privimage import data
 from privimage.config.schema import Config
 from privimage.diffusion import (
+    configured_pipeline,
     drop_labels,
     sample_batch,
     solver_or_default,
-    to_uint8,
     training_loss,
 )
+from privimage.diffusion.pipeline import save_pipeline
 from privimage.errors import ConfigError, PrivImageError
 from privimage.io import artifacts
 from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
@@ -168,18 +169,15 @@ def _save_grid(cfg: Config, ema: torch.nn.Module, names: list[str], path: Path) 
         rows, row_labels = ["unconditional"], torch.full((n,), len(names))
     else:
         rows, row_labels = names, torch.arange(len(names)).repeat_interleave(n)
-    x = sample_batch(
+    images = sample_batch(
         ema.eval(),
         spec=cfg.diffusion,
         seeds=list(range(n)) * len(rows),
         labels=row_labels,
-        image_shape=(cfg.data.channels, cfg.data.resolution, cfg.data.resolution),
         num_steps=p.grid_num_inference_steps,
         solver=solver_or_default(p.grid_sampler, cfg.diffusion.formulation),
         guidance_scale=p.grid_guidance_scale,
-        device=next(ema.parameters()).device,
     )
-    images = to_uint8(x.cpu())
     save_image_grid(
         [images[i * n : (i + 1) * n] for i in range(len(rows))],
         path,
@@ -436,6 +434,7 @@ def _write_outputs(cfg, out, ema, names, everyone, *, steps: int, accelerator) -
     """The pretrained UNet and what goes with it; process 0 only, DONE last."""
     p = cfg.pretrain
     save_unet(ema, out / artifacts.UNET, diffusion=cfg.diffusion)
+    save_pipeline(configured_pipeline(ema, cfg, names), out / artifacts.PIPELINE)
     # The class names, in label order, for the stages after fine-tuning.
     write_json(out / artifacts.CLASSES, {"public_subset": p.public_subset, "classes": names})
     write_json(

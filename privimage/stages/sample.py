@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from privimage.config.schema import Config
-from privimage.diffusion import sample_batch, sampler_name, to_uint8
+from privimage.diffusion import sample_batch, sampler_name
 from privimage.io import artifacts
 from privimage.io.artifacts import Stage, mark_done, require_upstream, stage_dir
 from privimage.io.cards import write_dataset_card
@@ -87,23 +87,20 @@ def run(cfg: Config, run_dir: Path) -> Path:
         log.info(
             "sample: resuming, %d of %d images already on disk", len(paths) - len(todo), len(paths)
         )
-    image_shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     batch = cfg.sample.batch_size
     with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="sampling", unit="img") as bar:
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
-            x = sample_batch(
+            images = sample_batch(
                 model,
                 spec=cfg.diffusion,
                 seeds=seeds[chunk].tolist(),
                 labels=torch.from_numpy(labels[chunk]),
-                image_shape=image_shape,
                 num_steps=cfg.sample.num_inference_steps,
                 solver=solver,
                 guidance_scale=cfg.sample.guidance_scale,
-                device=device,
             )
-            for i, img in zip(chunk, to_uint8(x.cpu()), strict=True):
+            for i, img in zip(chunk, images, strict=True):
                 artifacts.save_png(img, paths[i])
             bar.update(len(chunk))
 
