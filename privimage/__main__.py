@@ -53,11 +53,13 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["report"]:  # `privimage report <runs...>`: no Hydra, no stages
-        from privimage.results import cli
+    # `privimage report <runs...>` and `privimage push <run> ...`: no Hydra, no stages.
+    if sys.argv[1:2] in (["report"], ["push"]):
+        import importlib
 
+        module = {"report": "privimage.results", "push": "privimage.push"}[sys.argv[1]]
         try:
-            sys.exit(cli(sys.argv[2:]))
+            sys.exit(importlib.import_module(module).cli(sys.argv[2:]))
         except PrivImageError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

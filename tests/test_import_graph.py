@@ -56,6 +56,7 @@ LAYERS = {
     "pipeline": 5,
     "__main__": 6,
     "results": 6,
+    "push": 6,
     "config": 1,  # the packages' __init__: docstrings
     "io": 1,
     "": 6,  # privimage/__init__.py: the public API
