@@ -18,9 +18,8 @@ from pathlib import Path
 
 from privimage.errors import PrivImageError
 from privimage.io.artifacts import DATASET, LEDGER, privacy_status
-
-RELEASE = "release"
-CARD = "README.md"
+from privimage.io.cards import CARD
+from privimage.io.release import README, RELEASE_DIR
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ def plan(run_dir: Path, *, model_repo: str | None, dataset_repo: str | None) -> 
     """What :func:`push` would upload; raises a one-line error when it must not."""
     if not model_repo and not dataset_repo:
         raise PrivImageError("nothing to push: give --model-repo and/or --dataset-repo")
-    release = Path(run_dir) / RELEASE
+    release = Path(run_dir) / RELEASE_DIR
     ledger_file = release / LEDGER
     if not ledger_file.exists():
         raise PrivImageError(f"{release} holds no {LEDGER}; finish the run first")
@@ -44,7 +43,7 @@ def plan(run_dir: Path, *, model_repo: str | None, dataset_repo: str | None) -> 
     if status != "dp":
         raise PrivImageError(
             f"the release in {release} gives no DP guarantee (privacy status {status!r}, "
-            f"see {release / 'RELEASE.md'}); privimage push uploads only DP releases"
+            f"see {release / README}); privimage push uploads only DP releases"
         )
     wanted = [
         (model_repo, release / "model", "model"),
