@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 
@@ -30,10 +29,10 @@ import torch
 from dp_step import PRESETS, time_steps
 
 from privimage import (
+    EMA,
     DiffusionConfig,
     build_unet,
     count_parameters,
-    ema_update,
     load_group,
     sample_batch,
     training_loss,
@@ -56,7 +55,7 @@ def bench_preset(
     model = build_unet(
         load_group("model", name), resolution=resolution, channels=channels, num_classes=NUM_CLASSES
     ).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, decay=0.999)
     spec = DiffusionConfig()
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(batch_size, channels, resolution, resolution, generator=gen) * 2 - 1).to(device)
@@ -70,7 +69,7 @@ def bench_preset(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update(ema, model, decay=0.999, step=counter[0])
+        ema.update_parameters(model)
         counter[0] += 1
 
     seeds = list(range(sample_batch_size))
@@ -79,7 +78,7 @@ def bench_preset(
     def sampler(solver: str):
         def run() -> None:
             sample_batch(
-                ema.eval(),
+                ema.module.eval(),
                 spec=spec,
                 seeds=seeds,
                 labels=labels,

@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--steps", type=int, default=18)
+    parser.add_argument(
+        "--formulations", default="edm,ddpm", help="without --unet: which to train and compare"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     old = old_modules(args.old_rev)
@@ -128,7 +131,7 @@ def main() -> None:
         model, spec = load_unet(args.unet)
         cases.append((args.unet.parent.parent.name, model.eval(), spec))
     else:
-        for formulation in ("edm", "ddpm"):
+        for formulation in args.formulations.split(","):
             spec = DiffusionConfig(formulation=formulation)
             cases.append((f"tiny28 {formulation}", trained_unet(spec, args.train_steps), spec))
     worst = 0.0

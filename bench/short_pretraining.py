@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import time
@@ -48,6 +47,7 @@ from pathlib import Path
 import torch
 
 from privimage import (
+    EMA,
     LR_DECAYS,
     DiffusionConfig,
     ImageSplit,
@@ -55,7 +55,6 @@ from privimage import (
     build_unet,
     cached_features,
     drop_labels,
-    ema_update,
     frechet_distance_of_features,
     group_options,
     inception_features,
@@ -242,7 +241,7 @@ def main() -> None:
     resolution, channels = data.resolution, data.channels
     torch.manual_seed(a.seed)
     model = build_unet(mc, resolution=resolution, channels=channels, num_classes=classes)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, decay=a.ema)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     g = torch.Generator().manual_seed(a.seed + 1)
     x_all, y_all = train.as_float(), train.labels
@@ -266,7 +265,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_update(ema, model, decay=a.ema, step=step)
+        ema.update_parameters(model)
         train_s += time.perf_counter() - t0
         if step + 1 not in eval_at:
             continue
@@ -275,7 +274,7 @@ def main() -> None:
         for w in scales:
             t1 = time.perf_counter()
             images = sample_batch(
-                ema.eval(),
+                ema.module.eval(),
                 spec=spec,
                 seeds=list(range(len(labels))),
                 labels=labels,

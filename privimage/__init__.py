@@ -45,7 +45,7 @@ _API = {
     # Networks: the diffusion UNet and the small classifiers
     "build_unet": "privimage.nets.models",
     "load_unet": "privimage.nets.models",
-    "ema_update": "privimage.nets.models",
+    "EMA": "privimage.nets.models",
     "count_parameters": "privimage.nets.models",
     "make_opacus_safe": "privimage.nets.models",
     "ResNet": "privimage.nets.models",

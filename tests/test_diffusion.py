@@ -154,16 +154,41 @@ def test_sampler_uses_the_label():
 
 
 def test_ema_warms_up_then_holds_its_decay():
-    from privimage.nets.models import ema_decay_at, ema_update
+    from privimage.nets.models import EMA, ema_decay_at
 
     assert ema_decay_at(0, 0.999) == 0.1
     assert ema_decay_at(10**6, 0.999) == 0.999
-    ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
-    with torch.no_grad():
-        ema.weight.fill_(0.0)
-        model.weight.fill_(1.0)
-    ema_update(ema, model, decay=0.999, step=0)
-    assert abs(ema.weight.item() - 0.9) < 1e-6  # mostly the trained weights, not the init
+    model = torch.nn.Linear(3, 1)
+    ema = EMA(model, decay=0.9)
+    expected = model.weight.detach().clone()
+    for step in range(30):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+        # The first update copies; update n + 1 keeps min(decay, (1 + n) / (10 + n)).
+        d = 0.0 if step == 0 else min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * model.weight.detach()
+        assert torch.allclose(ema.module.weight, expected, atol=1e-5), step
+    assert not ema.module.weight.requires_grad
+
+
+def test_an_ema_checkpoint_from_before_resumes_where_it_stood():
+    """Checkpoints written before the EMA was an AveragedModel hold the bare module's
+    weights; resumed with the step count they continue the same schedule."""
+    from privimage.nets.models import EMA
+
+    model = torch.nn.Linear(3, 1)
+    old = torch.nn.Linear(3, 1).state_dict()  # what such a checkpoint's "ema" held
+    ema = EMA(model, decay=0.999)
+    ema.resume(old, updates=7)
+    assert torch.equal(ema.module.weight, old["weight"]) and int(ema.n_averaged) == 7
+    ema.update_parameters(model)
+    d = 8 / 17  # ema_decay_at(7): the old rule at step 7
+    expected = d * old["weight"] + (1 - d) * model.weight.detach()
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+    again = EMA(model, decay=0.999)
+    again.resume(ema.state_dict(), updates=8)  # the new format round-trips
+    assert torch.equal(again.module.weight, ema.module.weight)
 
 
 # ------------------------------------------------------------------------------ EDM

@@ -11,7 +11,6 @@ with canaries, so the audit measures the very loop that makes the released model
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
@@ -34,7 +33,7 @@ from privimage.errors import ConfigError, PrivImageError
 from privimage.io.atomic import torch_save
 from privimage.io.seeding import torch_generator
 from privimage.io.stats import StatsWriter
-from privimage.nets.models import ema_update, make_opacus_safe
+from privimage.nets.models import EMA, make_opacus_safe
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ class DPTraining:
     optimizer: Any
     dp_loader: DataLoader
     engine: Any
-    ema: torch.nn.Module
+    ema: EMA
     streams: dict[str, torch.Generator]
 
     @classmethod
@@ -260,9 +259,9 @@ class DPTraining:
         if ckpt is not None:
             model.load_state_dict(ckpt.model)
         model.to(device).train()
-        ema = copy.deepcopy(model).requires_grad_(False)
+        ema = EMA(model, decay=ft.ema_decay)
         if ckpt is not None:
-            ema.load_state_dict(ckpt.ema)
+            ema.resume(ckpt.ema, updates=ckpt.step)
         streams = dp_streams(entropy, device=device)
         loader = DataLoader(dataset, batch_size=ft.batch_size)
         dp_model, optimizer, dp_loader, engine = make_private(
@@ -380,7 +379,7 @@ class DPTraining:
                     if optimizer.steps_taken == done:
                         continue  # a physical batch inside a larger logical one
                     done = optimizer.steps_taken
-                    ema_update(ema, dp_model._module, decay=ft.ema_decay, step=done - 1)
+                    ema.update_parameters(dp_model._module)
                     if procs.distributed:  # the logical batch's loss, over every process
                         total = torch.tensor(
                             [loss_sum, float(loss_rows)], dtype=torch.float64, device=procs.device

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from privimage.config.schema import DiffusionConfig, ModelConfig
 from privimage.errors import ConfigError
@@ -141,21 +142,46 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up: min(decay, (1 + step) / (10 + step)).
+def ema_decay_at(updates: int, decay: float) -> float:
+    """EMA decay with warm-up after ``updates`` earlier updates: min(decay, (1 + n) / (10 + n)).
 
     Short runs (a few hundred steps, as on a CPU) would otherwise save weights that are
-    still mostly the random initialisation: 0.999^184 = 0.83.
+    still mostly the random initialisation: 0.999^184 = 0.83. diffusers' ``EMAModel``
+    warms up the same way.
     """
-    return min(decay, (1 + step) / (10 + step))
+    return min(decay, (1 + updates) / (10 + updates))
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, *, decay: float, step: int) -> None:
-    """ema <- d * ema + (1 - d) * model with d = :func:`ema_decay_at` (step counts from 0)."""
-    d = ema_decay_at(step, decay)
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach().to(e.dtype), 1.0 - d)
+class EMA(AveragedModel):
+    """The exponential moving average of a model's weights, for sampling and saving.
+
+    torch's ``AveragedModel`` (``.module`` is the averaged copy, ``update_parameters``
+    takes a step) with the warm-up of :func:`ema_decay_at`: the first update copies the
+    weights, update n + 1 keeps ``ema_decay_at(n)`` of the average. What is ours is only
+    that schedule (torch's ``get_ema_multi_avg_fn`` has a fixed decay) and reading the
+    checkpoints written before the EMA was an ``AveragedModel``.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float) -> None:
+        def average(ema: list, current: list, n_averaged: torch.Tensor) -> None:
+            torch._foreach_lerp_(ema, current, 1.0 - ema_decay_at(int(n_averaged), decay))
+
+        super().__init__(model, multi_avg_fn=average)
+        self.requires_grad_(False)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Checkpoints from before hold the averaged module's own weights; their count of
+        # updates is the training step, which the caller sets (see ``resume``).
+        if "n_averaged" not in state_dict:
+            state_dict = {f"module.{k}": v for k, v in state_dict.items()}
+            state_dict["n_averaged"] = torch.tensor(0, dtype=torch.long)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def resume(self, state_dict: dict | None, *, updates: int) -> None:
+        """Load a checkpoint's average (if given) taken over ``updates`` optimizer steps."""
+        if state_dict is not None:
+            self.load_state_dict(state_dict)
+        self.n_averaged.fill_(int(updates))
 
 
 def _contiguous_inputs(module: nn.Module, args: tuple) -> tuple:

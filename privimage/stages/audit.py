@@ -144,7 +144,7 @@ def _dp_sgd(
         procs=Processes(),
         device=device,
     )
-    return state.ema
+    return state.ema.module
 
 
 def run(cfg: Config, run_dir: Path) -> Path:

@@ -32,7 +32,6 @@ model card), ``stats.jsonl`` (one line per logical step: loss, epsilon so far).
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -66,8 +65,8 @@ from privimage.io.seeding import dp_entropy, public_generator, public_rng
 from privimage.io.stats import STATS, StatsWriter
 from privimage.io.trackers import open_tracker
 from privimage.nets.models import (
+    EMA,
     check_same_diffusion,
-    ema_update,
     load_unet,
     save_unet,
     weight_files,
@@ -362,7 +361,7 @@ def _finish(
             f"spent epsilon {ledger.epsilon_spent:.4f} exceeds the target "
             f"{cfg.privacy.target_epsilon}"
         )
-    _save_model(cfg, state.ema, out)  # the ledger is final now: the card states it
+    _save_model(cfg, state.ema.module, out)  # the ledger is final now: the card states it
     mark_done(out)
     # Only now is the checkpoint redundant (a crash before DONE finishes from it).
     (out / CHECKPOINT).unlink(missing_ok=True)
@@ -422,7 +421,7 @@ def _run_non_private(
     check_same_diffusion(trained_with, cfg.diffusion, pretrain_dir / artifacts.UNET)
     model.to(device).train()
     select_trainable(model, ft.trainable)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, decay=ft.ema_decay)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=ft.lr)
     settings = {
         "steps": steps,
@@ -438,7 +437,7 @@ def _run_non_private(
     if ckpt is not None:
         ckpt.check({"settings": settings}, ckpt_path)
         model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
+        ema.resume(ckpt.ema, updates=ckpt.step)
         optimizer.load_state_dict(ckpt.optimizer)
         start = ckpt.step
     del ckpt
@@ -447,7 +446,7 @@ def _run_non_private(
     stats = StatsWriter.resume(out / STATS, after_step=start, tracker=tracker)
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="finetune (no DP)"):
         loss = _non_private_step(cfg, model, optimizer, images, labels, step=step, device=device)
-        ema_update(ema, model, decay=ft.ema_decay, step=step)
+        ema.update_parameters(model)
         stats.write(step=step + 1, loss=loss, epsilon=None)
         if (step + 1) % ft.checkpoint_every_steps == 0 or step + 1 == steps:
             Checkpoint(
@@ -458,7 +457,7 @@ def _run_non_private(
                 optimizer=optimizer.state_dict(),
             ).save(ckpt_path)
     stats.close()
-    _save_model(cfg, ema, out)
+    _save_model(cfg, ema.module, out)
     mark_done(out)
     ckpt_path.unlink(missing_ok=True)
 

@@ -27,7 +27,6 @@ exists only while a run is unfinished.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import shutil
@@ -58,7 +57,7 @@ from privimage.io.atomic import write_json
 from privimage.io.release import Output
 from privimage.io.seeding import step_generator
 from privimage.io.stats import STATS, StatsWriter
-from privimage.nets.models import build_unet, count_parameters, ema_update, save_unet
+from privimage.nets.models import EMA, build_unet, count_parameters, save_unet
 from privimage.plots import save_image_grid, save_loss_curve
 from privimage.runtime import cache_root
 from privimage.schedule import epoch_order, micro_batch, scheduled_lr
@@ -244,7 +243,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         channels=cfg.data.channels,
         num_classes=len(names),
     )
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = EMA(model, decay=p.ema_decay)
     if main:
         log.info(
             "pretraining a %.2fM-parameter UNet (%s) on %d public images, %d steps of %d, "
@@ -265,6 +264,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     checkpoint = _find_checkpoint(out)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        ema.resume(None, updates=state.step)  # a checkpoint of before counts no updates
         if main:
             log.info("resuming pretraining at step %d/%d from %s", state.step, steps, checkpoint)
     if p.tracker is not None:
@@ -279,7 +279,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
     everyone = accelerator.gather(mine.to(accelerator.device).double()).cpu().view(world, -1)
     accelerator.wait_for_everyone()
     if main:
-        _write_outputs(cfg, out, ema, names, everyone, steps=steps, accelerator=accelerator)
+        _write_outputs(cfg, out, ema.module, names, everyone, steps=steps, accelerator=accelerator)
     if p.tracker is not None:
         accelerator.end_training()
     accelerator.wait_for_everyone()
@@ -412,7 +412,7 @@ class _Loop:
                 acc.backward(loss / accum)
             step_loss += loss.detach() / accum
         self.optimizer.step()
-        ema_update(self.ema, acc.unwrap_model(self.model), decay=p.ema_decay, step=step)
+        self.ema.update_parameters(acc.unwrap_model(self.model))
         return step_loss, ids
 
     def _log(self, step_loss: torch.Tensor, *, epoch: int, rate: float, bar, stats) -> None:
