@@ -25,10 +25,10 @@ from privimage.io import artifacts
 from privimage.io.artifacts import (
     AUDIT_RESULT,
     AUDIT_STAGE,
-    LEDGER,
     load_evaluation,
     privacy_status,
     read_done_json,
+    read_ledger,
 )
 from privimage.io.atomic import write_text
 
@@ -103,8 +103,7 @@ def run_row(run_dir: Path) -> dict:
         raise DataError(f"{run_dir} has no {METRICS}; run the evaluate stage first")
     cfg_file = run_dir / artifacts.RUN_CONFIG
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    ledger_file = run_dir / LEDGER
-    ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else {}
+    ledger = read_ledger(run_dir)
     # The last record of a stage is the attempt that finished it; the audit is no part of
     # making the synthetic data.
     seconds = {t["stage"]: t["seconds"] for t in read_timings(run_dir) if t["stage"] != AUDIT_STAGE}

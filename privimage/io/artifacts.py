@@ -120,6 +120,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_ledger(run_dir: Path) -> dict[str, Any]:
+    """The run's ledger (``privacy.json``) as written, or ``{}`` when there is none."""
+    path = Path(run_dir) / LEDGER
+    return read_json(path) if path.exists() else {}
+
+
 def read_done_json(run_dir: Path, stage: str, name: str) -> dict | None:
     """``<stage>/<name>`` of a finished stage (its DONE written), else None."""
     path = stage_dir(run_dir, stage) / name

@@ -12,14 +12,13 @@ are measured on the sensitive data outside the budget and stay in ``evaluate/``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 from privimage.config.schema import Config, method_of
-from privimage.io.artifacts import LEDGER, guarantee, mechanism_line, privacy_status
+from privimage.io.artifacts import guarantee, mechanism_line, privacy_status, read_ledger
 from privimage.io.atomic import write_text
 
 CARD = "README.md"
@@ -90,15 +89,10 @@ def _save(card_type, data, folder: Path, cfg: Config, ledger: dict, head: list[s
     return path
 
 
-def _ledger(run_dir: Path) -> dict:
-    path = Path(run_dir) / LEDGER
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def write_model_card(pipeline_dir: Path, cfg: Config, run_dir: Path) -> Path:
     """``README.md`` at the root of the fine-tuned pipeline's folder (what a hub repo
     shows); returns its path."""
-    ledger = _ledger(run_dir)
+    ledger = read_ledger(run_dir)
     dp = privacy_status(ledger) == "dp"
     data = ModelCardData(
         library_name="diffusers",
@@ -132,7 +126,7 @@ def write_dataset_card(
     dataset_dir: Path, cfg: Config, run_dir: Path, *, images: int, class_names: list[str]
 ) -> Path:
     """``README.md`` beside the synthetic dataset (``save_to_disk``); returns its path."""
-    ledger = _ledger(run_dir)
+    ledger = read_ledger(run_dir)
     dp = privacy_status(ledger) == "dp"
     data = DatasetCardData(
         pretty_name=f"privimage synthetic {cfg.data.source} ({cfg.name})",

@@ -33,7 +33,14 @@ from typing import Any
 
 from privimage.data.archives import file_digest
 from privimage.data.cache import cache_key
-from privimage.io.artifacts import LEDGER, guarantee, is_done, mechanism_line, privacy_status
+from privimage.io.artifacts import (
+    LEDGER,
+    guarantee,
+    is_done,
+    mechanism_line,
+    privacy_status,
+    read_ledger,
+)
 from privimage.io.atomic import is_leftover
 
 RELEASE_DIR = "release"
@@ -137,7 +144,7 @@ def write_release(
     """
     run_dir = Path(run_dir)
     ledger_path = run_dir / LEDGER
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    ledger = read_ledger(run_dir)
     outputs = {
         f"{stage}/{path}": output
         for stage, declared in declarations.items()

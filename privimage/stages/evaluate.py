@@ -47,12 +47,11 @@ from privimage.data.splits import random_subset
 from privimage.errors import ConfigError, DataError
 from privimage.io import artifacts
 from privimage.io.artifacts import (
-    LEDGER,
     Evaluation,
     Stage,
     load_evaluation,
     mark_done,
-    read_json,
+    read_ledger,
     require_upstream,
     save_evaluation,
     stage_dir,
@@ -403,10 +402,9 @@ def _model_inversion(cfg, out, models, train, train_pixels, held_nn, num_classes
 
 def _evaluation(cfg, run_dir, fidelity, utility, leak, synthetic_source) -> Evaluation:
     """The headline numbers flat, then each part in full."""
-    ledger_path = Path(run_dir) / LEDGER
     # The ledger speaks for this run's samples only, not for images from elsewhere.
     own_samples = cfg.evaluate.synthetic is None
-    ledger = read_json(ledger_path) if own_samples and ledger_path.exists() else None
+    ledger = read_ledger(run_dir) if own_samples else None
     return Evaluation(
         fid=fidelity["fid"],
         precision=fidelity["precision"],
