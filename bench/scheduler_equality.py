@@ -30,9 +30,8 @@ from privimage import (
     build_unet,
     load_group,
     load_unet,
-    pipeline_for,
     sample_batch,
-    seed_generators,
+    sample_unit_floats,
     training_loss,
 )
 
@@ -144,18 +143,12 @@ def main() -> None:
             for guidance in (1.0, 2.0):
                 with torch.no_grad():
                     ref = old_samples(old, model, spec, solver, seeds, labels, args.steps, guidance)
-                new = sample_batch(
-                    model,
-                    spec=spec,
-                    seeds=seeds,
-                    labels=labels,
-                    num_steps=args.steps,
-                    solver=solver,
-                    guidance_scale=guidance,
-                )
+                request = dict(spec=spec, seeds=seeds, labels=labels, num_steps=args.steps)
+                request.update(solver=solver, guidance_scale=guidance)
+                new = sample_batch(model, **request)
                 old_u8 = ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                 # The largest difference in [-1, 1] units, from the pipeline's float output.
-                pipe_f = _pipeline_floats(model, spec, solver, seeds, labels, args.steps, guidance)
+                pipe_f = 2 * sample_unit_floats(model, **request) - 1
                 gap = (pipe_f - ref.clamp(-1, 1)).abs().max().item()
                 worst = max(worst, gap)
                 differing = int((old_u8 != new).sum())
@@ -164,19 +157,6 @@ def main() -> None:
                     f"{differing:>5}/{new.numel()}"
                 )
     print(f"largest difference: {worst:.2e}")
-
-
-def _pipeline_floats(model, spec, solver, seeds, labels, steps, guidance) -> torch.Tensor:
-    pipe = pipeline_for(model, spec=spec, solver=solver)
-    pipe.set_progress_bar_config(disable=True)
-    images = pipe(
-        labels,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=seed_generators(seeds),
-        output_type="pt",
-    ).images
-    return images * 2 - 1
 
 
 if __name__ == "__main__":

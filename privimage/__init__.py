@@ -56,6 +56,7 @@ _API = {
     "training_loss": "privimage.diffusion",
     "sample_batch": "privimage.diffusion",
     "pipeline_for": "privimage.diffusion",
+    "sample_unit_floats": "privimage.diffusion",
     "PrivImagePipeline": "privimage.diffusion.pipeline",
     "EDMHeunScheduler": "privimage.diffusion.pipeline",
     "seed_generators": "privimage.diffusion.pipeline",

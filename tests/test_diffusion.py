@@ -14,8 +14,8 @@ from privimage.diffusion import (
     drop_labels,
     formulation,
     null_class,
-    pipeline_for,
     sample_batch,
+    sample_unit_floats,
     training_loss,
 )
 from privimage.diffusion.ddpm import (
@@ -414,16 +414,9 @@ def _reference_sample(model, seeds, labels, solver, steps, guidance=1.0):
 
 
 def _pipeline_floats(model, solver, seeds, labels, steps, guidance=1.0):
-    pipe = pipeline_for(model, spec=DiffusionConfig(), solver=solver)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        labels,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=seed_generators(seeds),
-        output_type="pt",
-    )
-    return out.images.double() * 2 - 1
+    request = dict(seeds=seeds, labels=labels, num_steps=steps, solver=solver)
+    images = sample_unit_floats(model, spec=DiffusionConfig(), guidance_scale=guidance, **request)
+    return images.double() * 2 - 1
 
 
 def test_euler_and_heun_schedulers_match_algorithm_1_in_float64():

@@ -38,6 +38,7 @@ __all__ = [
     "null_class",
     "pipeline_for",
     "sample_batch",
+    "sample_unit_floats",
     "sampler_name",
     "solver_or_default",
     "to_uint8",
@@ -116,7 +117,7 @@ def configured_pipeline(
 
 
 @torch.no_grad()
-def sample_batch(
+def sample_unit_floats(
     model: torch.nn.Module,
     *,
     spec: DiffusionConfig,
@@ -127,16 +128,20 @@ def sample_batch(
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """One batch through :class:`PrivImagePipeline` on the model's device, image ``i``
-    from ``seeds[i]`` alone: uint8 ``(N, C, H, W)`` on the CPU, the pixels of the
-    pipeline's PIL images."""
+    from ``seeds[i]`` alone: the pipeline's ``"pt"`` output, floats in [0, 1]
+    ``(N, C, H, W)`` on the CPU."""
     pipe = pipeline_for(model, spec=spec, solver=solver)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(
+    return pipe(
         labels,
         num_inference_steps=num_steps,
         guidance_scale=guidance_scale,
         generator=seed_generators(seeds),
         output_type="pt",
     ).images
+
+
+def sample_batch(model: torch.nn.Module, **request) -> torch.Tensor:
+    """:func:`sample_unit_floats` as uint8 pixels, those of the pipeline's PIL images."""
     # As diffusers' numpy_to_pil rounds, so the stage's PNGs are the pipeline's images.
-    return (images * 255).round().to(torch.uint8)
+    return (sample_unit_floats(model, **request) * 255).round().to(torch.uint8)
