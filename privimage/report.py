@@ -12,6 +12,15 @@ from pathlib import Path
 from privimage.io.artifacts import Evaluation, trained_text
 from privimage.io.atomic import write_text
 
+# The columns of :func:`_closeness_cells`: how near an attack's images come to training ones.
+CLOSENESS_HEADERS = (
+    "pixel L2 to nearest (median)",
+    "closest 5%",
+    "SSIM to nearest (median)",
+    "near-copies",
+    "nearer than median held-out",
+)
+
 
 def _f(value, digits: int = 3) -> str:
     if value is None:
@@ -225,10 +234,9 @@ def render_report(ev: Evaluation, *, class_names: list[str]) -> str:
         ]
         rows = []
         for key, r in attack.items():
-            who = "real data (control)" if key.startswith("real/") else "synthetic data"
             rows.append(
                 [
-                    f"CNN trained on {who}",
+                    f"CNN trained on {_who(key)}",
                     str(r["images"]),
                     _f(r["psnr_to_true_image"]["median"], 1),
                     _f(r["ssim_to_true_image"]["median"]),
@@ -258,6 +266,7 @@ def render_report(ev: Evaluation, *, class_names: list[str]) -> str:
             ]
         lines += ["![gradient inversion](gradient_attack.png)", ""]
     lines += _memorisation(leak.get("model_inversion", {}))
+    lines += _gmi(leak.get("gan_attack", {}))
     if secs := ev.seconds:
         lines += ["## Time", ""]
         lines += _table(["part", "seconds"], [[k, f"{v:.1f}"] for k, v in secs.items()])
@@ -276,50 +285,82 @@ def _memorisation(inv: dict) -> list[str]:
         "real images are; the CNN trained on real data is the control.",
         "",
     ]
-    rows = []
-    for key, r in inv.items():
-        if key == "heldout_real":
-            continue
-        who = "real data (control)" if key.startswith("real/") else "synthetic data"
-        rows.append(
-            [
-                f"inverted from CNN trained on {who}",
-                str(r["images"]),
-                _f(r["classified_as_target"]),
-                _f(r["pixel_l2"]["median"], 2),
-                _f(r["pixel_l2"]["p05"], 2),
-                _f(r["ssim"]["median"]),
-                str(r["near_copies"]),
-                _f(r["nearer_than_heldout_median"]),
-            ]
-        )
-    held = inv["heldout_real"]
-    rows.append(
+    rows = [
         [
-            "real held-out images (baseline)",
-            "",
-            "",
-            _f(held["pixel_l2"]["median"], 2),
-            _f(held["pixel_l2"]["p05"], 2),
-            _f(held["ssim"]["median"]),
-            "",
-            "0.5",
+            f"inverted from CNN trained on {_who(key)}",
+            str(r["images"]),
+            _f(r["classified_as_target"]),
         ]
+        + _closeness_cells(r)
+        for key, r in inv.items()
+        if key != "heldout_real"
+    ]
+    rows.append(["real held-out images (baseline)", "", ""] + _closeness_cells(inv["heldout_real"]))
+    lines += _table(["images", "n", "classified as target", *CLOSENESS_HEADERS], rows)
+    return lines + ["![model inversion](model_inversion.png)", ""]
+
+
+def _who(key: str) -> str:
+    return "real data (control)" if key.startswith("real/") else "synthetic data"
+
+
+def _closeness_cells(r: dict) -> list[str]:
+    """The CLOSENESS_HEADERS cells of one attack's images (the held-out baseline has no
+    near-copy count, and sits at 0.5 of its own median by definition)."""
+    return [
+        _f(r["pixel_l2"]["median"], 2),
+        _f(r["pixel_l2"]["p05"], 2),
+        _f(r["ssim"]["median"]),
+        str(r["near_copies"]) if "near_copies" in r else "",
+        _f(r["nearer_than_heldout_median"]) if "near_copies" in r else "0.5",
+    ]
+
+
+def _gmi(gmi: dict) -> list[str]:
+    lines = ["### GAN-based model inversion (GMI, Zhang et al. 2020)", ""]
+    if "not_computed" in gmi or not gmi:
+        return lines + [f"Not computed: {gmi.get('not_computed', 'not run')}.", ""]
+    judge = gmi["evaluator"]
+    lines += [
+        "A DCGAN trained on the public data is the image prior; its latents are optimised "
+        "until each CNN assigns the target class. Attack accuracy is the share of recovered "
+        "images that an independent classifier (trained on "
+        f"{judge['trained_on']}; {_f(judge['heldout_accuracy'])} on held-out real images) "
+        "assigns their target class. The prior alone, from random latents with targets "
+        "dealt in turn, is what the public data gives an attacker without the model; the "
+        "CNN trained on real data is the positive control.",
+        "",
+    ]
+    names = {"prior_only": "GAN prior alone (random latents)"}
+    rows = [
+        [
+            names.get(key, f"recovered from CNN trained on {_who(key)}"),
+            str(r["images"]),
+            _f(r["attack_accuracy"]),
+            _f(r["classified_as_target"]) if "classified_as_target" in r else "",
+        ]
+        + _closeness_cells(r)
+        for key, r in gmi.items()
+        if key not in ("evaluator", "heldout_real")
+    ]
+    rows.append(
+        ["real held-out images (baseline)", "", "", ""] + _closeness_cells(gmi["heldout_real"])
     )
     lines += _table(
-        [
-            "images",
-            "n",
-            "classified as target",
-            "pixel L2 to nearest (median)",
-            "closest 5%",
-            "SSIM to nearest (median)",
-            "near-copies",
-            "nearer than median held-out",
-        ],
+        ["images", "n", "attack accuracy", "classified as target by the CNN", *CLOSENESS_HEADERS],
         rows,
     )
-    return lines + ["![model inversion](model_inversion.png)", ""]
+    control, prior = gmi.get("real/cnn"), gmi["prior_only"]
+    if control and control["attack_accuracy"] < prior["attack_accuracy"] + 0.2:
+        lines += [
+            "**The attack recovered little from the control either** (attack accuracy "
+            f"{control['attack_accuracy']:.2f} against {prior['attack_accuracy']:.2f} for the "
+            "prior alone): at these settings it is too weak to say anything about the "
+            "synthetic-data model; raise `evaluate.gan_attack_steps` or "
+            "`evaluate.gan_attack_prior_steps`.",
+            "",
+        ]
+    return lines + ["![GAN-based inversion](gan_inversion.png)", ""]
 
 
 def write_report(path: Path, ev: Evaluation, *, class_names: list[str]) -> None:

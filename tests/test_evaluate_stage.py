@@ -150,6 +150,18 @@ def test_cli_evaluates_a_folder_and_finds_the_planted_copies(
     assert inversion["heldout_real"]["pixel_l2"] == held
     assert (out / "model_inversion.png").stat().st_size > 0
     assert "Model memorisation" in (out / "report.md").read_text()
+    gmi = m["leakage"]["gan_attack"]
+    assert set(gmi) == {"evaluator", "prior_only", "real/cnn", "cnn", "heldout_real"}
+    assert gmi["evaluator"]["trained_on"] == "all 600 sensitive training images"
+    for key in ("prior_only", "real/cnn", "cnn"):
+        r = gmi[key]
+        assert r["images"] == 10 and 0 <= r["attack_accuracy"] <= 1
+        assert r["pixel_l2"]["median"] > 0 and 0 <= r["nearer_than_heldout_median"] <= 1
+    assert 0 <= gmi["cnn"]["classified_as_target"] <= 1
+    assert "classified_as_target" not in gmi["prior_only"]  # no model behind the prior
+    assert gmi["heldout_real"]["pixel_l2"] == held
+    assert (out / "gan_inversion.png").stat().st_size > 0
+    assert "GAN-based model inversion" in (out / "report.md").read_text()
     assert m["epsilon_spent"] is None  # not a privimage run: no ledger
     # Copies sit at pixel distance 0, so the synthetic 5th percentile is 0 and the held-out
     # one is not.

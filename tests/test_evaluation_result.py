@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from privimage import report as report_module
 from privimage.errors import DataError
 from privimage.io.artifacts import (
     EVALUATION_NOTE,
@@ -168,3 +169,33 @@ def test_an_older_file_without_some_keys_still_reads():
 def test_the_results_table_says_which_run_has_no_evaluation(tmp_path):
     with pytest.raises(DataError, match="has no evaluate/metrics.json; run the evaluate stage"):
         run_row(tmp_path)
+
+
+def _gmi_result(control_accuracy: float) -> dict:
+    pixels = {"pixel_l2": {"median": 6.0, "p05": 4.0}, "ssim": {"median": 0.4}}
+    row = {**pixels, "images": 40, "near_copies": 0, "nearer_than_heldout_median": 0.25}
+    return {
+        "evaluator": {"trained_on": "all 4000 sensitive training images", "heldout_accuracy": 0.97},
+        "prior_only": {**row, "attack_accuracy": 0.125},
+        "real/cnn": {**row, "attack_accuracy": control_accuracy, "classified_as_target": 1.0},
+        "cnn": {**row, "attack_accuracy": 0.55, "classified_as_target": 0.975},
+        "heldout_real": pixels,
+    }
+
+
+@pytest.mark.parametrize("control_accuracy", [0.9, 0.2])
+def test_report_rows_of_the_gan_attack_and_its_failed_control(control_accuracy):
+    section = "\n".join(report_module._gmi(_gmi_result(control_accuracy)))
+    assert "trained on all 4000 sensitive training images; 0.970 on held-out" in section
+    assert "| recovered from CNN trained on real data (control) | 40 | " in section
+    assert "| recovered from CNN trained on synthetic data | 40 | 0.550 | 0.975 | 6.00 |" in section
+    assert "| GAN prior alone (random latents) | 40 | 0.125 |  | 6.00 |" in section
+    assert "| real held-out images (baseline) |  |  |  | 6.00 | 4.00 | 0.400 |  | 0.5 |" in section
+    assert "![GAN-based inversion](gan_inversion.png)" in section
+    # A control the attack cannot beat the prior on says the attack is too weak to judge by.
+    assert ("recovered little from the control" in section) == (control_accuracy < 0.325)
+
+
+def test_report_says_why_the_gan_attack_did_not_run():
+    lines = report_module._gmi({"not_computed": "evaluate.gan_attack_images_per_class=0"})
+    assert "Not computed: evaluate.gan_attack_images_per_class=0." in lines

@@ -45,6 +45,7 @@ OVERRIDES = [
     "privacy.reproducible_noise=true",
     "evaluate.gradient_attack_images=0",
     "evaluate.model_inversion_images_per_class=0",
+    "evaluate.gan_attack_images_per_class=0",
 ]
 LEDGER_VOLATILE = ("time", "status")
 # Files a DP mechanism writes only after it drew noise: the query's noisy histogram,

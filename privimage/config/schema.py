@@ -398,6 +398,14 @@ class EvaluateConfig(DownstreamSettings):
     # Weight of the BN-statistics term against the cross-entropy; at 1 the six BN layers
     # of the CNN drown the class term and inversions are not even classified as their class.
     model_inversion_bn_weight: float = 0.1
+    # GAN-based model inversion (GMI, Zhang et al. 2020) against the CNNs: images per class
+    # recovered from each (0 = off) and latent-optimisation steps; DCGAN steps of the prior
+    # on the public data (trained once, cached); epochs of the independent evaluation
+    # classifier, trained on the whole sensitive training split, that scores the attack.
+    gan_attack_images_per_class: int = 4
+    gan_attack_steps: int = 200
+    gan_attack_prior_steps: int = 1200
+    gan_attack_evaluator_epochs: int = 6
 
 
 @dataclass

@@ -91,6 +91,9 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
         "near_copy_alpha",
         "gradient_attack_steps",
         "model_inversion_steps",
+        "gan_attack_steps",
+        "gan_attack_prior_steps",
+        "gan_attack_evaluator_epochs",
     ):
         _positive(getattr(ev, key), f"evaluate.{key}")
     if ev.model_inversion_bn_weight < 0:
@@ -110,7 +113,11 @@ def _validate_evaluate(ev: EvaluateConfig) -> None:
             f"evaluate.weight_decays={list(ev.weight_decays)} and evaluate.cnn_weight_decay="
             f"{ev.cnn_weight_decay} must be >= 0 (and the grid non-empty)"
         )
-    for key in ("gradient_attack_images", "model_inversion_images_per_class"):
+    for key in (
+        "gradient_attack_images",
+        "model_inversion_images_per_class",
+        "gan_attack_images_per_class",
+    ):
         if getattr(ev, key) < 0:
             raise ConfigError(f"evaluate.{key}={getattr(ev, key)} must be >= 0 (0 = off)")
     if not 0 < ev.validation_fraction < 1:

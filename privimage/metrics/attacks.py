@@ -57,6 +57,41 @@ def neighbour_stats(
     }
 
 
+def closeness(
+    images: data.ImageSplit,
+    train: data.ImageSplit,
+    train_pixels: np.ndarray,
+    held_nn: dict[str, np.ndarray],
+    ev: EvaluateConfig,
+    *,
+    n_near: int,
+    device: torch.device,
+) -> tuple[dict, np.ndarray]:
+    """How close attack outputs come to the sensitive training set, beside the held-out
+    baseline: the pixel statistics of :func:`neighbour_stats` summarised, the near-copy
+    count, and the share nearer than the median held-out real image (about 0.5 means no
+    closer than unseen data). Returns the summary and each image's nearest training index."""
+    stats = neighbour_stats(
+        images,
+        None,
+        train,
+        train_pixels,
+        None,
+        alpha=ev.near_copy_alpha,
+        n_near=n_near,
+        device=device,
+    )
+    summary = {
+        "images": len(images),
+        **{m: leakage.summary(stats[m]) for m in PIXEL_METRICS},
+        "near_copies": int((stats["near_copy_score"] < ev.near_copy_threshold).sum()),
+        "nearer_than_heldout_median": float(
+            (stats["pixel_l2"] < np.median(held_nn["pixel_l2"])).mean()
+        ),
+    }
+    return summary, stats["nearest_index"]
+
+
 def gradient_attack(
     ev: EvaluateConfig,
     models: dict[str, ds.Selected],
@@ -162,34 +197,19 @@ def model_memorisation(
         inverted = data.ImageSplit(
             images=to_uint8(images), labels=torch.arange(num_classes).repeat_interleave(k)
         )
-        nn_stats = neighbour_stats(
-            inverted,
-            None,
-            train,
-            train_pixels,
-            None,
-            alpha=ev.near_copy_alpha,
-            n_near=n_near,
-            device=device,
-        )
         with torch.no_grad():
             logits = model.to(device).eval()(images.to(device)).cpu()
-        results[key] = {
-            "images": len(inverted),
-            "classified_as_target": float((logits.argmax(1) == inverted.labels).float().mean()),
-            **{m: leakage.summary(nn_stats[m]) for m in PIXEL_METRICS},
-            "near_copies": int((nn_stats["near_copy_score"] < ev.near_copy_threshold).sum()),
-            # Share of inversions nearer to a training image than the median held-out
-            # real image is: about 0.5 means no closer than unseen data.
-            "nearer_than_heldout_median": float(
-                (nn_stats["pixel_l2"] < np.median(held_nn["pixel_l2"])).mean()
-            ),
-        }
+        results[key], nearest_index = closeness(
+            inverted, train, train_pixels, held_nn, ev, n_near=n_near, device=device
+        )
+        results[key]["classified_as_target"] = float(
+            (logits.argmax(1) == inverted.labels).float().mean()
+        )
         who = "real" if key.startswith("real/") else "synthetic"
         first = torch.arange(num_classes) * k  # one image per class in the picture
         rows += [
             inverted.images[first],
-            train.images[torch.from_numpy(nn_stats["nearest_index"][first.numpy()])],
+            train.images[torch.from_numpy(nearest_index[first.numpy()])],
         ]
         labels += [f"inverted from\n{who}-trained CNN", "nearest sensitive\ntraining image"]
     results["heldout_real"] = {m: leakage.summary(held_nn[m]) for m in PIXEL_METRICS}

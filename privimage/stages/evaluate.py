@@ -18,13 +18,15 @@
   inversion (Geiping et al. 2020) against the CNN trained on real data (positive
   control) and the one trained on synthetic data; a model-memorisation check: images
   inverted from each CNN (DeepInversion on its BN running statistics) and their nearest
-  training images, against the held-out baseline.
+  training images, against the held-out baseline; and the GAN-based inversion (GMI,
+  Zhang et al. 2020) of each CNN through a DCGAN prior on the public data, scored by an
+  independent classifier (:mod:`privimage.metrics.gan_attack`).
 
 These measurements read sensitive data and are for the data owner's eyes; they are not
 part of the DP release and nothing downstream reads them. Writes ``evaluate/``:
 ``metrics.json``, ``report.md``, ``samples.png``, ``nearest_pairs.png``,
-``nearest_distances.png``, ``gradient_attack.png``, ``model_inversion.png``, and
-``features/`` (cached synthetic features).
+``nearest_distances.png``, ``gradient_attack.png``, ``model_inversion.png``,
+``gan_inversion.png``, and ``features/`` (cached synthetic features).
 
 With ``evaluate.synthetic=<folder or .npz>`` any set of images is scored against
 ``cfg.data`` instead of this run's samples (no other stage needs to have run).
@@ -56,10 +58,7 @@ from privimage.io.artifacts import (
     save_evaluation,
     stage_dir,
 )
-from privimage.metrics import (
-    cached_features,
-    leakage,
-)
+from privimage.metrics import cached_features, gan_attack, leakage
 from privimage.metrics import downstream as ds
 from privimage.metrics.attacks import gradient_attack, model_memorisation, neighbour_stats
 from privimage.metrics.fidelity import fidelity_summary
@@ -319,6 +318,10 @@ def _measure_leakage(
     leak["model_inversion"] = _model_inversion(
         cfg, out, models, train, train_pixels, held_nn, num_classes, n_near, device
     )
+    sets = {"train": train, "train_pixels": train_pixels, "heldout": heldout, "held_nn": held_nn}
+    leak["gan_attack"] = _gan_attack(
+        cfg, out, models, sets | {"n_near": n_near}, num_classes, device
+    )
     return leak, synth_nn, held_nn
 
 
@@ -352,12 +355,9 @@ def _membership(cfg, models, train, heldout, device) -> dict:
 
 
 def _gradient_attack(cfg, out, models, real_train, synthetic, train, train_pixels, device):
-    ev = cfg.evaluate
-    n_attack = ev.gradient_attack_images
-    if not n_attack:
-        return {"not_computed": "evaluate.gradient_attack_images=0"}
-    if "cnn" not in models:
-        return {"not_computed": NO_CNN}
+    ev, n_attack = cfg.evaluate, cfg.evaluate.gradient_attack_images
+    if skip := _skip(cfg, "gradient_attack_images", models):
+        return skip
     cases = {}
     if "real/cnn" in models:
         cases["real/cnn"] = _subset(real_train, n_attack, cfg.seed, STREAM_GRADIENT_ATTACK)
@@ -376,10 +376,8 @@ def _gradient_attack(cfg, out, models, real_train, synthetic, train, train_pixel
 
 def _model_inversion(cfg, out, models, train, train_pixels, held_nn, num_classes, n_near, device):
     ev = cfg.evaluate
-    if not ev.model_inversion_images_per_class:
-        return {"not_computed": "evaluate.model_inversion_images_per_class=0"}
-    if "cnn" not in models:
-        return {"not_computed": NO_CNN}
+    if skip := _skip(cfg, "model_inversion_images_per_class", models):
+        return skip
     memorisation, rows, row_labels = model_memorisation(
         ev,
         models,
@@ -398,6 +396,35 @@ def _model_inversion(cfg, out, models, train, train_pixels, held_nn, num_classes
         title="model inversion (one image per class) and the nearest training image",
     )
     return memorisation
+
+
+def _skip(cfg, setting: str, models) -> dict | None:
+    """Why an attack on the downstream CNNs does not run, or None when it does."""
+    if not getattr(cfg.evaluate, setting):
+        return {"not_computed": f"evaluate.{setting}=0"}
+    if "cnn" not in models:
+        return {"not_computed": NO_CNN}
+    if setting.startswith("gan_") and cfg.data.resolution % 4:
+        return {"not_computed": f"data.resolution={cfg.data.resolution}: the GAN needs 4k pixels"}
+    return None
+
+
+def _gan_attack(cfg, out, models, sets, num_classes, device):
+    if skip := _skip(cfg, "gan_attack_images_per_class", models):
+        return skip
+    result, rows, row_labels = gan_attack.gmi_attack(
+        cfg.evaluate,
+        models,
+        public=cfg.public,
+        cache_dir=cache_root(cfg.cache_dir),
+        **sets,
+        num_classes=num_classes,
+        device=device,
+        seed=cfg.seed,
+    )
+    title = "GAN-based inversion (GMI): one image per class and the nearest training image"
+    save_image_grid(rows, out / "gan_inversion.png", row_labels=row_labels, title=title)
+    return result
 
 
 def _evaluation(cfg, run_dir, fidelity, utility, leak, synthetic_source) -> Evaluation:
