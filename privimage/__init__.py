@@ -77,7 +77,7 @@ _API = {
     # The teacher as synthesizer=bnstat trains it (on the sensitive data, without noise).
     "train_bnstat_teacher": "privimage.stages.sample_bnstat:train_teacher",
     "synthesize_bnstat": "privimage.bnstat:synthesize",
-    # Metrics: FID features, neighbours, leakage, downstream utility, gradient inversion
+    # Metrics: FID features, neighbours, leakage, downstream utility, the attacks
     "load_inception": "privimage.metrics.fid",
     "inception_features": "privimage.metrics.fid",
     "cached_features": "privimage.metrics.fid",
@@ -94,6 +94,10 @@ _API = {
     "build_downstream": "privimage.metrics.downstream",
     "example_gradient": "privimage.metrics.inversion",
     "invert_gradient": "privimage.metrics.inversion",
+    "public_gan": "privimage.metrics.gan_attack",
+    "gan_inversion": "privimage.metrics.gan_attack",
+    "gmi_attack": "privimage.metrics.gan_attack",
+    "build_classifier": "privimage.nets.models",
     # Results: one run's evaluation, typed; finished runs as one table (``privimage report``)
     "Evaluation": "privimage.io.artifacts",
     "load_evaluation": "privimage.io.artifacts",
