@@ -45,6 +45,7 @@ from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from privimage.diffusion.common import guided, null_class
+from privimage.io.atomic import drop_json_keys
 
 # diffusers loads a component declared as (this module, class) by the base classes it
 # finds among this module's names: SchedulerMixin must be one of them.
@@ -300,10 +301,7 @@ def save_pipeline(pipe: PrivImagePipeline, path: Path) -> Path:
     index["_class_name"] = [CODE_MODULE, type(pipe).__name__]
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     # diffusers keeps where a model was loaded from; a released model must not carry
-    # a path on the data owner's machine (as nets.models.save_unet drops it: importing
-    # it here would make the import graph seven levels deep).
+    # a path on the data owner's machine.
     for config_file in path.glob("*/config.json"):
-        config = json.loads(config_file.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        drop_json_keys(config_file, "_name_or_path")
     return path

@@ -55,6 +55,13 @@ def write_json(path: Path | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def drop_json_keys(path: Path | str, *keys: str) -> None:
+    """Rewrite the JSON object in ``path`` without ``keys``, when it holds any of them."""
+    obj = json.loads(Path(path).read_text())
+    if any([obj.pop(key, None) is not None for key in keys]):
+        write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
 def save_npy(path: Path | str, array: np.ndarray) -> None:
     with atomic_file(path) as f:
         np.save(f, array)

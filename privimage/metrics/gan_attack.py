@@ -301,21 +301,23 @@ def gmi_attack(
     }
     rows, labels = [], []
     first = torch.arange(num_classes) * k  # one image per class in the picture
+    cases = {
+        key: gan_inversion(
+            models[key].model,
+            gen,
+            disc,
+            num_classes=num_classes,
+            images_per_class=k,
+            steps=ev.gan_attack_steps,
+            seed=seed,
+            device=device,
+        )
+        for key in ("real/cnn", "cnn")
+        if key in models
+    }
     with torch.no_grad():
         z = torch.randn(num_classes * k, gen.z_dim, generator=torch.Generator().manual_seed(seed))
-        cases = {"prior_only": _labelled(gen(z.to(device)).cpu(), num_classes, k)}
-    for key in ("real/cnn", "cnn"):
-        if key in models:
-            cases[key] = gan_inversion(
-                models[key].model,
-                gen,
-                disc,
-                num_classes=num_classes,
-                images_per_class=k,
-                steps=ev.gan_attack_steps,
-                seed=seed,
-                device=device,
-            )
+        cases["prior_only"] = _labelled(gen(z.to(device)).cpu(), num_classes, k)
     for key, recovered in cases.items():
         summary, nearest_index = closeness(
             recovered, train, train_pixels, held_nn, ev, n_near=n_near, device=device
@@ -324,7 +326,7 @@ def gmi_attack(
         if key in models:
             results[key]["classified_as_target"] = score(recovered, models[key].model)
         who = "real" if key.startswith("real/") else "synthetic"
-        who = f"recovered from\n{who}-trained CNN" if key in models else "GAN prior alone"
+        who = f"recovered from\n{who}-trained CNN" if key in models else "GAN prior alone\n(random)"
         nearest_train = train.images[torch.from_numpy(nearest_index[first.numpy()])]
         rows += [recovered.images[first], nearest_train]
         labels += [who, "nearest sensitive\ntraining image"]

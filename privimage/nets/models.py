@@ -18,6 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from privimage.config.schema import DiffusionConfig, ModelConfig
 from privimage.errors import ConfigError
+from privimage.io.atomic import drop_json_keys
 
 DIFFUSION_FILE = "diffusion.json"
 
@@ -62,10 +63,7 @@ def save_unet(model: UNet2DModel, path: Path, *, diffusion: DiffusionConfig) -> 
     model.save_pretrained(path)
     # diffusers keeps the folder a model was loaded from as ``_name_or_path`` and writes
     # it back: a path on the data owner's machine that a released model must not carry.
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    drop_json_keys(path / "config.json", "_name_or_path")
     (path / DIFFUSION_FILE).write_text(json.dumps(asdict(diffusion), indent=2) + "\n")
 
 
