@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from privimage import data, load_group
+from privimage.metrics import gan_attack
 from privimage.metrics.gan_attack import gan_inversion, public_gan
 from privimage.nets.classifier import predict_logits, train_classifier
 from privimage.nets.models import build_classifier
@@ -71,9 +72,19 @@ def test_the_attack_recovers_what_a_classifier_knows_and_nothing_from_a_random_o
     assert attack_accuracy(untrained) <= 0.3
 
 
-def test_the_prior_is_cached_on_the_public_data(prior, cache_dir):
+def test_the_prior_is_cached_on_the_public_data(prior, cache_dir, monkeypatch):
     spec, public, (gen, _) = prior
-    assert len(list((cache_dir / "gan_priors").glob("*.pt"))) == 1
+    saved = sorted((cache_dir / "gan_priors").glob("*.pt"))  # other tests' priors too
+    assert saved
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached prior was trained again")
+
+    monkeypatch.setattr(gan_attack, "train_gan", no_training)
     again, _ = public_gan(spec, public, cache_dir=cache_dir, steps=GAN_STEPS, seed=0)
+    assert sorted((cache_dir / "gan_priors").glob("*.pt")) == saved
     for a, b in zip(gen.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a.cpu(), b.cpu())
+    # Another number of steps is another prior: it is trained, not confused with this one.
+    with pytest.raises(AssertionError, match="trained again"):
+        public_gan(spec, public, cache_dir=cache_dir, steps=GAN_STEPS + 1, seed=0)
