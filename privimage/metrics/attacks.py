@@ -20,6 +20,7 @@ from privimage.metrics import downstream as ds
 from privimage.metrics import leakage
 from privimage.metrics.inversion import example_gradient, invert_gradient
 from privimage.metrics.neighbours import nearest
+from privimage.nets.classifier import accuracy
 
 # The pixel-space statistics of neighbour_stats (feature_l2 needs Inception features).
 PIXEL_METRICS = ("pixel_l2", "ssim", "psnr", "near_copy_score")
@@ -202,9 +203,7 @@ def model_memorisation(
         results[key], nearest_index = closeness(
             inverted, train, train_pixels, held_nn, ev, n_near=n_near, device=device
         )
-        results[key]["classified_as_target"] = float(
-            (logits.argmax(1) == inverted.labels).float().mean()
-        )
+        results[key]["classified_as_target"] = accuracy(logits, inverted.labels)
         who = "real" if key.startswith("real/") else "synthetic"
         first = torch.arange(num_classes) * k  # one image per class in the picture
         rows += [

@@ -38,7 +38,7 @@ from privimage.io.atomic import torch_save
 from privimage.metrics import downstream as ds
 from privimage.metrics import leakage
 from privimage.metrics.attacks import PIXEL_METRICS, closeness
-from privimage.nets.classifier import predict_logits, train_classifier
+from privimage.nets.classifier import accuracy, predict_logits, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +143,12 @@ def public_gan(
         gen.load_state_dict(saved["generator"])
         disc.load_state_dict(saved["discriminator"])
         log.info("GAN prior reused from %s", path)
-        return gen.to(device).eval().requires_grad_(False), disc.to(device).eval().requires_grad_(
-            False
-        )
-    gen, disc = train_gan(public.train.images, steps=steps, seed=seed, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch_save(
-        {"generator": gen.cpu().state_dict(), "discriminator": disc.cpu().state_dict()}, path
-    )
-    return gen.to(device), disc.to(device)
+    else:
+        gen, disc = train_gan(public.train.images, steps=steps, seed=seed, device=device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights = {"generator": gen.cpu().state_dict(), "discriminator": disc.cpu().state_dict()}
+        torch_save(weights, path)
+    return gen.to(device).eval().requires_grad_(False), disc.to(device).eval().requires_grad_(False)
 
 
 def invert(
@@ -291,7 +288,7 @@ def gmi_attack(
 
     def score(split: data.ImageSplit, classifier: nn.Module) -> float:
         logits = predict_logits(classifier, split.as_float(), batch_size=256, device=device)
-        return float((logits.argmax(1) == split.labels).float().mean())
+        return accuracy(logits, split.labels)
 
     results = {
         "evaluator": {

@@ -319,9 +319,7 @@ def _measure_leakage(
         cfg, out, models, train, train_pixels, held_nn, num_classes, n_near, device
     )
     sets = {"train": train, "train_pixels": train_pixels, "heldout": heldout, "held_nn": held_nn}
-    leak["gan_attack"] = _gan_attack(
-        cfg, out, models, sets | {"n_near": n_near}, num_classes, device
-    )
+    leak["gan_attack"] = _gan_attack(cfg, out, models, sets, num_classes, n_near, device)
     return leak, synth_nn, held_nn
 
 
@@ -402,16 +400,14 @@ def _skip(cfg, setting: str, models) -> dict | None:
     """Why an attack on the downstream CNNs does not run, or None when it does."""
     if not getattr(cfg.evaluate, setting):
         return {"not_computed": f"evaluate.{setting}=0"}
-    if "cnn" not in models:
-        return {"not_computed": NO_CNN}
-    if setting.startswith("gan_") and cfg.data.resolution % 4:
-        return {"not_computed": f"data.resolution={cfg.data.resolution}: the GAN needs 4k pixels"}
-    return None
+    return None if "cnn" in models else {"not_computed": NO_CNN}
 
 
-def _gan_attack(cfg, out, models, sets, num_classes, device):
+def _gan_attack(cfg, out, models, sets, num_classes, n_near, device):
     if skip := _skip(cfg, "gan_attack_images_per_class", models):
         return skip
+    if cfg.data.resolution % 4:
+        return {"not_computed": f"data.resolution={cfg.data.resolution}: the GAN needs 4k pixels"}
     result, rows, row_labels = gan_attack.gmi_attack(
         cfg.evaluate,
         models,
@@ -419,6 +415,7 @@ def _gan_attack(cfg, out, models, sets, num_classes, device):
         cache_dir=cache_root(cfg.cache_dir),
         **sets,
         num_classes=num_classes,
+        n_near=n_near,
         device=device,
         seed=cfg.seed,
     )
