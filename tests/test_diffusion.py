@@ -494,3 +494,20 @@ def test_training_loss_dispatches_on_the_formulation():
     assert edm.shape == ddpm.shape == (2,)
     assert torch.equal(ddpm, ref)
     assert not torch.allclose(edm, ddpm)
+
+
+def test_blacken_dark_pixels_against_a_numpy_reference():
+    from privimage.diffusion.common import blacken_dark_pixels
+
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 3, 8, 8)).astype(np.float32) * 0.2  # many pixels below 32/255
+    x[0, 1, 0, 0] = 0.9  # one bright channel keeps a pixel in colour
+    level = 32
+    as_uint8 = np.round(x * 255)
+    dark = (as_uint8 < level).all(axis=1, keepdims=True)
+    expected = np.where(dark, 0.0, x)
+    got = blacken_dark_pixels(torch.from_numpy(x), level).numpy()
+    assert 0.05 < dark.mean() < 0.95
+    np.testing.assert_array_equal(got, expected)
+    assert got[0, 0, 0, 0] == x[0, 0, 0, 0]  # not blackened: its green channel is bright
+    assert blacken_dark_pixels(torch.from_numpy(x), 0).equal(torch.from_numpy(x))

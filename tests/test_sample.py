@@ -119,6 +119,26 @@ def test_guidance_changes_the_images(tmp_path, compose):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_black_floor_clears_dark_pixels_and_nothing_else(tmp_path, compose):
+    plain, _ = _sample(tmp_path / "plain", compose)
+    floored, _ = _sample(tmp_path / "floored", compose, "sample.black_below_uint8=96")
+    a = np.load(plain / "samples.npz")["images"]
+    b = np.load(floored / "samples.npz")["images"]
+    dark = a < 96
+    assert 0.05 < dark.mean() < 0.95  # the test means something: both kinds of pixel occur
+    assert (b[dark] == 0).all()
+    assert np.array_equal(b[~dark], a[~dark])
+    on_disk = np.asarray(Image.open(next((floored / "images").rglob("*.png"))))
+    assert not ((on_disk > 0) & (on_disk < 96)).any()
+
+
+def test_the_black_floor_must_be_a_pixel_level(compose):
+    with pytest.raises(ConfigError, match="sample.black_below_uint8=256 must be a pixel level"):
+        compose([*BASE, "sample.black_below_uint8=256"])
+
+
+@pytest.mark.slow
 def test_a_unet_of_another_formulation_is_refused(tmp_path, compose):
     cfg = compose(BASE)
     _upstream(tmp_path, cfg, formulation="ddpm")
@@ -141,6 +161,7 @@ def test_a_sampler_that_does_not_fit_the_formulation_is_refused(compose):
         ([], "EDMHeunScheduler"),
         (["sample.sampler=euler", "sample.guidance_scale=2"], "EDMEulerScheduler"),
         (["sample.sampler=dpmpp_2m"], "EDMDPMSolverMultistepScheduler"),
+        (["sample.sampler=euler", "sample.black_below_uint8=96"], "EDMEulerScheduler"),
         (["diffusion=ddpm"], "DDIMScheduler"),
     ],
 )

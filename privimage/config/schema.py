@@ -273,6 +273,10 @@ class SampleConfig:
     sampler: str | None = None
     # Classifier-free guidance weight: 1 = plain conditional, > 1 sharper classes.
     guidance_scale: float = 1.0
+    # Post-processing: pixels darker than this (of 255, in every channel) become black,
+    # clearing the faint grey haze a short run leaves on black backgrounds. 0 = off; for
+    # data whose background is black (docs/ablation.md, seventh round). Free in privacy.
+    black_below_uint8: int = 0
     batch_size: int = 250
     # Image i of class c uses seed first_seed + c * images_per_class + i.
     first_seed: int = 0

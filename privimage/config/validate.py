@@ -310,6 +310,11 @@ def validate(cfg: Config) -> None:
             f"{', '.join(GRAD_SAMPLE_MODES)}; bookkeeping is the fast default"
         )
     _all_positive(cfg, "finetune.checkpoint_every_steps", "sample.images_per_class")
+    if not 0 <= cfg.sample.black_below_uint8 <= 255:
+        raise ConfigError(
+            f"sample.black_below_uint8={cfg.sample.black_below_uint8} must be a pixel level "
+            "in 0..255 (0 = off)"
+        )
     for key, group in (("sample", cfg.sample), ("pretrain", cfg.pretrain)):
         prefix = "" if key == "sample" else "grid_"
         _sampler_settings(

@@ -86,6 +86,7 @@ def pipeline_for(
     class_names: Sequence[str] | None = None,
     num_inference_steps: int = 18,
     guidance_scale: float = 1.0,
+    black_below_uint8: int = 0,
 ) -> PrivImagePipeline:
     """The diffusers pipeline that samples ``model`` with ``solver`` under ``spec``."""
     if solver not in SOLVERS[spec.formulation]:
@@ -99,13 +100,15 @@ def pipeline_for(
         class_names=class_names,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        black_below_uint8=black_below_uint8,
     )
 
 
 def configured_pipeline(
     model: torch.nn.Module, cfg: Config, class_names: Sequence[str]
 ) -> PrivImagePipeline:
-    """The pipeline as the run's sample stage uses it: its sampler, steps and guidance."""
+    """The pipeline as the run's sample stage uses it: its sampler, steps, guidance and
+    black floor."""
     return pipeline_for(
         model,
         spec=cfg.diffusion,
@@ -113,6 +116,7 @@ def configured_pipeline(
         class_names=class_names,
         num_inference_steps=cfg.sample.num_inference_steps,
         guidance_scale=cfg.sample.guidance_scale,
+        black_below_uint8=cfg.sample.black_below_uint8,
     )
 
 
@@ -126,6 +130,7 @@ def sample_unit_floats(
     num_steps: int,
     solver: str,
     guidance_scale: float = 1.0,
+    black_below_uint8: int = 0,
 ) -> torch.Tensor:
     """One batch through :class:`PrivImagePipeline` on the model's device, image ``i``
     from ``seeds[i]`` alone: the pipeline's ``"pt"`` output, floats in [0, 1]
@@ -136,6 +141,7 @@ def sample_unit_floats(
         labels,
         num_inference_steps=num_steps,
         guidance_scale=guidance_scale,
+        black_below_uint8=black_below_uint8,
         generator=seed_generators(seeds),
         output_type="pt",
     ).images

@@ -44,7 +44,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from privimage.diffusion.common import guided, null_class
+from privimage.diffusion.common import blacken_dark_pixels, guided, null_class
 from privimage.io.atomic import drop_json_keys
 
 # diffusers loads a component declared as (this module, class) by the base classes it
@@ -181,6 +181,8 @@ class PrivImagePipeline(DiffusionPipeline):
         class_names: The name of each label, so labels may be given by name.
         num_inference_steps: The steps the run sampled its synthetic data with.
         guidance_scale: The guidance the run sampled its synthetic data with.
+        black_below_uint8: Pixels darker than this (of 255, in every channel) become
+            black, as in the run's synthetic data (0: off; see ``sample.black_below_uint8``).
     """
 
     model_cpu_offload_seq = "unet"
@@ -192,6 +194,7 @@ class PrivImagePipeline(DiffusionPipeline):
         class_names: list[str] | None = None,
         num_inference_steps: int = 18,
         guidance_scale: float = 1.0,
+        black_below_uint8: int = 0,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -199,6 +202,7 @@ class PrivImagePipeline(DiffusionPipeline):
             class_names=list(class_names) if class_names is not None else None,
             num_inference_steps=int(num_inference_steps),
             guidance_scale=float(guidance_scale),
+            black_below_uint8=int(black_below_uint8),
         )
 
     @classmethod
@@ -237,6 +241,7 @@ class PrivImagePipeline(DiffusionPipeline):
         class_labels: Sequence[int | str] | torch.Tensor,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        black_below_uint8: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -248,6 +253,8 @@ class PrivImagePipeline(DiffusionPipeline):
             num_inference_steps: Solver steps; the run's setting when None.
             guidance_scale: Classifier-free guidance ``w`` (1: plain conditional); the
                 run's setting when None.
+            black_below_uint8: Pixels darker than this (of 255) become black; the run's
+                setting when None (pipelines saved before it existed: 0, off).
             generator: One generator, or one per image: then each image depends on its
                 own generator alone, as in privimage's sample stage (seed ``s`` there is
                 ``torch.Generator().manual_seed(s)`` here).
@@ -281,6 +288,12 @@ class PrivImagePipeline(DiffusionPipeline):
             progress=self.progress_bar,
         )
         images = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+        floor = (
+            self.config.get("black_below_uint8", 0)
+            if black_below_uint8 is None
+            else black_below_uint8
+        )
+        images = blacken_dark_pixels(images, floor)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).numpy()
             if output_type == "pil":

@@ -117,7 +117,7 @@ def write_model_card(pipeline_dir: Path, cfg: Config, run_dir: Path) -> Path:
         "`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads it too "
         "(`pipeline.py` is one import from privimage), and the UNet alone loads with "
         '`UNet2DModel.from_pretrained(..., subfolder="unet")`. By default it samples as '
-        "the run did (`model_index.json`: steps, guidance; the scheduler's solver).",
+        "the run did (`model_index.json`: steps, guidance, black floor; the scheduler's solver).",
     ]
     return _save(ModelCard, data, pipeline_dir, cfg, ledger, head)
 

@@ -49,6 +49,7 @@ def _fingerprint(cfg: Config, unet_dir: Path, solver: str) -> dict:
         "solver": solver,
         "num_inference_steps": cfg.sample.num_inference_steps,
         "guidance_scale": cfg.sample.guidance_scale,
+        "black_below_uint8": cfg.sample.black_below_uint8,
         "images_per_class": cfg.sample.images_per_class,
         "first_seed": cfg.sample.first_seed,
         "diffusion": asdict(cfg.diffusion),
@@ -99,6 +100,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 num_steps=cfg.sample.num_inference_steps,
                 solver=solver,
                 guidance_scale=cfg.sample.guidance_scale,
+                black_below_uint8=cfg.sample.black_below_uint8,
             )
             for i, img in zip(chunk, images, strict=True):
                 artifacts.save_png(img, paths[i])
@@ -110,7 +112,13 @@ def run(cfg: Config, run_dir: Path) -> Path:
         grid_images_per_class=cfg.sample.grid_images_per_class,
         title=(
             f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps, "
-            f"guidance {cfg.sample.guidance_scale:g})"
+            f"guidance {cfg.sample.guidance_scale:g}"
+            + (
+                f", black below {cfg.sample.black_below_uint8}"
+                if cfg.sample.black_below_uint8
+                else ""
+            )
+            + ")"
         ),
     )
     write_dataset_card(
