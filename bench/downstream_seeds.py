@@ -4,6 +4,8 @@ The evaluation stage trains each classifier once, with the run's seed. A headlin
 needs its spread: this retrains the same classifiers (same settings, selection on held-out
 synthetic images) with each seed of ``--seeds`` and scores them on the real test split,
 once per seed, after training. It reports only: nothing here feeds back into a setting.
+``--black-below`` applies ``sample.black_below_uint8``'s floor to the samples first, to
+measure the floor alone on a run sampled without it.
 
     python bench/downstream_seeds.py runs/demo/main --seeds 0 1 2
 """
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--black-below", type=int, default=0, help="floor the samples first")
     # The evaluation stage trains these on the run's device; on a GPU machine a CPU retrain
     # took 200 s per seed where the whole evaluation took 43 s.
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
@@ -41,9 +44,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.run_dir)
     samples = np.load(args.run_dir / "sample" / "samples.npz")
-    synthetic = ImageSplit(
-        torch.from_numpy(samples["images"]), torch.from_numpy(samples["labels"]).long()
-    )
+    images = torch.from_numpy(samples["images"])
+    # sample.black_below_uint8's floor: a pixel is dark when all its channels are.
+    images = images.masked_fill((images < args.black_below).all(1, keepdim=True), 0)
+    synthetic = ImageSplit(images, torch.from_numpy(samples["labels"]).long())
     sensitive = load_dataset(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []
     for seed in args.seeds:
@@ -65,6 +69,7 @@ def main() -> None:
             {
                 "run": str(args.run_dir),
                 "synthetic_images": len(synthetic),
+                "black_below": args.black_below,
                 "seeds": args.seeds,
                 "mean_accuracy": round(statistics.mean(means), 3),
                 "min": min(means),
