@@ -54,6 +54,11 @@ def _sample(run_dir, compose, *extra):
     return sample.run(cfg, run_dir), cfg
 
 
+def _images(run_dir, compose, *extra):
+    out, _ = _sample(run_dir, compose, *extra)
+    return np.load(out / "samples.npz")["images"]
+
+
 def test_writes_folder_dataset_npz_and_grid(tmp_path, compose):
     out, _ = _sample(tmp_path, compose)
     npz = np.load(out / "samples.npz")
@@ -111,25 +116,22 @@ def test_changed_settings_start_over(tmp_path, compose):
 
 @pytest.mark.slow
 def test_guidance_changes_the_images(tmp_path, compose):
-    plain, _ = _sample(tmp_path / "plain", compose)
-    guided, _ = _sample(tmp_path / "guided", compose, "sample.guidance_scale=3")
-    a = np.load(plain / "samples.npz")["images"]
-    b = np.load(guided / "samples.npz")["images"]
+    a = _images(tmp_path / "plain", compose)
+    b = _images(tmp_path / "guided", compose, "sample.guidance_scale=3")
     assert not np.array_equal(a, b)
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_black_floor_clears_dark_pixels_and_nothing_else(tmp_path, compose):
-    plain, _ = _sample(tmp_path / "plain", compose)
-    floored, _ = _sample(tmp_path / "floored", compose, "sample.black_below_uint8=96")
-    a = np.load(plain / "samples.npz")["images"]
-    b = np.load(floored / "samples.npz")["images"]
+    a = _images(tmp_path / "plain", compose)
+    b = _images(tmp_path / "floored", compose, "sample.black_below_uint8=96")
     dark = a < 96
     assert 0.05 < dark.mean() < 0.95  # the test means something: both kinds of pixel occur
     assert (b[dark] == 0).all()
     assert np.array_equal(b[~dark], a[~dark])
-    on_disk = np.asarray(Image.open(next((floored / "images").rglob("*.png"))))
+    on_disk = np.asarray(
+        Image.open(next((tmp_path / "floored" / "sample" / "images").rglob("*.png")))
+    )
     assert not ((on_disk > 0) & (on_disk < 96)).any()
 
 

@@ -92,8 +92,9 @@ def blacken_dark_pixels(images: torch.Tensor, level: int) -> torch.Tensor:
 
     A short diffusion run leaves a faint grey haze where its data are black (the demo's
     samples: 56% of the pixels below 4 of 255, the digits and glyphs 78-81%), which
-    Inception features weigh heavily (docs/ablation.md, seventh round). The test is on the rounded uint8 value, so the
-    PNGs of the sample stage and the pipeline's images agree to the pixel.
+    Inception features weigh heavily (docs/ablation.md, seventh round). The test is on
+    the rounded uint8 value, so the PNGs of the sample stage and the pipeline's images
+    agree to the pixel.
     """
     if level <= 0:
         return images
