@@ -23,6 +23,7 @@ import torch
 from privimage import (
     ImageSplit,
     SealedSplit,
+    blacken_dark_pixels,
     cache_root,
     evaluate_downstream,
     load_dataset,
@@ -44,9 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.run_dir)
     samples = np.load(args.run_dir / "sample" / "samples.npz")
-    images = torch.from_numpy(samples["images"])
-    # sample.black_below_uint8's floor: a pixel is dark when all its channels are.
-    images = images.masked_fill((images < args.black_below).all(1, keepdim=True), 0)
+    images = blacken_dark_pixels(torch.from_numpy(samples["images"]), args.black_below)
     synthetic = ImageSplit(images, torch.from_numpy(samples["labels"]).long())
     sensitive = load_dataset(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []

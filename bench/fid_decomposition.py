@@ -38,6 +38,7 @@ import torch
 from handwriting_proxy import proxy_accuracy
 
 from privimage import (
+    blacken_dark_pixels,
     cache_root,
     cached_features,
     frechet_distance_of_features,
@@ -101,10 +102,6 @@ def _fid_rows(sets: dict, reference: torch.Tensor, cache: Path, label: str) -> N
         print(json.dumps(row), flush=True)
 
 
-def _floored(images: torch.Tensor, t: int) -> torch.Tensor:
-    return torch.where(images < t, 0, images)
-
-
 def haze_figure(run_dir: Path, path: Path, floor: int, classes: int) -> None:
     """One sample per class as drawn and floored, each also with 0-40 of 255 stretched."""
     import matplotlib
@@ -113,9 +110,10 @@ def haze_figure(run_dir: Path, path: Path, floor: int, classes: int) -> None:
     import matplotlib.pyplot as plt
 
     with np.load(run_dir / "sample" / "samples.npz") as f:
-        images, labels = f["images"][:, 0], f["labels"]
+        images, labels = torch.from_numpy(f["images"]), f["labels"]
     raw = images[[np.flatnonzero(labels == c)[0] for c in range(classes)]]
-    floored = np.where(raw < floor, 0, raw)
+    floored = blacken_dark_pixels(raw, floor)[:, 0].numpy()
+    raw = raw[:, 0].numpy()
     rows = [
         ("samples as drawn", raw, 255),
         ("as drawn, 0-40 of 255 stretched to full scale", raw, 40),
@@ -134,11 +132,11 @@ def haze_figure(run_dir: Path, path: Path, floor: int, classes: int) -> None:
     print(f"wrote {path}")
 
 
-def public_rows(args, cfg, cache: Path, classes: int) -> None:
+def public_rows(args, cfg, cache: Path, selection: dict) -> None:
     """Public signals only: pretrained samples against held-out public images of the
     selected classes (FID), and the run's samples on the handwriting proxy (accuracy)."""
     public = load_dataset(cfg.public, cache_dir=cache, progress=False)
-    selection = json.loads((args.run_dir / "query" / "selection.json").read_text())
+    classes = len(selection["classes"])
     stands_for = torch.full((public.num_classes,), -1, dtype=torch.long)
     for c in selection["classes"]:
         for p in c["public_classes"]:
@@ -147,13 +145,13 @@ def public_rows(args, cfg, cache: Path, classes: int) -> None:
     keep = _balanced(held_out.numpy(), -(-args.n // classes), classes, seed=0)[: args.n]
     pretrained = _pretrained_samples(args.run_dir, cfg, args.n, classes)
     sets = {"pretrained": pretrained}
-    sets.update({f"pretrained, floor {t}": _floored(pretrained, t) for t in args.floors})
+    sets.update({f"pretrained, floor {t}": blacken_dark_pixels(pretrained, t) for t in args.floors})
     _fid_rows(sets, public.test.images[torch.from_numpy(keep)], cache, "held-out public images")
     if args.proxy_seeds:
         with np.load(args.run_dir / "sample" / "samples.npz") as f:
             images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
         for t in [0, *args.floors]:
-            runs = proxy_accuracy(_floored(images, t), labels, range(args.proxy_seeds))
+            runs = proxy_accuracy(blacken_dark_pixels(images, t), labels, range(args.proxy_seeds))
             per_run = [float(np.mean(list(r.values()))) for r in runs]
             row = {
                 "set": f"run's samples, floor {t}",
@@ -165,9 +163,9 @@ def public_rows(args, cfg, cache: Path, classes: int) -> None:
             print(json.dumps(row), flush=True)
 
 
-def training_rows(args, cfg, cache: Path, sensitive, classes: int) -> None:
+def training_rows(args, cfg, cache: Path, classes: int) -> None:
     """Readings of the sensitive training split, as the run's own FID is: report only."""
-    train = sensitive.train
+    train = load_dataset(cfg.data, cache_dir=cache, progress=False).train
     if 2 * args.n > len(train):
         raise SystemExit(
             f"--n {args.n} needs {2 * args.n} training images; the run has {len(train)}"
@@ -185,7 +183,7 @@ def training_rows(args, cfg, cache: Path, sensitive, classes: int) -> None:
     pick = torch.randperm(len(synthetic), generator=torch.Generator().manual_seed(1))
     finetuned = synthetic[pick[: args.n]]
     sets["finetuned"] = finetuned
-    sets.update({f"finetuned, floor {t}": _floored(finetuned, t) for t in args.floors})
+    sets.update({f"finetuned, floor {t}": blacken_dark_pixels(finetuned, t) for t in args.floors})
     _fid_rows(sets, train.images[perm[: args.n]], cache, "sensitive training images")
 
 
@@ -209,15 +207,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.run_dir)
     cache = cache_root(cfg.cache_dir)
-    sensitive = load_dataset(cfg.data, cache_dir=cache, progress=False)
-    classes = len(sensitive.class_names)
+    # The query's selection (a DP release) names every sensitive class: public mode reads
+    # no sensitive data at all.
+    selection = json.loads((args.run_dir / "query" / "selection.json").read_text())
+    classes = len(selection["classes"])
     print(f"run {args.run_dir}", flush=True)
     if args.figure:
         haze_figure(args.run_dir, args.figure, args.figure_floor, classes)
     if args.reference == "public":
-        public_rows(args, cfg, cache, classes)
+        public_rows(args, cfg, cache, selection)
     else:
-        training_rows(args, cfg, cache, sensitive, classes)
+        training_rows(args, cfg, cache, classes)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ _API = {
     "sampler_name": "privimage.diffusion",
     "drop_labels": "privimage.diffusion.common",
     "to_uint8": "privimage.diffusion.common",
+    "blacken_dark_pixels": "privimage.diffusion.common",
     # Schedules: the learning rate's warm-up and decay over the steps
     "LR_DECAYS": "privimage.schedule",
     "scheduled_lr": "privimage.schedule",

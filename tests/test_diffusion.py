@@ -511,3 +511,15 @@ def test_blacken_dark_pixels_against_a_numpy_reference():
     np.testing.assert_array_equal(got, expected)
     assert got[0, 0, 0, 0] == x[0, 0, 0, 0]  # not blackened: its green channel is bright
     assert blacken_dark_pixels(torch.from_numpy(x), 0).equal(torch.from_numpy(x))
+
+
+def test_blacken_dark_pixels_reads_uint8_images_as_their_floats():
+    from privimage.diffusion.common import blacken_dark_pixels
+
+    rng = np.random.default_rng(1)
+    pixels = torch.from_numpy(rng.integers(0, 80, (4, 3, 8, 8), dtype=np.uint8))
+    floats = pixels.float() / 255
+    got = blacken_dark_pixels(pixels, 32)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, (blacken_dark_pixels(floats, 32) * 255).round().to(torch.uint8))
+    assert not torch.equal(got, pixels)

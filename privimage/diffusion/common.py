@@ -87,8 +87,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def blacken_dark_pixels(images: torch.Tensor, level: int) -> torch.Tensor:
-    """``images`` (``(N, C, H, W)`` floats in [0, 1]) with every pixel whose uint8 value
-    would be below ``level`` in all channels set to 0; ``level`` 0 leaves them unchanged.
+    """``images`` (``(N, C, H, W)``: floats in [0, 1], or uint8) with every pixel whose
+    uint8 value is below ``level`` in all channels set to 0; ``level`` 0 leaves them
+    unchanged.
 
     A short diffusion run leaves a faint grey haze where its data are black (the demo's
     samples: 56% of the pixels below 4 of 255, the digits and glyphs 78-81%), which
@@ -98,5 +99,5 @@ def blacken_dark_pixels(images: torch.Tensor, level: int) -> torch.Tensor:
     """
     if level <= 0:
         return images
-    dark = ((images * 255).round() < level).all(dim=1, keepdim=True)
-    return images.masked_fill(dark, 0.0)
+    pixels = images if images.dtype == torch.uint8 else (images * 255).round()
+    return images.masked_fill((pixels < level).all(dim=1, keepdim=True), 0)

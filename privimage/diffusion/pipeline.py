@@ -288,11 +288,7 @@ class PrivImagePipeline(DiffusionPipeline):
             progress=self.progress_bar,
         )
         images = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
-        floor = (
-            self.config.get("black_below_uint8", 0)
-            if black_below_uint8 is None
-            else black_below_uint8
-        )
+        floor = self.config.black_below_uint8 if black_below_uint8 is None else black_below_uint8
         images = blacken_dark_pixels(images, floor)
         if output_type != "pt":
             images = images.permute(0, 2, 3, 1).numpy()

@@ -106,6 +106,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
                 artifacts.save_png(img, paths[i])
             bar.update(len(chunk))
 
+    floor = cfg.sample.black_below_uint8
     artifacts.write_sample_set(
         out,
         layout,
@@ -113,12 +114,7 @@ def run(cfg: Config, run_dir: Path) -> Path:
         title=(
             f"synthetic samples ({solver}, {cfg.sample.num_inference_steps} steps, "
             f"guidance {cfg.sample.guidance_scale:g}"
-            + (
-                f", black below {cfg.sample.black_below_uint8}"
-                if cfg.sample.black_below_uint8
-                else ""
-            )
-            + ")"
+            + (f", black below {floor})" if floor else ")")
         ),
     )
     write_dataset_card(
