@@ -32,6 +32,21 @@ from privimage import (
 )
 
 
+def classifier_accuracies(train, sensitive, cfg, *, seed: int, device: str) -> dict[str, float]:
+    """Each of the run's classifiers trained on ``train`` with ``seed`` (its ``evaluate``
+    settings), scored on the real test split of ``sensitive``, opened once, after training."""
+    report, _, _ = evaluate_downstream(
+        train,
+        SealedSplit(sensitive.test),
+        num_classes=len(sensitive.class_names),
+        settings=cfg.evaluate,
+        seed=seed,
+        progress=False,
+        device=resolve_device(device),
+    )
+    return {k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -50,16 +65,7 @@ def main() -> None:
     sensitive = load_dataset(cfg.data, cache_dir=cache_root(cfg.cache_dir), progress=False)
     rows = []
     for seed in args.seeds:
-        report, _, _ = evaluate_downstream(
-            synthetic,
-            SealedSplit(sensitive.test),
-            num_classes=len(sensitive.class_names),
-            settings=cfg.evaluate,
-            seed=seed,
-            progress=False,
-            device=resolve_device(args.device),
-        )
-        accs = {k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()}
+        accs = classifier_accuracies(synthetic, sensitive, cfg, seed=seed, device=args.device)
         rows.append({"seed": seed, "mean": round(statistics.mean(accs.values()), 3), **accs})
         print(json.dumps(rows[-1]), flush=True)
     means = [r["mean"] for r in rows]

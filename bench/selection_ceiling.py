@@ -22,16 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from downstream_seeds import classifier_accuracies
 
-from privimage import (
-    ImageSplit,
-    SealedSplit,
-    cache_root,
-    evaluate_downstream,
-    load_dataset,
-    load_run_config,
-    resolve_device,
-)
+from privimage import ImageSplit, cache_root, load_dataset, load_run_config
 
 
 def selected(run_dir: Path, public_train: ImageSplit, per_class: int, seed: int) -> ImageSplit:
@@ -70,16 +63,7 @@ def main() -> None:
         for seed in args.seeds:
             # A fresh subset per seed: the spread covers which public images were drawn too.
             split = selected(args.run_dir, public.train, per_class, seed)
-            report, _, _ = evaluate_downstream(
-                split,
-                SealedSplit(sensitive.test),
-                num_classes=len(sensitive.class_names),
-                settings=cfg.evaluate,
-                seed=seed,
-                progress=False,
-                device=resolve_device(args.device),
-            )
-            accs = {k: round(v["test_accuracy"], 3) for k, v in report["classifiers"].items()}
+            accs = classifier_accuracies(split, sensitive, cfg, seed=seed, device=args.device)
             means.append(round(statistics.mean(accs.values()), 3))
             row = {"per_class": per_class or "all", "images": len(split), "seed": seed}
             print(json.dumps({**row, "mean": means[-1], **accs}), flush=True)
