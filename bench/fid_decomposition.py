@@ -55,7 +55,7 @@ def _digest(images: torch.Tensor) -> str:
     return hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
 
 
-def _balanced(labels: np.ndarray, per_class: int, classes: int, seed: int) -> np.ndarray:
+def balanced(labels: np.ndarray, per_class: int, classes: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.concatenate(
         [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(classes)]
@@ -142,7 +142,7 @@ def public_rows(args, cfg, cache: Path, selection: dict) -> None:
         for p in c["public_classes"]:
             stands_for[p["public_class"]] = c["sensitive_class"]
     held_out = stands_for[public.test.labels]
-    keep = _balanced(held_out.numpy(), -(-args.n // classes), classes, seed=0)[: args.n]
+    keep = balanced(held_out.numpy(), -(-args.n // classes), classes, seed=0)[: args.n]
     pretrained = _pretrained_samples(args.run_dir, cfg, args.n, classes)
     sets = {"pretrained": pretrained}
     sets.update({f"pretrained, floor {t}": blacken_dark_pixels(pretrained, t) for t in args.floors})
@@ -175,7 +175,7 @@ def training_rows(args, cfg, cache: Path, classes: int) -> None:
     public = load_dataset(cfg.public, cache_dir=cache, progress=False)
     index = np.load(args.run_dir / "query" / "public_index.npy")
     relabel = np.load(args.run_dir / "query" / "public_labels.npy")
-    keep = _balanced(relabel, -(-args.n // classes), classes, seed=0)[: args.n]
+    keep = balanced(relabel, -(-args.n // classes), classes, seed=0)[: args.n]
     sets["selection"] = public.train.images[torch.from_numpy(index[keep])]
     sets["pretrained"] = _pretrained_samples(args.run_dir, cfg, args.n, classes)
     with np.load(args.run_dir / "sample" / "samples.npz") as f:

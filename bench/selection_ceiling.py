@@ -23,22 +23,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from downstream_seeds import classifier_accuracies
+from fid_decomposition import balanced
 
 from privimage import ImageSplit, cache_root, load_dataset, load_run_config
 
 
-def selected(run_dir: Path, public_train: ImageSplit, per_class: int, seed: int) -> ImageSplit:
-    """``per_class`` selected public images of each class (all with 0), relabelled."""
-    index = np.load(run_dir / "query" / "public_index.npy")
-    labels = np.load(run_dir / "query" / "public_labels.npy")
+def selected(
+    query: tuple[np.ndarray, np.ndarray], public_train: ImageSplit, per_class: int, seed: int
+) -> ImageSplit:
+    """``per_class`` selected public images of each class (all with 0), relabelled.
+
+    ``query``: the run's ``(public_index, public_labels)``, as pretraining reads them.
+    """
+    index, labels = query
     if per_class:
-        rng = np.random.default_rng(seed)
         fewest = int(np.bincount(labels).min())
         if per_class > fewest:
             raise SystemExit(f"--per-class {per_class}: some class has {fewest} selected images")
-        keep = np.concatenate(
-            [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-        )
+        keep = balanced(labels, per_class, int(labels.max()) + 1, seed)
         index, labels = index[keep], labels[keep]
     return ImageSplit(public_train.images[torch.from_numpy(index)], torch.from_numpy(labels).long())
 
@@ -54,6 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (args.run_dir / "query" / "public_index.npy").exists():
         raise SystemExit(f"{args.run_dir}: no query/public_index.npy (run the query stage)")
+    query = tuple(np.load(args.run_dir / "query" / f"public_{n}.npy") for n in ("index", "labels"))
     cfg = load_run_config(args.run_dir)
     cache = cache_root(cfg.cache_dir)
     public = load_dataset(cfg.public, cache_dir=cache, progress=False)
@@ -62,7 +65,7 @@ def main() -> None:
         means = []
         for seed in args.seeds:
             # A fresh subset per seed: the spread covers which public images were drawn too.
-            split = selected(args.run_dir, public.train, per_class, seed)
+            split = selected(query, public.train, per_class, seed)
             accs = classifier_accuracies(split, sensitive, cfg, seed=seed, device=args.device)
             means.append(round(statistics.mean(accs.values()), 3))
             row = {"per_class": per_class or "all", "images": len(split), "seed": seed}
